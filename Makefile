@@ -1,0 +1,43 @@
+# The two commands a new user needs: `make report` and `make test`. Both set up .venv first.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+DATASET ?= synthetic
+PROFILE ?= full
+PYTEST_ARGS ?=
+
+.PHONY: venv test report bench bench-data bench-eval lab clean-runs
+
+venv: $(STAMP)
+
+# Reinstalls only when the pins or the package metadata change.
+$(STAMP): requirements.txt pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
+	$(PY) -m ipykernel install --sys-prefix --name recsys --display-name "Python 3 (recsys)" >/dev/null
+	@touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+report: $(STAMP)
+	$(PY) -m recsys_lib.pipeline --dataset $(DATASET) --profile $(PROFILE)
+
+lab: $(STAMP)
+	$(VENV)/bin/jupyter lab notebooks/
+
+bench-data: $(STAMP)
+	$(PY) scripts/bench_data.py
+
+bench-eval: $(STAMP)
+	$(PY) scripts/bench_eval.py
+
+bench: $(STAMP)
+	$(PY) scripts/bench_pipeline.py
+
+clean-runs:
+	rm -rf data/runs reports/*/
