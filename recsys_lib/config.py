@@ -1,0 +1,182 @@
+"""Paths, parameters, seeding and device: every path derives from here, never from a notebook's cwd.
+
+``RECSYS_DATA_DIR`` moves the data folder (tests point it at a temporary directory);
+``MOVIELENS_MIRROR`` names a local folder holding ``NAME.zip`` or ``NAME/`` for offline use.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import platform
+import random
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from .errors import ConfigError
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+PARAMS_DIR = PROJECT_ROOT / "params"
+NOTEBOOKS_DIR = PROJECT_ROOT / "notebooks"
+
+
+def data_dir() -> Path:
+    """Root of raw/processed/runs; read at call time so tests can redirect it."""
+    return Path(os.environ.get("RECSYS_DATA_DIR", PROJECT_ROOT / "data")).resolve()
+
+
+def raw_dir(dataset: str | None = None) -> Path:
+    root = data_dir() / "raw"
+    return root / dataset if dataset else root
+
+
+def processed_dir(dataset: str | None = None) -> Path:
+    root = data_dir() / "processed"
+    return root / dataset if dataset else root
+
+
+def runs_dir(dataset: str | None = None) -> Path:
+    root = data_dir() / "runs"
+    return root / dataset if dataset else root
+
+
+def reports_dir(dataset: str | None = None) -> Path:
+    root = Path(os.environ.get("RECSYS_REPORTS_DIR", PROJECT_ROOT / "reports")).resolve()
+    return root / dataset if dataset else root
+
+
+def mirror_dir(mirror: str | os.PathLike | None = None) -> Path | None:
+    """The local MovieLens mirror: the argument if given, else ``$MOVIELENS_MIRROR``, else None."""
+    value = mirror if mirror is not None else os.environ.get("MOVIELENS_MIRROR")
+    return Path(value).expanduser().resolve() if value else None
+
+
+# ---------------------------------------------------------------- parameters
+def _deep_merge(base: dict, extra: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in (extra or {}).items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"mf.epochs=3"`` -> (["mf", "epochs"], 3); the value is parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like KEY=VALUE, e.g. mf.epochs=3")
+    key, raw = text.split("=", 1)
+    if not key.strip():
+        raise ConfigError(f"override {text!r} has an empty key")
+    return key.strip().split("."), yaml.safe_load(raw)
+
+
+def apply_overrides(params: dict, overrides: list[str] | dict | None) -> dict:
+    out = copy.deepcopy(params)
+    items = overrides.items() if isinstance(overrides, dict) else [parse_override(o) for o in overrides or []]
+    for key, value in items:
+        path = key.split(".") if isinstance(key, str) else key
+        node = out
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {'.'.join(path)}: {part!r} is not a section")
+        node[path[-1]] = value
+    return out
+
+
+def load_params(profile: str = "full", dataset: str | None = None,
+                overrides: list[str] | dict | None = None) -> dict:
+    """Parameters of a run: ``params/<profile>.yaml``, then the dataset's section of
+    ``params/datasets.yaml`` (split strategy and sizes), then the profile's ``datasets.<name>``
+    section if any, then ``overrides`` ("section.key=value" strings or a dotted-key dict)."""
+    path = PARAMS_DIR / f"{profile}.yaml"
+    if not path.exists():
+        valid = sorted(p.stem for p in PARAMS_DIR.glob("*.yaml") if p.stem != "datasets")
+        raise ConfigError(f"unknown profile {profile!r}: no {path}; valid profiles: {valid}")
+    params = yaml.safe_load(path.read_text()) or {}
+    per_profile = params.pop("datasets", {}) or {}
+    if dataset is not None:
+        table = yaml.safe_load((PARAMS_DIR / "datasets.yaml").read_text()) or {}
+        params = _deep_merge(params, table.get("default", {}))
+        family = "synthetic" if dataset.startswith("synthetic") and dataset not in table else dataset
+        params = _deep_merge(params, table.get(family, {}))
+        params = _deep_merge(params, per_profile.get(dataset, {}))
+        params["dataset"] = dataset
+    params["profile"] = profile
+    return apply_overrides(params, overrides)
+
+
+# ---------------------------------------------------------------- runtime
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    try:
+        import torch
+        torch.manual_seed(seed)
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def resolve_device(name: str = "auto"):
+    """``auto`` picks cuda, then mps, then cpu; anything else is passed to ``torch.device``."""
+    import torch
+    if name in (None, "", "auto"):
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError as exc:
+        raise ConfigError(f"DEVICE={name!r} is not a torch device; use auto, cpu, cuda or mps") from exc
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, capture_output=True,
+                             text=True, timeout=10)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def package_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+    names = ["torch", "numpy", "pandas", "pyarrow", "scipy", "papermill", "nbconvert", "seaborn"]
+    out = {"python": platform.python_version()}
+    for name in names:
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = "missing"
+    return out
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> Path:
+    """Write JSON atomically (temporary name, then rename), so a crash leaves no half file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=_json_default))
+    tmp.replace(path)
+    return path
+
+
+def _json_default(obj: Any):
+    if isinstance(obj, (np.integer,)):
+        return int(obj)
+    if isinstance(obj, (np.floating,)):
+        return float(obj)
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
