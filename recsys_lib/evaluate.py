@@ -1,0 +1,177 @@
+"""Full-catalogue evaluation under PROTOCOL.md: every scored user against every train item.
+
+Users are scored in batches; items a user rated before the period are masked; a per-batch
+top-K in torch keeps memory at (batch, n_items). Per-user metric arrays are kept so that
+bootstrap CIs and paired comparisons can be computed (recsys_lib.metrics).
+
+Labels (positives, masks, histories) are precomputed by `Evaluator` *outside* any fitting
+context, so early stopping on validation never lets fitting code read validation rows.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+import torch
+from tqdm.auto import tqdm
+
+from . import metrics
+from .features import ScoringContext, SplitData
+
+DEFAULT_KS = (10, 50, 100, 200, 500, 1000)
+HEADLINE = "ndcg@10"
+
+
+class Scorer(Protocol):
+    """What `evaluate` needs from a model: scores of a user batch against the whole catalogue."""
+
+    def score_all(self, users: torch.Tensor, ctx: ScoringContext) -> torch.Tensor:  # (B, n_items)
+        ...
+
+
+@dataclass
+class Labels:
+    """The scored users of a period, their positives and the context a scorer may use."""
+
+    period: str
+    users: np.ndarray           # (U,) scored users, sorted
+    positives: sp.csr_matrix    # (U, n_items) rows aligned with `users`
+    ctx: ScoringContext         # seen items and histories before the period (all users)
+    n_items: int
+
+    @classmethod
+    def build(cls, data: SplitData, period: str, history_len: int = 5,
+              max_users: int | None = None, seed: int = 0) -> "Labels":
+        users = data.scored_users(period)
+        if max_users is not None and len(users) > max_users:
+            users = np.sort(np.random.default_rng(seed).choice(users, max_users, replace=False))
+        pos = data.positives(period)[users]
+        return cls(period=period, users=users, positives=pos.tocsr(),
+                   ctx=data.context(period, history_len), n_items=data.n_items)
+
+    @property
+    def n_pos(self) -> np.ndarray:
+        return np.diff(self.positives.indptr)
+
+
+@dataclass
+class EvalResult:
+    """Per-user metrics of one model on one period, with the ranked top lists."""
+
+    period: str
+    users: np.ndarray                      # (U,)
+    per_user: dict[str, np.ndarray]        # metric name -> (U,)
+    coverage: dict[str, float]             # e.g. {"coverage@10": 0.12}
+    topk: np.ndarray = field(repr=False)   # (U, k_keep) item ids, best first
+    seconds: float = 0.0
+
+    def means(self) -> dict[str, float]:
+        out = {name: float(v.mean()) if len(v) else 0.0 for name, v in self.per_user.items()}
+        out.update(self.coverage)
+        return out
+
+    def summary(self, n_bootstrap: int = 1000, seed: int = 0) -> dict:
+        """Means, the headline's 95% bootstrap CI, users scored and seconds: JSON-ready."""
+        out = self.means()
+        ci = metrics.bootstrap_ci(self.per_user[HEADLINE], n_resamples=n_bootstrap, seed=seed)
+        out[f"{HEADLINE}_ci"] = [float(ci["lo"]), float(ci["hi"])]
+        out["users"] = int(len(self.users))
+        out["seconds"] = float(self.seconds)
+        return out
+
+    def to_frame(self) -> pd.DataFrame:
+        """One row per user: the per-user metric arrays (for paired comparisons on disk)."""
+        return pd.DataFrame({"user": self.users, **self.per_user})
+
+
+def _mask_seen(scores: torch.Tensor, seen: sp.csr_matrix, users: np.ndarray) -> None:
+    rows = seen[users]
+    counts = np.diff(rows.indptr)
+    if rows.nnz:
+        r = torch.from_numpy(np.repeat(np.arange(len(users)), counts)).to(scores.device)
+        c = torch.from_numpy(rows.indices.astype(np.int64)).to(scores.device)
+        scores[r, c] = -torch.inf
+
+
+@torch.no_grad()
+def rank_topk(scorer: Scorer | Callable, users: np.ndarray, ctx: ScoringContext, k: int,
+              n_items: int, batch_users: int = 1024, progress: bool = False,
+              desc: str = "ranking") -> np.ndarray:
+    """Top-``k`` unseen items for each user, best first: (U, k) int64. Never builds U x items."""
+    score = scorer.score_all if hasattr(scorer, "score_all") else scorer
+    k = min(k, n_items)
+    out = np.empty((len(users), k), dtype=np.int64)
+    starts = range(0, len(users), batch_users)
+    for start in tqdm(starts, desc=desc, disable=not progress, leave=False):
+        batch = users[start:start + batch_users]
+        scores = score(torch.from_numpy(batch), ctx).float()        # (B, n_items)
+        _mask_seen(scores, ctx.seen, batch)
+        top = torch.topk(scores, k, dim=1).indices                    # (B, k)
+        out[start:start + len(batch)] = top.cpu().numpy()
+    return out
+
+
+def metrics_from_ranking(topk: np.ndarray, labels: Labels, ks=DEFAULT_KS) -> tuple[dict, dict]:
+    """Per-user metrics and coverage of ranked lists ``topk`` (U, K) against ``labels``.
+    Lists shorter than a cut-off count the missing ranks as misses."""
+    k_max = max(ks)
+    hits = metrics.ranked_hits(topk, labels.positives)                # (U, K)
+    if hits.shape[1] < k_max:
+        hits = np.pad(hits, ((0, 0), (0, k_max - hits.shape[1])))
+    n_pos = labels.n_pos
+    per_user = {"ndcg@10": metrics.ndcg_at_k(hits, n_pos, 10)}
+    for k in ks:
+        per_user[f"recall@{k}"] = metrics.recall_at_k(hits, n_pos, k)
+    per_user["hit_rate@10"] = metrics.hit_rate_at_k(hits, n_pos, 10)
+    per_user["mrr@10"] = metrics.mrr_at_k(hits, n_pos, 10)
+    coverage = {"coverage@10": float(metrics.coverage_at_k(topk, labels.n_items, min(10, topk.shape[1])))}
+    return per_user, coverage
+
+
+def evaluate_ranking(topk: np.ndarray, labels: Labels, ks=DEFAULT_KS, seconds: float = 0.0,
+                     keep: int = 10) -> EvalResult:
+    """Score ranked lists produced elsewhere (e.g. a re-ranker's top 10) under the protocol."""
+    per_user, coverage = metrics_from_ranking(topk, labels, ks)
+    return EvalResult(period=labels.period, users=labels.users, per_user=per_user,
+                      coverage=coverage, topk=topk[:, :keep], seconds=seconds)
+
+
+class Evaluator:
+    """Precomputed labels for one period; call it with a scorer to get an EvalResult.
+
+    Build it before fitting (e.g. for early stopping): it reads the period once, here."""
+
+    def __init__(self, data: SplitData, period: str, ks=DEFAULT_KS, batch_users: int = 1024,
+                 history_len: int = 5, max_users: int | None = None, seed: int = 0):
+        self.labels = Labels.build(data, period, history_len, max_users, seed)
+        self.ks = tuple(ks)
+        self.batch_users = batch_users
+
+    @property
+    def period(self) -> str:
+        return self.labels.period
+
+    def __call__(self, scorer: Scorer | Callable, progress: bool = False, keep: int = 10) -> EvalResult:
+        t0 = time.perf_counter()
+        topk = rank_topk(scorer, self.labels.users, self.labels.ctx, max(self.ks),
+                         self.labels.n_items, self.batch_users, progress, desc=f"scoring {self.period}")
+        seconds = time.perf_counter() - t0
+        return evaluate_ranking(topk, self.labels, self.ks, seconds=seconds, keep=keep)
+
+
+def evaluate(scorer: Scorer | Callable, data: SplitData, period: str, ks=DEFAULT_KS,
+             batch_users: int = 1024, history_len: int = 5, progress: bool = True) -> EvalResult:
+    """Score every scored user of ``period`` against the full train catalogue (seen items masked)."""
+    return Evaluator(data, period, ks, batch_users, history_len)(scorer, progress=progress)
+
+
+def compare(a: EvalResult, b: EvalResult, metric: str = HEADLINE, n_bootstrap: int = 1000,
+            seed: int = 0) -> dict:
+    """Paired bootstrap of ``a - b`` on the users both scored (they must be the same users)."""
+    if not np.array_equal(a.users, b.users):
+        raise ValueError("paired comparison needs the same scored users; evaluate both on one Labels")
+    return metrics.paired_bootstrap(a.per_user[metric], b.per_user[metric], n_resamples=n_bootstrap, seed=seed)

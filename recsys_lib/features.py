@@ -1,0 +1,315 @@
+"""Contiguous ids, item features and user histories: the tensors every model and evaluation uses.
+
+`SplitData.from_split(split, items, tags)` encodes a protocol split (recsys_lib.split.Split) into
+contiguous ids over the train catalogue and exposes each period through the leakage guard
+(recsys_lib.guard): fitting code that reads a period it may not learn from raises LeakageError.
+
+Id conventions: users and items are 0..n-1 (train users, train items). Padded index tensors
+(genres, tags, histories) shift everything by +1 so that 0 means "nothing".
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import cached_property
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+import torch
+
+from . import guard
+
+POSITIVE_RATING = 4.0
+PERIODS = ("train", "valid", "test")
+
+
+@dataclass(frozen=True)
+class IdMap:
+    """Raw MovieLens ids <-> contiguous ids; ``raw[i]`` is the raw id of contiguous id ``i``."""
+
+    raw: np.ndarray  # sorted unique raw ids
+
+    def __len__(self) -> int:
+        return len(self.raw)
+
+    def encode(self, raw_ids) -> np.ndarray:
+        """Contiguous ids (int64); -1 for ids not in the map."""
+        raw_ids = np.asarray(raw_ids)
+        if len(self.raw) == 0:
+            return np.full(len(raw_ids), -1, dtype=np.int64)
+        pos = np.searchsorted(self.raw, raw_ids).clip(0, len(self.raw) - 1)
+        return np.where(self.raw[pos] == raw_ids, pos, -1).astype(np.int64)
+
+    def decode(self, idx) -> np.ndarray:
+        return self.raw[np.asarray(idx)]
+
+
+@dataclass(frozen=True)
+class Period:
+    """One period's rows in contiguous ids, sorted by (timestamp, user, item)."""
+
+    user: np.ndarray       # (n,) int64
+    item: np.ndarray       # (n,) int64
+    rating: np.ndarray     # (n,) float32
+    timestamp: np.ndarray  # (n,) int64
+
+    def __len__(self) -> int:
+        return len(self.user)
+
+    @property
+    def positive(self) -> np.ndarray:
+        return self.rating >= POSITIVE_RATING
+
+    def matrix(self, n_users: int, n_items: int, positives_only: bool = False) -> sp.csr_matrix:
+        keep = self.positive if positives_only else np.ones(len(self), bool)
+        data = np.ones(int(keep.sum()), dtype=np.float32)
+        m = sp.csr_matrix((data, (self.user[keep], self.item[keep])), shape=(n_users, n_items))
+        m.sum_duplicates()
+        m.data[:] = 1.0
+        return m
+
+
+@dataclass(frozen=True)
+class ItemFeatures:
+    """Side features of the train catalogue, as padded index tensors (0 = padding)."""
+
+    genres: torch.Tensor        # (n_items, G) int64, genre index + 1
+    year: torch.Tensor          # (n_items,) int64, year bucket index + 1, 0 = unknown
+    tags: torch.Tensor          # (n_items, T) int64, tag index + 1 (top-T train-period tags)
+    genre_vocab: list[str]
+    year_vocab: list[int]       # first year of each bucket
+    tag_vocab: list[str]
+    years: np.ndarray           # (n_items,) float, release year or NaN
+
+    @property
+    def n_genres(self) -> int:
+        return len(self.genre_vocab)
+
+    @property
+    def n_years(self) -> int:
+        return len(self.year_vocab)
+
+    @property
+    def n_tags(self) -> int:
+        return len(self.tag_vocab)
+
+
+def _period_from_frame(df: pd.DataFrame, users: IdMap, items: IdMap) -> Period:
+    u = users.encode(df["user_id"].to_numpy())
+    i = items.encode(df["item_id"].to_numpy())
+    keep = (u >= 0) & (i >= 0)
+    order = np.lexsort((i[keep], u[keep], df["timestamp"].to_numpy()[keep]))
+    return Period(user=u[keep][order], item=i[keep][order],
+                  rating=df["rating"].to_numpy(np.float32)[keep][order],
+                  timestamp=df["timestamp"].to_numpy(np.int64)[keep][order])
+
+
+def build_item_features(items_df: pd.DataFrame, tags_df: pd.DataFrame | None, item_map: IdMap,
+                        tag_cutoff: pd.Series | int | None = None, n_tags: int = 3,
+                        year_bucket: int = 1, min_tag_count: int = 2) -> ItemFeatures:
+    """Genres, release-year bucket and top-``n_tags`` tags for each train item.
+
+    Tags are lower-cased and stripped; only tags applied before ``tag_cutoff`` count (an int UTC
+    cut-off, or a Series user_id -> cut-off for per-user splits, where tags of unknown users use
+    the smallest cut-off), so the vocabulary is built from the train period only.
+    """
+    n = len(item_map)
+    meta = items_df.assign(idx=item_map.encode(items_df["item_id"].to_numpy()))
+    meta = meta[meta["idx"] >= 0].sort_values("idx")
+    # genres
+    exploded = meta[["idx", "genres"]].explode("genres").dropna()
+    genre_vocab = sorted(exploded["genres"].unique().tolist())
+    gidx = {g: k + 1 for k, g in enumerate(genre_vocab)}
+    exploded = exploded.assign(g=exploded["genres"].map(gidx).astype(np.int64))
+    exploded = exploded.assign(slot=exploded.groupby("idx").cumcount())
+    g_max = int(exploded["slot"].max()) + 1 if len(exploded) else 1
+    genres = np.zeros((n, g_max), dtype=np.int64)
+    genres[exploded["idx"].to_numpy(), exploded["slot"].to_numpy()] = exploded["g"].to_numpy()
+    # year buckets
+    years = np.full(n, np.nan)
+    yr = meta["year"].astype("Float64").to_numpy(dtype=float, na_value=np.nan)
+    years[meta["idx"].to_numpy()] = yr
+    known = ~np.isnan(years)
+    bucket_start = (np.floor(years[known] / year_bucket) * year_bucket).astype(int)
+    year_vocab = sorted(set(bucket_start.tolist()))
+    year = np.zeros(n, dtype=np.int64)
+    year[known] = np.searchsorted(year_vocab, bucket_start) + 1
+    # tags
+    tags = np.zeros((n, n_tags), dtype=np.int64)
+    tag_vocab: list[str] = []
+    if tags_df is not None and len(tags_df) and n_tags > 0:
+        t = tags_df.assign(idx=item_map.encode(tags_df["item_id"].to_numpy()),
+                           tag=tags_df["tag"].astype(str).str.strip().str.lower())
+        t = t[(t["idx"] >= 0) & (t["tag"] != "")]
+        if isinstance(tag_cutoff, pd.Series):
+            cut = t["user_id"].map(tag_cutoff).fillna(tag_cutoff.min()).to_numpy()
+            t = t[t["timestamp"].to_numpy() < cut]
+        elif tag_cutoff is not None:
+            t = t[t["timestamp"] < tag_cutoff]
+        counts = t.groupby(["idx", "tag"]).size().rename("count").reset_index()
+        total = counts.groupby("tag")["count"].sum()
+        counts = counts[counts["tag"].map(total) >= min_tag_count]
+        counts = counts.sort_values(["idx", "count", "tag"], ascending=[True, False, True])
+        counts = counts.assign(slot=counts.groupby("idx").cumcount())
+        counts = counts[counts["slot"] < n_tags]
+        tag_vocab = sorted(counts["tag"].unique().tolist())
+        tidx = {tg: k + 1 for k, tg in enumerate(tag_vocab)}
+        tags[counts["idx"].to_numpy(), counts["slot"].to_numpy()] = counts["tag"].map(tidx).to_numpy()
+    return ItemFeatures(genres=torch.from_numpy(genres), year=torch.from_numpy(year),
+                        tags=torch.from_numpy(tags), genre_vocab=genre_vocab, year_vocab=year_vocab,
+                        tag_vocab=tag_vocab, years=years)
+
+
+def last_items(user: np.ndarray, item: np.ndarray, n_users: int, n: int) -> torch.Tensor:
+    """Each user's last ``n`` items of rows already sorted by time: (n_users, n) int64, item + 1,
+    left-padded with 0 so the most recent item is in the last column."""
+    out = np.zeros((n_users, n), dtype=np.int64)
+    if len(user) == 0 or n == 0:
+        return torch.from_numpy(out)
+    order = np.argsort(user, kind="stable")          # group by user, keep time order
+    u, i = user[order], item[order]
+    counts = np.bincount(u, minlength=n_users)
+    ends = np.cumsum(counts)
+    from_end = ends[u] - np.arange(len(u)) - 1       # 0 for each user's last row
+    keep = from_end < n
+    out[u[keep], n - 1 - from_end[keep]] = i[keep] + 1
+    return torch.from_numpy(out)
+
+
+def histories_before_rows(user: np.ndarray, item: np.ndarray, n: int,
+                          prefix: torch.Tensor | None = None) -> torch.Tensor:
+    """For each row (rows sorted by time), the user's ``n`` previous items before that row:
+    (rows, n) int64, item + 1, left-padded with 0. ``prefix`` (n_users, n) gives each user's
+    history before the first row (e.g. train history when the rows are validation rows)."""
+    rows = len(user)
+    out = np.zeros((rows, n), dtype=np.int64)
+    if rows == 0 or n == 0:
+        return torch.from_numpy(out)
+    order = np.argsort(user, kind="stable")
+    u, i = user[order], item[order]
+    starts = np.r_[0, np.flatnonzero(np.diff(u)) + 1]
+    pos_in_user = np.arange(rows) - np.repeat(starts, np.diff(np.r_[starts, rows]))
+    hist = np.zeros((rows, n), dtype=np.int64)
+    for lag in range(1, n + 1):                      # n is small (5-50): loop over lags, not rows
+        has = pos_in_user >= lag
+        col = n - lag
+        hist[has, col] = i[np.flatnonzero(has) - lag] + 1
+        if prefix is not None:
+            need = ~has                              # take from the prefix history
+            k = lag - pos_in_user[need]              # how far back into the prefix
+            hist[need, col] = prefix.numpy()[u[need], n - k]
+    out[order] = hist
+    return torch.from_numpy(out)
+
+
+@dataclass
+class ScoringContext:
+    """What a scorer may know about users at scoring time for ``period``: the items they rated
+    before it (masked from rankings) and their last items (for sequence models)."""
+
+    period: str
+    seen: sp.csr_matrix        # (n_users, n_items) 1 where rated before the period
+    history: torch.Tensor      # (n_users, H) last items before the period, item + 1, 0 pad
+
+
+@dataclass
+class SplitData:
+    """A protocol split in contiguous ids, with item features; periods behind the leakage guard."""
+
+    name: str
+    users: IdMap
+    items: IdMap
+    item_features: ItemFeatures | None
+    _periods: dict[str, Period] = field(repr=False)
+    split_params: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_split(cls, split, items_df: pd.DataFrame | None = None, tags_df: pd.DataFrame | None = None,
+                   n_tags: int = 3, year_bucket: int = 1, name: str = "") -> "SplitData":
+        users = IdMap(np.unique(split.train["user_id"].to_numpy()))
+        items = IdMap(np.unique(split.train["item_id"].to_numpy()))
+        periods = {p: _period_from_frame(getattr(split, p), users, items) for p in PERIODS}
+        feats = None
+        if items_df is not None:
+            later = pd.concat([split.valid, split.test])
+            if split.params.get("strategy") == "user_temporal" and len(later):
+                cutoff = later.groupby("user_id")["timestamp"].min()
+            else:
+                cutoff = int(later["timestamp"].min()) if len(later) else None
+            feats = build_item_features(items_df, tags_df, items, cutoff, n_tags=n_tags,
+                                        year_bucket=year_bucket)
+        return cls(name=name, users=users, items=items, item_features=feats, _periods=periods,
+                   split_params=dict(split.params))
+
+    # ------------------------------------------------------------ sizes
+    @property
+    def n_users(self) -> int:
+        return len(self.users)
+
+    @property
+    def n_items(self) -> int:
+        return len(self.items)
+
+    # ------------------------------------------------------------ guarded access
+    def period(self, name: str) -> Period:
+        if name not in PERIODS:
+            raise KeyError(f"unknown period {name!r}; one of {PERIODS}")
+        guard.check_read(name)
+        return self._periods[name]
+
+    @property
+    def train(self) -> Period:
+        return self.period("train")
+
+    @property
+    def valid(self) -> Period:
+        return self.period("valid")
+
+    @property
+    def test(self) -> Period:
+        return self.period("test")
+
+    def before(self, period: str) -> list[str]:
+        """Periods whose rows precede ``period`` (a user's known history when scoring it)."""
+        return list(PERIODS[: PERIODS.index(period)])
+
+    def positives(self, period: str) -> sp.csr_matrix:
+        """(n_users, n_items) relevance labels of ``period``: rating >= 4."""
+        return self.period(period).matrix(self.n_users, self.n_items, positives_only=True)
+
+    def scored_users(self, period: str) -> np.ndarray:
+        """Users with at least one positive in ``period`` (PROTOCOL.md), sorted."""
+        p = self.period(period)
+        return np.unique(p.user[p.positive])
+
+    def seen_before(self, period: str) -> sp.csr_matrix:
+        """Items each user rated before ``period``: train for valid; train and valid for test."""
+        mats = [self.period(p).matrix(self.n_users, self.n_items) for p in self.before(period)]
+        if not mats:
+            return sp.csr_matrix((self.n_users, self.n_items), dtype=np.float32)
+        m = mats[0]
+        for extra in mats[1:]:
+            m = m + extra
+        m.data[:] = 1.0
+        return m.tocsr()
+
+    def rows_before(self, period: str) -> Period:
+        """All rows before ``period`` concatenated in time order."""
+        parts = [self.period(p) for p in self.before(period)]
+        cat = {k: np.concatenate([getattr(p, k) for p in parts]) for k in ("user", "item", "rating", "timestamp")}
+        order = np.lexsort((cat["item"], cat["user"], cat["timestamp"]))
+        return Period(**{k: v[order] for k, v in cat.items()})
+
+    def history(self, period: str, n: int) -> torch.Tensor:
+        """(n_users, n) each user's last ``n`` items before ``period`` (item + 1, 0 pad)."""
+        rows = self.rows_before(period)
+        return last_items(rows.user, rows.item, self.n_users, n)
+
+    def context(self, period: str, history_len: int = 5) -> ScoringContext:
+        return ScoringContext(period=period, seen=self.seen_before(period),
+                              history=self.history(period, history_len))
+
+    @cached_property
+    def item_popularity(self) -> np.ndarray:
+        """(n_items,) number of train rows per item."""
+        return np.bincount(self.period("train").item, minlength=self.n_items)

@@ -1,0 +1,159 @@
+"""One training loop for every trained model (MF, NeuMF, two-tower, re-ranker).
+
+Batches are index tensors drawn from in-memory tensors (no per-row Dataset over a DataFrame);
+negatives are sampled uniformly, excluding each user's known positives; early stopping keeps
+the best state by a validation metric computed by a callback built outside the fitting
+context (recsys_lib.evaluate.Evaluator).
+"""
+from __future__ import annotations
+
+import copy
+import os
+import time
+from dataclasses import asdict, dataclass, field, is_dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+from tqdm.auto import tqdm
+
+
+@dataclass
+class LoopConfig:
+    epochs: int = 20            # maximum epochs
+    patience: int = 3           # epochs without improvement before stopping (0 = never stop early)
+    eval_every: int = 1         # epochs between validation checks
+    amp_bf16: bool = False      # bf16 autocast on CPU (and cuda) for the forward pass
+    grad_clip: float = 0.0      # clip gradient norm when > 0
+    progress: bool = True       # tqdm bars
+    log_every_epoch: bool = True  # print one line per epoch (loss, metric, samples/s)
+
+
+@dataclass
+class FitHistory:
+    """Per-epoch records and the best epoch; ``records`` are JSON-ready dicts."""
+
+    records: list[dict] = field(default_factory=list)
+    best_epoch: int = -1
+    best_metric: float = float("-inf")
+    seconds: float = 0.0
+
+    def as_dict(self) -> dict:
+        return {"records": self.records, "best_epoch": self.best_epoch,
+                "best_metric": self.best_metric, "seconds": self.seconds}
+
+
+def permuted_batches(n: int, batch_size: int, generator: torch.Generator) -> list[torch.Tensor]:
+    """A random permutation of 0..n-1 cut into index batches (the last may be smaller)."""
+    perm = torch.randperm(n, generator=generator)
+    return list(torch.split(perm, batch_size))
+
+
+class NegativeSampler:
+    """Uniform negatives that exclude each user's known items (vectorised rejection sampling)."""
+
+    def __init__(self, known: sp.csr_matrix, seed: int = 0, rounds: int = 5):
+        known = known.tocoo()
+        self.n_items = known.shape[1]
+        self.keys = np.unique(known.row.astype(np.int64) * self.n_items + known.col)
+        self.rng = np.random.default_rng(seed)
+        self.rounds = rounds
+
+    def is_known(self, users: np.ndarray, items: np.ndarray) -> np.ndarray:
+        keys = users.astype(np.int64) * self.n_items + items
+        pos = np.searchsorted(self.keys, keys).clip(0, max(len(self.keys) - 1, 0))
+        return self.keys[pos] == keys if len(self.keys) else np.zeros(keys.shape, bool)
+
+    def sample(self, users: np.ndarray, n_neg: int = 1) -> np.ndarray:
+        """(len(users), n_neg) item ids; after ``rounds`` resamples any rare collision is kept."""
+        users = np.repeat(np.asarray(users)[:, None], n_neg, axis=1)
+        items = self.rng.integers(0, self.n_items, size=users.shape)
+        for _ in range(self.rounds):
+            bad = self.is_known(users, items)
+            if not bad.any():
+                break
+            items[bad] = self.rng.integers(0, self.n_items, size=int(bad.sum()))
+        return items
+
+
+def fit_loop(model: torch.nn.Module, batches: Callable[[int], Iterable[Any]],
+             loss_fn: Callable[[torch.nn.Module, Any], torch.Tensor], optimizer: torch.optim.Optimizer,
+             cfg: LoopConfig, validate: Callable[[], float] | None = None,
+             scheduler: Any = None, batch_size_of: Callable[[Any], int] | None = None,
+             name: str = "model") -> FitHistory:
+    """Train ``model``; after each ``eval_every`` epochs call ``validate()`` (higher is better),
+    keep the best state and stop after ``patience`` checks without improvement. The best state
+    is restored before returning. ``batches(epoch)`` yields whatever ``loss_fn`` takes."""
+    history = FitHistory()
+    best_state = None
+    bad_checks = 0
+    t_start = time.perf_counter()
+    device_type = next(model.parameters()).device.type
+    for epoch in range(cfg.epochs):
+        model.train()
+        t0 = time.perf_counter()
+        total, steps, samples = 0.0, 0, 0
+        bar = tqdm(batches(epoch), desc=f"{name} epoch {epoch + 1}/{cfg.epochs}", disable=not cfg.progress,
+                   leave=False)
+        for batch in bar:
+            with torch.autocast(device_type, dtype=torch.bfloat16, enabled=cfg.amp_bf16):
+                loss = loss_fn(model, batch)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
+            total += float(loss.detach())
+            steps += 1
+            samples += batch_size_of(batch) if batch_size_of else 0
+        train_seconds = time.perf_counter() - t0
+        record = {"epoch": epoch + 1, "loss": total / max(steps, 1), "train_seconds": train_seconds,
+                  "samples_per_s": samples / train_seconds if samples and train_seconds > 0 else None}
+        if validate is not None and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs):
+            model.eval()
+            with torch.no_grad():
+                metric = float(validate())
+            record["valid_metric"] = metric
+            if metric > history.best_metric:
+                history.best_metric, history.best_epoch = metric, epoch + 1
+                best_state = copy.deepcopy(model.state_dict())
+                bad_checks = 0
+            else:
+                bad_checks += 1
+        history.records.append(record)
+        if cfg.log_every_epoch:
+            rate = f", {record['samples_per_s']:,.0f} samples/s" if record["samples_per_s"] else ""
+            val = f", valid {record['valid_metric']:.4f}" if "valid_metric" in record else ""
+            print(f"{name} epoch {epoch + 1}: loss {record['loss']:.4f}{val}{rate}", flush=True)
+        if validate is not None and cfg.patience and bad_checks >= cfg.patience:
+            break
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    if validate is None:
+        history.best_epoch = len(history.records)
+    history.seconds = time.perf_counter() - t_start
+    model.eval()
+    return history
+
+
+def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, config: Any, **extra: Any) -> Path:
+    """state dict + config (a dataclass or dict) + extras, written atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cfg = asdict(config) if is_dataclass(config) else dict(config)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save({"state_dict": model.state_dict(), "config": cfg, **extra}, tmp)
+    tmp.replace(path)
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
+    return torch.load(path, map_location=map_location, weights_only=False)
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
