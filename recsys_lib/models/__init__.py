@@ -1,0 +1,41 @@
+"""Recommenders: one model per file, one contract for all.
+
+Every model:
+- ``fit(data: SplitData, validate: Callable[[Scorer], float] | None = None) -> dict`` learns from
+  ``data.train`` only (the leakage guard enforces it when called inside ``guard.fitting``);
+  ``validate`` is an early-stopping callback built before fitting (it returns validation nDCG@10).
+- ``score_all(users: LongTensor (B,), ctx: ScoringContext) -> Tensor (B, n_items)``: higher is better;
+  ``ctx`` carries what may be known at scoring time (items seen before the period, last items).
+- ``score_pairs(users (N,), items (N,), ctx) -> Tensor (N,)`` for the re-ranker's features.
+- a ``@dataclass`` config with commented defaults, saved with the state dict.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..features import ScoringContext
+
+
+class Recommender:
+    """Base class: subclasses implement ``fit`` and ``score_all``; ``score_pairs`` may be faster."""
+
+    name: str = "model"
+
+    def fit(self, data, validate=None) -> dict:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def score_all(self, users: torch.Tensor, ctx: ScoringContext) -> torch.Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def score_pairs(self, users: torch.Tensor, items: torch.Tensor, ctx: ScoringContext,
+                    batch_users: int = 1024) -> torch.Tensor:
+        """Scores of (user, item) pairs via ``score_all`` on each distinct user (a generic fallback)."""
+        uniq, inverse = torch.unique(users, return_inverse=True)
+        out = torch.empty(len(users), dtype=torch.float32)
+        for start in range(0, len(uniq), batch_users):
+            chunk = uniq[start:start + batch_users]
+            scores = self.score_all(chunk, ctx).float().cpu()             # (b, n_items)
+            sel = (inverse >= start) & (inverse < start + len(chunk))
+            out[sel] = scores[inverse[sel] - start, items[sel]]
+        return out
