@@ -1,0 +1,175 @@
+"""A run folder and what notebooks read and write there (they meet only through these files).
+
+    data/runs/<dataset>/<profile>/
+        run.json                  dataset, profile, params, split id and path, dataset checksums
+        data.pt                   the encoded SplitData (ids, item features, periods)
+        models/<name>.pt          checkpoints
+        metrics/<name>.json       one model: params, search table, timings, valid/test summaries
+        per_user/<name>-<period>.parquet   per-user metrics and top-10 lists (paired bootstrap)
+        candidates/<period>.parquet        retriever candidates for the re-ranker
+        curves/<name>.json        training curves
+
+`Run.open` is what each notebook calls in its derived cell; it fails fast, naming the missing
+file, when an earlier stage has not run.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from . import config
+from .errors import PipelineError
+from .evaluate import DEFAULT_KS, EvalResult, Evaluator
+from .features import SplitData
+
+
+def default_run_dir(dataset: str, profile: str) -> Path:
+    return config.runs_dir(dataset) / profile
+
+
+@dataclass
+class Run:
+    """Paths, parameters, device and (lazily) the encoded split of one pipeline run."""
+
+    dataset: str
+    profile: str
+    dir: Path
+    params: dict
+    seed: int
+    device: torch.device
+    _data: SplitData | None = field(default=None, repr=False)
+    _evaluators: dict = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def open(cls, dataset: str, profile: str = "full", run_dir: str | os.PathLike | None = None,
+             overrides: list[str] | dict | None = None, seed: int | None = None,
+             device: str | None = None) -> "Run":
+        params = config.load_params(profile, dataset, overrides)
+        seed = int(params.get("seed", 42) if seed is None else seed)
+        params["seed"] = seed
+        device_name = device if device not in (None, "") else params.get("device", "auto")
+        run_dir = Path(run_dir) if run_dir else default_run_dir(dataset, profile)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        config.seed_everything(seed)
+        return cls(dataset=dataset, profile=profile, dir=run_dir, params=params, seed=seed,
+                   device=config.resolve_device(device_name))
+
+    def path(self, *parts: str) -> Path:
+        p = self.dir.joinpath(*parts)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        return p
+
+    def require(self, *parts: str, stage: str = "an earlier notebook") -> Path:
+        """The path of an artefact an earlier stage wrote; a clear error if it is missing."""
+        p = self.dir.joinpath(*parts)
+        if not p.exists():
+            raise PipelineError(f"{p} is missing: run {stage} first (or the whole pipeline: "
+                                f"python -m recsys_lib.pipeline --dataset {self.dataset} --profile {self.profile})")
+        return p
+
+    # ------------------------------------------------------------ data
+    def save_data(self, data: SplitData, info: dict) -> None:
+        tmp = self.path("data.pt.tmp")
+        torch.save(data, tmp)
+        tmp.replace(self.path("data.pt"))
+        config.write_json(self.path("run.json"), {"dataset": self.dataset, "profile": self.profile,
+                                                  "params": self.params, **info})
+        self._data = data
+
+    @property
+    def data(self) -> SplitData:
+        if self._data is None:
+            self._data = torch.load(self.require("data.pt", stage="01_split"), weights_only=False)
+        return self._data
+
+    @property
+    def info(self) -> dict:
+        return json.loads(self.require("run.json", stage="01_split").read_text())
+
+    # ------------------------------------------------------------ evaluation
+    def evaluator(self, period: str, max_users: int | None = None) -> Evaluator:
+        """Cached labels for ``period`` (build before fitting: early stopping never reads rows)."""
+        key = (period, max_users)
+        if key not in self._evaluators:
+            ev = self.params.get("eval", {})
+            self._evaluators[key] = Evaluator(self.data, period, ks=ev.get("ks", DEFAULT_KS),
+                                              batch_users=ev.get("batch_users", 1024),
+                                              history_len=int(self.params.get("history_len", 5)),
+                                              max_users=max_users, seed=self.seed)
+        return self._evaluators[key]
+
+    def early_stopping_metric(self, max_users: int | None = None):
+        """A callback ``validate(scorer) -> float``: validation nDCG@10 (optionally on a user sample)."""
+        ev = self.evaluator("valid", max_users)
+        return lambda scorer: float(ev(scorer).per_user["ndcg@10"].mean())
+
+    def score(self, model: Any, name: str, periods=("valid", "test")) -> dict[str, EvalResult]:
+        """Evaluate a fitted model on each period (full catalogue, seen items masked)."""
+        return {p: self.evaluator(p)(model, progress=True) for p in periods}
+
+    # ------------------------------------------------------------ recording
+    def record(self, name: str, results: dict[str, EvalResult], params: dict | None = None,
+               fit_seconds: float | None = None, search: pd.DataFrame | None = None,
+               notes: str = "", **extra: Any) -> dict:
+        """Write metrics/<name>.json and per_user/<name>-<period>.parquet; return the JSON."""
+        n_boot = int(self.params.get("eval", {}).get("n_bootstrap", 1000))
+        out = {"model": name, "dataset": self.dataset, "profile": self.profile, "seed": self.seed,
+               "params": params or {}, "fit_seconds": fit_seconds, "notes": notes,
+               "git_commit": config.git_commit(), "device": str(self.device),
+               "search": search.to_dict(orient="records") if search is not None else None,
+               "written": time.strftime("%Y-%m-%dT%H:%M:%S"), **extra}
+        for period, res in results.items():
+            summary = res.summary(n_bootstrap=n_boot, seed=self.seed)
+            summary["scoring_seconds_per_1000_users"] = 1000 * res.seconds / max(len(res.users), 1)
+            out[period] = summary
+            frame = res.to_frame()
+            for j in range(res.topk.shape[1]):
+                frame[f"top_{j}"] = res.topk[:, j]
+            tmp = self.path("per_user", f"{name}-{period}.parquet.tmp")
+            frame.to_parquet(tmp, index=False)
+            tmp.replace(self.path("per_user", f"{name}-{period}.parquet"))
+        config.write_json(self.path("metrics", f"{name}.json"), out)
+        return out
+
+    def per_user(self, name: str, period: str) -> pd.DataFrame:
+        return pd.read_parquet(self.require("per_user", f"{name}-{period}.parquet", stage=f"the notebook of {name}"))
+
+    def save_curve(self, name: str, history: Any) -> None:
+        config.write_json(self.path("curves", f"{name}.json"),
+                          history.as_dict() if hasattr(history, "as_dict") else history)
+
+
+def collect_metrics(run_dir: str | os.PathLike) -> list[dict]:
+    """Every metrics/<name>.json of a run, sorted by the time it was written."""
+    files = sorted(Path(run_dir, "metrics").glob("*.json"))
+    rows = [json.loads(f.read_text()) for f in files]
+    return sorted(rows, key=lambda r: r.get("written", ""))
+
+
+def results_table(run_dir: str | os.PathLike, period: str = "test",
+                  columns=("ndcg@10", "recall@10", "recall@100", "recall@500", "hit_rate@10", "mrr@10",
+                           "coverage@10")) -> pd.DataFrame:
+    """One row per model: nDCG@10 with its 95% CI and the other metrics of ``period``."""
+    rows = []
+    for m in collect_metrics(run_dir):
+        s = m.get(period)
+        if not s:
+            continue
+        row = {"model": m["model"]}
+        for c in columns:
+            row[c] = s.get(c, np.nan)
+        lo, hi = s.get("ndcg@10_ci", [np.nan, np.nan])
+        row["ndcg@10 95% CI"] = f"[{lo:.4f}, {hi:.4f}]"
+        row["users"] = s.get("users")
+        row["fit s"] = m.get("fit_seconds")
+        row["scoring s / 1k users"] = s.get("scoring_seconds_per_1000_users")
+        rows.append(row)
+    return pd.DataFrame(rows)
