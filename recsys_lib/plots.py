@@ -3,9 +3,7 @@ retrieval recall curves, results with confidence intervals, segment analyses. Ea
 returns a matplotlib Figure and never mutates its inputs."""
 from __future__ import annotations
 
-import matplotlib
 
-matplotlib.use("Agg") if matplotlib.get_backend().lower() == "" else None
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
