@@ -126,8 +126,8 @@ def metrics_from_ranking(topk: np.ndarray, labels: Labels, ks=DEFAULT_KS) -> tup
     per_user = {"ndcg@10": metrics.ndcg_at_k(hits, n_pos, 10)}
     for k in ks:
         per_user[f"recall@{k}"] = metrics.recall_at_k(hits, n_pos, k)
-    per_user["hit_rate@10"] = metrics.hit_rate_at_k(hits, n_pos, 10)
-    per_user["mrr@10"] = metrics.mrr_at_k(hits, n_pos, 10)
+    per_user["hit_rate@10"] = metrics.hit_rate_at_k(hits, 10)
+    per_user["mrr@10"] = metrics.mrr_at_k(hits, 10)
     coverage = {"coverage@10": float(metrics.coverage_at_k(topk, labels.n_items, min(10, topk.shape[1])))}
     return per_user, coverage
 

@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from . import config
+from . import config, guard
 from .errors import PipelineError
 from .evaluate import DEFAULT_KS, EvalResult, Evaluator
 from .features import SplitData
@@ -114,6 +114,30 @@ class Run:
     def score(self, model: Any, name: str, periods=("valid", "test")) -> dict[str, EvalResult]:
         """Evaluate a fitted model on each period (full catalogue, seen items masked)."""
         return {p: self.evaluator(p)(model, progress=True) for p in periods}
+
+    def fit_model(self, name: str, tune: Any, section: str | None = None,
+                  early_stopping_users: int | None = None) -> tuple[Any, pd.DataFrame, dict[str, EvalResult]]:
+        """Tune and fit a model on train (validation for selection and early stopping only), score
+        it on validation and test, save its checkpoint and metrics. ``tune(data, params_section,
+        validate, device, seed) -> (model, search_table)`` runs inside the leakage guard: it may
+        read the train period only (the validation callback's labels are built here, before)."""
+        section = section or name
+        validate = self.early_stopping_metric(early_stopping_users)
+        t0 = time.perf_counter()
+        with guard.fitting(name):
+            model, search = tune(self.data, self.params.get(section, {}), validate, self.device, self.seed)
+        fit_seconds = time.perf_counter() - t0
+        results = self.score(model, name)
+        if hasattr(model, "save"):
+            model.save(self.path("models", f"{name}.pt"))
+        history = getattr(model, "history", None)
+        if history is not None:
+            self.save_curve(name, history)
+        cfg = getattr(model, "cfg", None) or getattr(model, "config", None)
+        from dataclasses import asdict, is_dataclass
+        self.record(name, results, params=asdict(cfg) if is_dataclass(cfg) else self.params.get(section, {}),
+                    fit_seconds=fit_seconds, search=search)
+        return model, search, results
 
     # ------------------------------------------------------------ recording
     def record(self, name: str, results: dict[str, EvalResult], params: dict | None = None,
