@@ -45,7 +45,7 @@ class Popularity(torch.nn.Module, Recommender):
 
     # ------------------------------------------------------------ fit
     def fit(self, data: SplitData, validate=None) -> dict:
-        """Count train rows per item (no validation needed: nothing to early-stop)."""
+        """Count train rows per item; nothing to early-stop (``validate`` is unused)."""
         t0 = time.perf_counter()
         train = data.train
         n_items = data.n_items
@@ -65,8 +65,6 @@ class Popularity(torch.nn.Module, Recommender):
         self.counts = torch.from_numpy(primary.astype(np.int64)).to(self.device)
         info = {"seconds": time.perf_counter() - t0, "n_items": n_items,
                 "items_with_counts": int((primary > 0).sum())}
-        if validate is not None:
-            info["valid_metric"] = float(validate(self))
         return info
 
     # ------------------------------------------------------------ score

@@ -1,0 +1,142 @@
+"""EASE (Steck, 2019, "Embarrassingly Shallow Autoencoders for Sparse Data"): closed form.
+
+X is the binary (n_users, n_items) train matrix: every rated row, or positives only (a flag to
+pick on validation). With G = X^T X + lambda I and P = G^-1, the item-item weights are
+B = I - P / diag(P), i.e. B_ij = -P_ij / P_jj off the diagonal and B_jj = 0.
+
+Scores are x_u B where x_u are the items the user rated *before the scored period*
+(``ctx.seen``): train rows for validation; train and validation rows for test (PROTOCOL.md:
+histories at scoring time include earlier periods). B itself comes from train rows only.
+
+Memory: G, its Cholesky factor and B are dense (n_items, n_items); float64 for catalogues up to
+``float64_max_items``, float32 above. X^T X is accumulated in item-column chunks so the sparse
+product never materialises more than ``gram_chunk`` columns at once.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+from .. import tuning
+from ..config import resolve_device
+from ..features import ScoringContext, SplitData
+from ..train import load_checkpoint, save_checkpoint
+from . import Recommender
+
+
+@dataclass
+class EASEConfig:
+    reg: float = 500.0                 # lambda, the L2 weight on B (larger = smoother)
+    positives_only: bool = False       # X from positives (rating >= 4) only, else from every rated row
+    float64_max_items: int = 8192      # solve in float64 up to this catalogue size, float32 above
+    gram_chunk: int = 4096             # item columns per chunk of the sparse X^T X product
+    device: str = "auto"               # auto -> cuda, mps, cpu (mps solves in float32)
+    seed: int | None = 0               # unused (closed form); kept so every model takes one
+
+
+def gram(x: sp.csr_matrix, dtype: torch.dtype, device: torch.device, chunk: int = 4096) -> torch.Tensor:
+    """Dense X^T X as a torch tensor, from a sparse X, computed ``chunk`` item columns at a time."""
+    n = x.shape[1]
+    xt = x.T.tocsr()                                                   # (n_items, n_users)
+    xc = x.tocsc()
+    out = torch.empty((n, n), dtype=dtype, device=device)              # (n_items, n_items)
+    for start in range(0, n, chunk):
+        block = (xt @ xc[:, start:start + chunk]).toarray()            # (n_items, C)
+        out[:, start:start + chunk] = torch.from_numpy(block).to(device=device, dtype=dtype)
+    return out
+
+
+def ease_weights(g: torch.Tensor, reg: float) -> torch.Tensor:
+    """B = I - P / diag(P) with P = (G + reg I)^-1; ``g`` is overwritten (it can be large)."""
+    g.diagonal().add_(reg)                                             # G + lambda I
+    chol = torch.linalg.cholesky(g)                                    # (n, n) lower factor
+    del g
+    p = torch.cholesky_inverse(chol)                                   # (n, n) P
+    del chol
+    d = p.diagonal().clone()                                           # (n,) P_jj
+    p.div_(-d.unsqueeze(0))                                            # column j divided by -P_jj
+    p.diagonal().zero_()                                               # B_jj = 0
+    return p                                                           # (n, n) B
+
+
+class EASE(torch.nn.Module, Recommender):
+    name = "ease"
+    Config = EASEConfig
+
+    def __init__(self, config: EASEConfig | None = None, **overrides):
+        super().__init__()
+        self.cfg = config if config is not None else EASEConfig()
+        if overrides:
+            self.cfg = EASEConfig(**{**self.cfg.__dict__, **overrides})
+        self.device = resolve_device(self.cfg.device)
+        self.register_buffer("B", torch.zeros(0, 0))                 # (n_items, n_items)
+
+    def _dtype(self, n_items: int) -> torch.dtype:
+        if n_items <= self.cfg.float64_max_items and self.device.type != "mps":
+            return torch.float64
+        return torch.float32
+
+    # ------------------------------------------------------------ fit
+    def fit(self, data: SplitData, validate=None) -> dict:
+        """Closed form from the train matrix; nothing to early-stop (``validate`` is unused: lambda is
+        chosen by tuning.grid_search)."""
+        t0 = time.perf_counter()
+        x = data.train.matrix(data.n_users, data.n_items, positives_only=self.cfg.positives_only)
+        dtype = self._dtype(data.n_items)
+        g = gram(x, dtype, self.device, self.cfg.gram_chunk)           # (n_items, n_items)
+        self.B = ease_weights(g, float(self.cfg.reg))                  # (n_items, n_items)
+        info = {"seconds": time.perf_counter() - t0, "n_items": data.n_items, "nnz": int(x.nnz),
+                "dtype": str(dtype).replace("torch.", "")}
+        print(f"EASE: {data.n_items:,} x {data.n_items:,} weights ({info['dtype']}) on {self.device}, "
+              f"lambda={self.cfg.reg:g}, {info['seconds']:.1f}s", flush=True)
+        return info
+
+    # ------------------------------------------------------------ score
+    def _history(self, users: torch.Tensor, seen: sp.csr_matrix) -> torch.Tensor:
+        rows = seen[users.cpu().numpy()].tocoo()                       # (B, n_items) sparse
+        idx = torch.from_numpy(np.vstack([rows.row, rows.col]).astype(np.int64))
+        val = torch.ones(rows.nnz, dtype=self.B.dtype)
+        return torch.sparse_coo_tensor(idx, val, rows.shape, check_invariants=False,
+                                       is_coalesced=True).to(self.B.device)  # csr rows: sorted, unique
+
+    @torch.no_grad()
+    def score_all(self, users: torch.Tensor, ctx: ScoringContext) -> torch.Tensor:
+        """x_u B with x_u the items rated before ``ctx.period`` (train; train + valid for test)."""
+        x = self._history(users, ctx.seen)                             # (B, n_items) sparse
+        return torch.sparse.mm(x, self.B).float()                      # (B, n_items)
+
+    @torch.no_grad()
+    def score_pairs(self, users: torch.Tensor, items: torch.Tensor, ctx: ScoringContext,
+                    batch_users: int = 1024) -> torch.Tensor:
+        """sum over the user's seen items j of B[j, i], in chunks of pairs."""
+        out = torch.empty(len(users), dtype=torch.float32)
+        for start in range(0, len(users), batch_users):
+            u, i = users[start:start + batch_users], items[start:start + batch_users]
+            x = self._history(u, ctx.seen)                             # (b, n_items) sparse
+            cols = self.B[:, i.to(self.B.device)]                      # (n_items, b)
+            out[start:start + len(u)] = torch.sparse.mm(x, cols).diagonal().float().cpu()  # (b,)
+        return out
+
+    # ------------------------------------------------------------ persistence
+    def save(self, path) -> None:
+        save_checkpoint(path, self, self.cfg, n_items=int(self.B.shape[0]), dtype=str(self.B.dtype))
+
+    @classmethod
+    def load(cls, path, device: str | None = None) -> "EASE":
+        ckpt = load_checkpoint(path)
+        cfg = EASEConfig(**ckpt["config"])
+        if device is not None:
+            cfg.device = device
+        model = cls(cfg)
+        model.B = ckpt["state_dict"]["B"]
+        return model.to(model.device)
+
+
+def tune(data: SplitData, section: dict | None, validate=None, device: str | None = None,
+         seed: int | None = None, verbose: bool = True):
+    """Grid-search lambda and the positives-only flag on validation -> (best model, table)."""
+    return tuning.tune_model(EASE, data, section, validate, device=device, seed=seed, verbose=verbose)
