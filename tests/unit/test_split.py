@@ -376,5 +376,6 @@ def test_real_ml_latest_small(monkeypatch, tmp_path):
     sp = S.make_split("ml-latest-small", interactions=ds.interactions)
     check_frame_shape(sp)
     assert sp.stats["strategy"] == "user_temporal"
-    assert sp.stats["train"]["rows"] > 10 * sp.stats["test"]["rows"] > 0
+    assert sp.stats["train"]["rows"] > 5 * sp.stats["test"]["rows"] > 0
+    assert sp.stats["test"]["users_scored"] > 500 and sp.stats["valid"]["users_scored"] > 500
     assert set(sp.test.item_id) <= set(sp.train.item_id)
