@@ -1,0 +1,137 @@
+"""Candidate generation: the retriever's top-``k`` unseen items per user, with scores and ranks.
+
+PROTOCOL.md, "Who learns from what": the re-ranker learns from the validation period's
+candidates (histories and seen items up to validation: ``Labels.build(data, "valid")``) and is
+scored on the test period's candidates (histories and seen items include validation rows:
+``Labels.build(data, "test")``). A positive the retriever did not propose is a miss, so
+``candidate_recall`` at ``k`` is the second stage's ceiling.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+import torch
+from tqdm.auto import tqdm
+
+from .evaluate import DEFAULT_KS, Labels, _mask_seen
+from .features import ScoringContext
+
+COLUMNS = ("user", "item", "retriever_score", "retriever_rank")
+
+
+@torch.no_grad()
+def topk_with_scores(scorer, users: np.ndarray, ctx: ScoringContext, k: int, n_items: int | None = None,
+                     batch_users: int = 1024, progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Top-``k`` unseen items per user, best first, and their scores: ((U, k) int64, (U, k) float32).
+    Same masking and ordering as ``evaluate.rank_topk``; a slot beyond a user's unseen items
+    (a user who has seen all but fewer than ``k`` items) has score ``-inf``."""
+    score: Callable = scorer.score_all if hasattr(scorer, "score_all") else scorer
+    users = np.asarray(users, dtype=np.int64)
+    n_items = n_items if n_items is not None else ctx.seen.shape[1]
+    k = min(k, n_items)
+    items = np.empty((len(users), k), dtype=np.int64)
+    scores = np.empty((len(users), k), dtype=np.float32)
+    for start in tqdm(range(0, len(users), batch_users), desc="candidates", disable=not progress, leave=False):
+        batch = users[start:start + batch_users]
+        s = score(torch.from_numpy(batch), ctx).float()              # (B, n_items)
+        _mask_seen(s, ctx.seen, batch)
+        top = torch.topk(s, k, dim=1)                                  # (B, k)
+        items[start:start + len(batch)] = top.indices.cpu().numpy()
+        scores[start:start + len(batch)] = top.values.cpu().numpy()
+    return items, scores
+
+
+def generate_candidates(retriever, labels_or_users: Labels | np.ndarray, ctx: ScoringContext | None = None,
+                        k: int = 500, batch_users: int = 1024, progress: bool = False) -> pd.DataFrame:
+    """The retriever's top ``k`` unseen items for each user, one row per (user, candidate):
+    ``user`` (int64 contiguous id), ``item`` (int64), ``retriever_score`` (float32),
+    ``retriever_rank`` (1-based; int16 when k < 32768, else int32). Rows are sorted by user, then
+    rank. Pass a ``Labels`` (its scored users and context) or an array of users and a ``ctx``.
+    Masked slots (users with fewer than ``k`` unseen items) are dropped."""
+    if isinstance(labels_or_users, Labels):
+        users, ctx = labels_or_users.users, labels_or_users.ctx if ctx is None else ctx
+    else:
+        users = np.asarray(labels_or_users, dtype=np.int64)
+        if ctx is None:
+            raise ValueError("generate_candidates: pass a ScoringContext with an array of users")
+    items, scores = topk_with_scores(retriever, users, ctx, k, batch_users=batch_users, progress=progress)
+    kk = items.shape[1]
+    rank_dtype = np.int16 if kk < np.iinfo(np.int16).max else np.int32
+    df = pd.DataFrame({
+        "user": np.repeat(np.asarray(users, dtype=np.int64), kk),
+        "item": items.reshape(-1),
+        "retriever_score": scores.reshape(-1),
+        "retriever_rank": np.tile(np.arange(1, kk + 1, dtype=rank_dtype), len(users)),
+    })
+    finite = np.isfinite(df["retriever_score"].to_numpy())
+    if not finite.all():
+        df = df[finite].reset_index(drop=True)
+    return df
+
+
+def _positive_keys(positives, n_items_hint: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """(scored users, sorted keys user*n_items+item of positives, n_pos per scored user, n_items)."""
+    if isinstance(positives, Labels):
+        users, mat = positives.users, positives.positives
+    elif isinstance(positives, tuple) and len(positives) == 2:
+        users, mat = np.asarray(positives[0], dtype=np.int64), positives[1]
+    else:
+        raise TypeError("candidate_recall: pass Labels or (users, positives_csr) with rows aligned to users")
+    mat = sp.csr_matrix(mat)
+    mat.eliminate_zeros()
+    mat.sum_duplicates()
+    n_items = mat.shape[1]
+    rows = np.repeat(np.asarray(users, dtype=np.int64), np.diff(mat.indptr))
+    keys = np.sort(rows * n_items + mat.indices.astype(np.int64))
+    return np.asarray(users, dtype=np.int64), keys, np.diff(mat.indptr), n_items
+
+
+def candidate_recall(cands: pd.DataFrame, positives, ks=DEFAULT_KS) -> dict[str, float]:
+    """Recall@K over the scored users of ``positives`` counting only candidates of rank <= K:
+    mean over users of |positives among their top-K candidates| / n_pos (users without
+    candidates count 0). On a retriever's candidates it equals that retriever's Recall@K for
+    K <= the candidate depth; for K beyond it, it is the recall of the whole candidate set.
+
+    ``positives``: ``Labels`` or ``(users, csr)`` with csr rows aligned to ``users``."""
+    users, keys, n_pos, n_items = _positive_keys(positives)
+    u = cands["user"].to_numpy(np.int64)
+    it = cands["item"].to_numpy(np.int64)
+    rank = cands["retriever_rank"].to_numpy(np.int64)
+    q = u * n_items + it
+    if len(keys):
+        at = np.searchsorted(keys, q).clip(max=len(keys) - 1)
+        hit = keys[at] == q
+    else:
+        hit = np.zeros(len(q), bool)
+    row = np.searchsorted(users, u).clip(max=max(len(users) - 1, 0))
+    in_scored = (users[row] == u) if len(users) else np.zeros(len(u), bool)
+    hit &= in_scored
+    out = {}
+    for k in ks:
+        sel = hit & (rank <= k)
+        per_user = np.bincount(row[sel], minlength=len(users)).astype(np.float64)
+        recall = np.divide(per_user, n_pos, out=np.zeros(len(users)), where=n_pos > 0)
+        out[f"recall@{k}"] = float(recall.mean()) if len(users) else 0.0
+    return out
+
+
+def save_candidates(df: pd.DataFrame, path: str | os.PathLike) -> Path:
+    """Write candidates to parquet atomically (temporary name, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    df.to_parquet(tmp, index=False)
+    tmp.replace(path)
+    return path
+
+
+def load_candidates(path: str | os.PathLike) -> pd.DataFrame:
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no candidates at {path}; run the retrieval notebook (20_two_tower) first")
+    return pd.read_parquet(path)

@@ -1,0 +1,498 @@
+"""Two-tower retriever: a user tower (id + recent items) and an item tower (id + side features).
+
+The seed design is one configuration (``variant="seed"``):
+- user tower: user-id embedding and an LSTM (hidden 64) over the embeddings of the user's last 5
+  items (item-id embeddings shared with the item tower; 0 = padding), concatenated, then an MLP
+  256 -> 128 -> 128;
+- item tower: item-id embedding, masked mean of genre embeddings, year embedding, masked mean of
+  the item's top-3 tag embeddings, concatenated, then an MLP -> 128;
+- BPR on (user, history at that time, positive rated >= 4, one uniform negative) from the train
+  period; Adam with a cyclic learning rate.
+
+A stronger variant (``variant="softmax"``) trains the same towers with an in-batch sampled softmax
+(other rows' positives are the negatives), a log-popularity (logQ) correction for the in-batch
+sampling bias (Yi et al., RecSys 2019), L2-normalised embeddings with a temperature, optionally
+extra shared uniform negatives (mixed negative sampling) and a longer history.
+
+Padding: histories are left-padded (most recent item last). The LSTM is run step by step and a
+step whose input is padding leaves the state unchanged, so the state stays at zero until the
+first real item: the output depends only on the real items, whatever the padding length.
+
+Fitting reads ``data.train`` (and ``data.item_features``) only; scoring uses ``ctx.history``,
+the last items before the scored period (for test that includes validation rows).
+"""
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, Callable
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+from .. import guard
+from ..config import resolve_device, seed_everything
+from ..errors import ConfigError
+from ..features import ScoringContext, SplitData, histories_before_rows
+from ..train import (LoopConfig, NegativeSampler, count_parameters, fit_loop, load_checkpoint,
+                     permuted_batches, save_checkpoint)
+from . import Recommender
+
+VARIANTS = ("seed", "softmax")
+
+
+@dataclass
+class TwoTowerConfig:
+    variant: str = "seed"             # "seed" (BPR) or "softmax" (in-batch sampled softmax + logQ)
+    dim: int = 128                    # item-id / user-id embedding size and output size of both towers
+    side_dim: int = 32                # genre, year and tag embedding size
+    lstm_hidden: int = 64             # LSTM state size over the history
+    history_len: int = 5              # last items fed to the user tower
+    user_hidden: list[int] = field(default_factory=lambda: [256, 128])  # user MLP hidden layers (then -> dim)
+    item_hidden: list[int] = field(default_factory=lambda: [128])       # item MLP hidden layers (then -> dim)
+    dropout: float = 0.0              # dropout between MLP layers
+    # objective
+    temperature: float = 0.05         # softmax: logits = cos / temperature
+    normalize: bool | None = None     # L2-normalise both towers' outputs (None: True for softmax, False for seed)
+    logq: bool = True                 # softmax: subtract log(sampling probability) of each negative
+    n_uniform_neg: int = 0            # softmax: extra uniform negatives shared by the batch
+    # optimisation
+    batch_size: int = 4096            # triplets per step
+    lr: float = 1e-4                  # CyclicLR base learning rate (Adam)
+    max_lr: float = 3e-3              # CyclicLR peak learning rate
+    clr_half_cycle_epochs: float = 0.5  # epochs from base to peak; 0.5 -> each epoch ends at the base lr
+    weight_decay: float = 0.0         # Adam weight decay
+    epochs: int = 15                  # maximum epochs
+    patience: int = 3                 # epochs without validation improvement before stopping
+    amp_bf16: bool = False            # bf16 autocast for the forward pass
+    progress: bool = False            # tqdm bars per epoch
+    device: str = "auto"              # auto -> cuda, mps, cpu
+    seed: int = 0                     # init, negatives and batch order
+
+    def __post_init__(self):
+        if self.variant not in VARIANTS:
+            raise ConfigError(f"two_tower variant {self.variant!r}; one of {VARIANTS}")
+        if self.normalize is None:
+            self.normalize = self.variant == "softmax"
+        self.user_hidden = list(self.user_hidden)
+        self.item_hidden = list(self.item_hidden)
+
+
+def _mlp(sizes: list[int], dropout: float) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for k, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+        layers.append(nn.Linear(a, b))
+        if k < len(sizes) - 2:
+            layers.append(nn.ReLU())
+            if dropout > 0:
+                layers.append(nn.Dropout(dropout))
+    return nn.Sequential(*layers)
+
+
+def _masked_mean(emb: nn.Embedding, idx: torch.Tensor) -> torch.Tensor:
+    """Mean of the embeddings of the nonzero indices of each row; zeros for an all-padding row."""
+    vec = emb(idx)                                                   # (N, K, d), padding rows are 0
+    count = (idx > 0).sum(dim=1, keepdim=True).clamp(min=1)          # (N, 1)
+    return vec.sum(dim=1) / count.to(vec.dtype)                      # (N, d)
+
+
+class TwoTowerNet(nn.Module):
+    """The two towers. Item ids are 0..n_items-1; histories are item + 1 with 0 = padding."""
+
+    def __init__(self, cfg: TwoTowerConfig, n_users: int, n_items: int, genres: torch.Tensor,
+                 year: torch.Tensor, tags: torch.Tensor, n_genres: int, n_years: int, n_tags: int,
+                 log_pop: torch.Tensor):
+        super().__init__()
+        self.cfg = cfg
+        self.n_items = n_items
+        d, s = cfg.dim, cfg.side_dim
+        self.user_emb = nn.Embedding(n_users, d)
+        self.item_emb = nn.Embedding(n_items + 1, d, padding_idx=0)  # row i + 1 = item i (shared)
+        self.genre_emb = nn.Embedding(n_genres + 1, s, padding_idx=0)
+        self.year_emb = nn.Embedding(n_years + 1, s, padding_idx=0)
+        self.tag_emb = nn.Embedding(n_tags + 1, s, padding_idx=0)
+        self.lstm = nn.LSTMCell(d, cfg.lstm_hidden)
+        self.user_mlp = _mlp([d + cfg.lstm_hidden, *cfg.user_hidden, d], cfg.dropout)
+        self.item_mlp = _mlp([d + 3 * s, *cfg.item_hidden, d], cfg.dropout)
+        for emb in (self.user_emb, self.item_emb, self.genre_emb, self.year_emb, self.tag_emb):
+            nn.init.normal_(emb.weight, std=0.05)
+            if emb.padding_idx is not None:
+                with torch.no_grad():
+                    emb.weight[emb.padding_idx].zero_()
+        self.register_buffer("genres", genres.long().clone())        # (n_items, G)
+        self.register_buffer("year", year.long().clone())            # (n_items,)
+        self.register_buffer("tags", tags.long().clone())            # (n_items, T)
+        self.register_buffer("log_pop", log_pop.float().clone())     # (n_items,) log P(item is a positive)
+        self._item_cache: torch.Tensor | None = None
+
+    # --------------------------------------------------------------- cache of the item tower
+    def train(self, mode: bool = True):
+        self._item_cache = None                  # weights may change: recompute on next use
+        return super().train(mode)
+
+    def load_state_dict(self, *args, **kwargs):
+        self._item_cache = None
+        return super().load_state_dict(*args, **kwargs)
+
+    # --------------------------------------------------------------- towers
+    def history_state(self, hist: torch.Tensor) -> torch.Tensor:
+        """LSTM over left-padded histories (B, L) -> last state (B, H); padding steps are skipped."""
+        x = self.item_emb(hist)                                          # (B, L, D)
+        h = x.new_zeros(hist.shape[0], self.cfg.lstm_hidden)             # (B, H)
+        c = torch.zeros_like(h)
+        for t in range(hist.shape[1]):
+            real = (hist[:, t] > 0).unsqueeze(1)                         # (B, 1)
+            if not bool(real.any()):
+                continue                                                 # an all-padding column
+            h_new, c_new = self.lstm(x[:, t], (h, c))
+            h = torch.where(real, h_new.to(h.dtype), h)
+            c = torch.where(real, c_new.to(c.dtype), c)
+        return h
+
+    def user_tower(self, users: torch.Tensor, hist: torch.Tensor) -> torch.Tensor:
+        z = torch.cat([self.user_emb(users), self.history_state(hist)], dim=1)  # (B, D + H)
+        out = self.user_mlp(z)                                            # (B, D)
+        return F.normalize(out.float(), dim=1) if self.cfg.normalize else out
+
+    def item_tower(self, items: torch.Tensor) -> torch.Tensor:
+        z = torch.cat([self.item_emb(items + 1),                          # (N, D)
+                       _masked_mean(self.genre_emb, self.genres[items]),  # (N, S)
+                       self.year_emb(self.year[items]),                   # (N, S)
+                       _masked_mean(self.tag_emb, self.tags[items])],     # (N, S)
+                      dim=1)
+        out = self.item_mlp(z)                                            # (N, D)
+        return F.normalize(out.float(), dim=1) if self.cfg.normalize else out
+
+    def all_items(self) -> torch.Tensor:
+        """(n_items, D) item tower output; cached while in eval mode."""
+        if self.training:
+            return self.item_tower(torch.arange(self.n_items, device=self.log_pop.device))
+        if self._item_cache is None:
+            with torch.no_grad():
+                chunks = [self.item_tower(idx) for idx in
+                          torch.arange(self.n_items, device=self.log_pop.device).split(65536)]
+            self._item_cache = torch.cat(chunks).float()
+        return self._item_cache
+
+    # --------------------------------------------------------------- losses
+    def bpr_loss(self, batch) -> torch.Tensor:
+        users, hist, pos, neg = batch
+        u = self.user_tower(users, hist)                                  # (B, D)
+        items = self.item_tower(torch.cat([pos, neg]))                   # (2B, D)
+        p, n = items.float().chunk(2)
+        u = u.float()
+        diff = (u * p).sum(1) - (u * n).sum(1)                            # (B,)
+        return -F.logsigmoid(diff).mean()
+
+    def softmax_loss(self, batch) -> torch.Tensor:
+        users, hist, pos, extra = batch
+        u = self.user_tower(users, hist).float()                          # (B, D)
+        cand = pos if extra is None else torch.cat([pos, extra])          # (B + M,)
+        v = self.item_tower(cand).float()                                 # (B + M, D)
+        logits = u @ v.T / self.cfg.temperature                           # (B, B + M)
+        b = len(pos)
+        if self.cfg.logq:
+            # expected number of times item j is drawn as an in-batch column: B * P(j);
+            # uniform extras: M / n_items each (mixed negative sampling)
+            corr = self.log_pop[pos] + math.log(b)                       # (B,)
+            if extra is not None:
+                corr = torch.cat([corr, corr.new_full((len(extra),), math.log(len(extra) / self.n_items))])
+            logits = logits - corr.unsqueeze(0)
+        # the same item elsewhere in the batch is not a negative for this row
+        dup = pos.unsqueeze(1) == cand.unsqueeze(0)                       # (B, B + M)
+        dup[torch.arange(b, device=pos.device), torch.arange(b, device=pos.device)] = False
+        logits = logits.masked_fill(dup, float("-inf"))
+        target = torch.arange(b, device=pos.device)
+        return F.cross_entropy(logits, target)
+
+
+class TwoTower(Recommender):
+    """Two-tower retriever (``score_all``, ``user_embeddings``, ``item_embeddings``, ``score_pairs``)."""
+
+    name = "two_tower"
+    Config = TwoTowerConfig
+
+    def __init__(self, cfg: TwoTowerConfig | None = None, **overrides):
+        cfg = cfg or TwoTowerConfig()
+        self.cfg = replace(cfg, **overrides) if overrides else cfg
+        self.device = resolve_device(self.cfg.device)
+        self.net: TwoTowerNet | None = None
+        self.sizes: dict = {}
+        self.history: dict = {}
+
+    # --------------------------------------------------------------- building
+    def _build(self, data: SplitData) -> None:
+        f = data.item_features
+        n = data.n_items
+        if f is None:
+            genres, year, tags = (torch.zeros((n, 1), dtype=torch.long), torch.zeros(n, dtype=torch.long),
+                                  torch.zeros((n, 1), dtype=torch.long))
+            ng = ny = nt = 0
+        else:
+            genres, year, tags = f.genres, f.year, f.tags
+            ng, ny, nt = f.n_genres, f.n_years, f.n_tags
+        train = data.train
+        pos_items = train.item[train.positive]
+        counts = np.bincount(pos_items, minlength=n).astype(np.float64) + 1.0   # +1: no log(0)
+        log_pop = torch.from_numpy(np.log(counts / counts.sum()))
+        self.sizes = dict(n_users=data.n_users, n_items=n, n_genres=ng, n_years=ny, n_tags=nt,
+                          genre_width=int(genres.shape[1]), tag_width=int(tags.shape[1]))
+        torch.manual_seed(self.cfg.seed)
+        self.net = TwoTowerNet(self.cfg, data.n_users, n, genres, year, tags, ng, ny, nt, log_pop).to(self.device)
+        print(f"two_tower ({self.cfg.variant}): {count_parameters(self.net):,} parameters on {self.device}",
+              flush=True)
+
+    @staticmethod
+    def training_tensors(data: SplitData, history_len: int) -> dict[str, torch.Tensor]:
+        """Training triplets of the train period: every positive row (rating >= 4) with the user's
+        ``history_len`` previous train items of any rating (left-padded, item + 1)."""
+        train = data.train
+        hist = histories_before_rows(train.user, train.item, history_len)   # (rows, L)
+        keep = torch.from_numpy(train.positive)
+        return {"users": torch.from_numpy(train.user)[keep], "hist": hist[keep],
+                "pos": torch.from_numpy(train.item)[keep]}
+
+    # --------------------------------------------------------------- fitting
+    def _batches(self, tensors: dict, sampler: NegativeSampler, gen: torch.Tensor):
+        cfg, dev = self.cfg, self.device
+        users, hist, pos = (tensors[k].to(dev) for k in ("users", "hist", "pos"))
+        n = len(users)
+        users_np = tensors["users"].numpy()
+        n_items = self.sizes["n_items"]
+
+        def batches(epoch: int):
+            if cfg.variant == "seed":
+                neg = torch.from_numpy(sampler.sample(users_np, 1)[:, 0]).to(dev)    # (n,)
+            for idx in permuted_batches(n, cfg.batch_size, gen):
+                idx = idx.to(dev)
+                if cfg.variant == "seed":
+                    yield users[idx], hist[idx], pos[idx], neg[idx]
+                else:
+                    extra = None
+                    if cfg.n_uniform_neg > 0:
+                        extra = torch.randint(0, n_items, (cfg.n_uniform_neg,), generator=gen).to(dev)
+                    yield users[idx], hist[idx], pos[idx], extra
+        return batches, n
+
+    def _optimizer(self, steps_per_epoch: int):
+        cfg = self.cfg
+        opt = torch.optim.Adam(self.net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        step_up = max(1, int(round(steps_per_epoch * cfg.clr_half_cycle_epochs)))
+        sched = torch.optim.lr_scheduler.CyclicLR(opt, base_lr=cfg.lr, max_lr=cfg.max_lr,
+                                                  step_size_up=step_up, mode="triangular",
+                                                  cycle_momentum=False)
+        return opt, sched
+
+    def _loss_fn(self):
+        return (lambda net, batch: net.bpr_loss(batch)) if self.cfg.variant == "seed" else \
+            (lambda net, batch: net.softmax_loss(batch))
+
+    def fit(self, data: SplitData, validate: Callable[[Any], float] | None = None) -> dict:
+        """Train on ``data.train``; ``validate(self) -> float`` (built before fitting, higher is
+        better) drives early stopping and the best epoch is restored."""
+        cfg = self.cfg
+        seed_everything(cfg.seed)
+        self._build(data)
+        tensors = self.training_tensors(data, cfg.history_len)
+        sampler = NegativeSampler(data.train.matrix(data.n_users, data.n_items), seed=cfg.seed)
+        gen = torch.Generator().manual_seed(cfg.seed)
+        batches, n = self._batches(tensors, sampler, gen)
+        steps = math.ceil(n / cfg.batch_size)
+        opt, sched = self._optimizer(steps)
+        loop = LoopConfig(epochs=cfg.epochs, patience=cfg.patience, amp_bf16=cfg.amp_bf16,
+                          progress=cfg.progress)
+        print(f"two_tower ({cfg.variant}): {n:,} training triplets, {steps} steps/epoch", flush=True)
+        hist = fit_loop(self.net, batches, self._loss_fn(), opt, loop,
+                        validate=(lambda: validate(self)) if validate is not None else None,
+                        scheduler=sched, batch_size_of=lambda b: len(b[0]), name=f"two_tower[{cfg.variant}]")
+        self.net.eval()
+        self.history = hist.as_dict()
+        return {"best_epoch": hist.best_epoch, "best_metric": hist.best_metric,
+                "epochs": len(hist.records), "seconds": hist.seconds, "n_triplets": n,
+                "records": hist.records}
+
+    # --------------------------------------------------------------- scoring
+    def _check(self):
+        if self.net is None:
+            raise RuntimeError("two_tower: fit or load the model before scoring")
+
+    def _history(self, users: torch.Tensor, ctx: ScoringContext) -> torch.Tensor:
+        hist = ctx.history[users.cpu()]
+        if hist.shape[1] < self.cfg.history_len:
+            warnings.warn(f"two_tower: the scoring context holds {hist.shape[1]} history items, the "
+                          f"model uses {self.cfg.history_len}; build Labels/contexts with "
+                          f"history_len >= {self.cfg.history_len}", stacklevel=3)
+        return hist[:, -self.cfg.history_len:].to(self.device)
+
+    @torch.no_grad()
+    def user_embeddings(self, users: torch.Tensor, ctx: ScoringContext) -> torch.Tensor:
+        """(B, D) user tower output from the user id and ``ctx.history`` (float32, model device)."""
+        self._check()
+        users = torch.as_tensor(users, dtype=torch.long)
+        return self.net.user_tower(users.to(self.device), self._history(users, ctx)).float()
+
+    @torch.no_grad()
+    def item_embeddings(self) -> torch.Tensor:
+        """(n_items, D) item tower output (cached in eval mode; float32, model device)."""
+        self._check()
+        return self.net.all_items()
+
+    @torch.no_grad()
+    def score_all(self, users: torch.Tensor, ctx: ScoringContext) -> torch.Tensor:
+        return self.user_embeddings(users, ctx) @ self.item_embeddings().T       # (B, n_items)
+
+    @torch.no_grad()
+    def score_pairs(self, users: torch.Tensor, items: torch.Tensor, ctx: ScoringContext,
+                    batch_users: int = 65536) -> torch.Tensor:
+        """Dot products of (user, item) pairs: (N,) float32 on the CPU."""
+        users = torch.as_tensor(users, dtype=torch.long)
+        items = torch.as_tensor(items, dtype=torch.long)
+        v = self.item_embeddings()
+        out = torch.empty(len(users), dtype=torch.float32)
+        for start in range(0, len(users), batch_users):
+            u = self.user_embeddings(users[start:start + batch_users], ctx)       # (b, D)
+            it = items[start:start + batch_users].to(self.device)
+            out[start:start + len(it)] = (u * v[it]).sum(1).cpu()
+        return out
+
+    # --------------------------------------------------------------- persistence
+    def save(self, path) -> Any:
+        self._check()
+        return save_checkpoint(path, self.net, self.cfg, sizes=self.sizes, history=self.history)
+
+    @classmethod
+    def load(cls, path, device: str | None = None) -> "TwoTower":
+        ckpt = load_checkpoint(path)
+        cfg = TwoTowerConfig(**ckpt["config"])
+        if device is not None:
+            cfg = replace(cfg, device=device)
+        model = cls(cfg)
+        s = ckpt["sizes"]
+        state = ckpt["state_dict"]
+        model.sizes = s
+        model.history = ckpt.get("history", {})
+        model.net = TwoTowerNet(cfg, s["n_users"], s["n_items"], state["genres"], state["year"], state["tags"],
+                                s["n_genres"], s["n_years"], s["n_tags"], state["log_pop"])
+        model.net.load_state_dict(state)
+        model.net.to(model.device).eval()
+        return model
+
+
+# ------------------------------------------------------------------- tuning and benchmarks
+def _metrics_of(result) -> dict[str, float]:
+    if isinstance(result, dict):
+        return {k: float(v) for k, v in result.items() if isinstance(v, (int, float, np.floating))}
+    if hasattr(result, "means"):
+        return result.means()
+    return {"recall@500": float(result)}
+
+
+def _variant_configs(section: dict, device: str | None, seed: int | None) -> list[tuple[str, TwoTowerConfig]]:
+    """(name, config) for each entry of ``section["variants"]``: a variant name, or a dict with
+    ``name``/``variant`` and config overrides. Other keys of the section that are config fields
+    are shared by all variants; non-config keys (``candidate_k``...) are ignored here."""
+    names = {f for f in TwoTowerConfig.__dataclass_fields__}
+    common = {k: v for k, v in section.items() if k in names and k != "variant"}
+    if device is not None:
+        common["device"] = device
+    if seed is not None:
+        common["seed"] = seed
+    out = []
+    for entry in section.get("variants", ["seed"]):
+        spec = {"variant": entry} if isinstance(entry, str) else dict(entry)
+        label = spec.pop("name", spec.get("variant", "seed"))
+        unknown = sorted(set(spec) - names)
+        if unknown:
+            raise ConfigError(f"two_tower variant {label!r}: unknown parameter(s) {unknown}; valid: {sorted(names)}")
+        out.append((label, TwoTowerConfig(**{**common, **spec})))
+    return out
+
+
+def tune(data: SplitData, params_section: dict, validate_recall: Callable[[Any], Any],
+         device: str | None = None, seed: int | None = None) -> tuple[TwoTower, pd.DataFrame]:
+    """Fit every variant of ``params_section["variants"]`` inside ``guard.fitting("two_tower")``
+    and keep the best by validation Recall@500 (the re-ranker's ceiling).
+
+    ``validate_recall(model)`` is built before fitting; it returns validation Recall@500 (a float),
+    a dict of metrics with ``recall@500``, or an EvalResult. Early stopping uses its Recall@500.
+    When it returns a float and carries an ``evaluator`` attribute (recsys_lib.tuning.validator),
+    the evaluator is called once after fitting for the table's Recall@50 and nDCG@10.
+    Returns ``(best_model, table)``: one row per variant."""
+    rows, best, best_score = [], None, float("-inf")
+
+    def recall500(model) -> float:
+        return float(_metrics_of(validate_recall(model))["recall@500"])
+
+    for label, cfg in _variant_configs(params_section, device, seed):
+        model = TwoTower(cfg)
+        t0 = time.perf_counter()
+        with guard.fitting(TwoTower.name):
+            info = model.fit(data, recall500)
+        fit_seconds = time.perf_counter() - t0
+        res = validate_recall(model)
+        m = _metrics_of(res)
+        if not isinstance(res, (dict,)) and not hasattr(res, "means") and hasattr(validate_recall, "evaluator"):
+            m = {**validate_recall.evaluator(model).means(), **m}
+        rates = [r["samples_per_s"] for r in info["records"] if r.get("samples_per_s")]
+        row = {"name": label, "variant": cfg.variant, "dim": cfg.dim, "history_len": cfg.history_len,
+               "batch_size": cfg.batch_size, "temperature": cfg.temperature if cfg.variant == "softmax" else None,
+               "n_uniform_neg": cfg.n_uniform_neg if cfg.variant == "softmax" else None,
+               "recall@50": m.get("recall@50", float("nan")), "recall@500": m["recall@500"],
+               "ndcg@10": m.get("ndcg@10", float("nan")), "epochs": info["epochs"],
+               "best_epoch": info["best_epoch"], "fit_seconds": fit_seconds,
+               "triplets_per_s": float(np.median(rates)) if rates else float("nan")}
+        rows.append(row)
+        print(f"two_tower tune {label}: valid Recall@500 {m['recall@500']:.4f} "
+              f"({info['epochs']} epochs, {fit_seconds:.1f}s)", flush=True)
+        if m["recall@500"] > best_score or best is None:
+            best, best_score = model, m["recall@500"]
+    table = pd.DataFrame(rows)
+    table["best"] = False
+    if len(table):
+        table.loc[table["recall@500"].idxmax(), "best"] = True
+    return best, table
+
+
+def measure_throughput(data: SplitData, cfg: TwoTowerConfig, n_batches: int = 20, warmup: int = 3) -> float:
+    """Training triplets per second of ``cfg`` on ``data`` (forward, backward, Adam step), timed
+    over ``n_batches`` batches of ``cfg.batch_size`` after ``warmup`` batches. Batches are drawn
+    with replacement, so small data sets can time large batches."""
+    model = TwoTower(cfg)
+    model._build(data)
+    tensors = TwoTower.training_tensors(data, cfg.history_len)
+    sampler = NegativeSampler(data.train.matrix(data.n_users, data.n_items), seed=cfg.seed)
+    dev = model.device
+    gen = torch.Generator().manual_seed(cfg.seed)
+    n = len(tensors["users"])
+    opt, sched = model._optimizer(max(1, n // cfg.batch_size))
+    loss_fn = model._loss_fn()
+    net = model.net.train()
+    t0 = None
+    for step in range(warmup + n_batches):
+        if step == warmup:
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+        idx = torch.randint(0, n, (cfg.batch_size,), generator=gen)
+        users = tensors["users"][idx]
+        if cfg.variant == "seed":
+            last = torch.from_numpy(sampler.sample(users.numpy(), 1)[:, 0])
+        else:
+            last = (torch.randint(0, data.n_items, (cfg.n_uniform_neg,), generator=gen).to(dev)
+                    if cfg.n_uniform_neg > 0 else None)
+        batch = (users.to(dev), tensors["hist"][idx].to(dev), tensors["pos"][idx].to(dev),
+                 last.to(dev) if last is not None else None)
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cfg.amp_bf16):
+            loss = loss_fn(net, batch)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    return n_batches * cfg.batch_size / (time.perf_counter() - t0)
