@@ -1,0 +1,567 @@
+"""The second stage: re-rank the retriever's candidates (PROTOCOL.md, "Who learns from what").
+
+Training data are the *validation* period's candidates (retriever fit on train, histories up
+to validation), labelled 1 when (user, item) is a validation positive. Labels come from an
+`evaluate.Labels` for "valid" built before the fit. The validation users are split once
+(fixed seed) into train users (1 - held_out_share) and held-out users; every variant trains on
+the former and is early-stopped and compared on the latter by the protocol's nDCG@10 of the
+re-ranked top 10 (`evaluate.evaluate_ranking`, whose IDCG counts *all* the user's validation
+positives: a positive the retriever missed is a miss). Test rows are never read here; fit
+inside ``guard.fitting("reranker", allow=("train", "valid"))``.
+
+Variants (``RerankerConfig.variant``):
+- ``seed``: the design this project starts from: user-id embedding, the retriever's frozen
+  item embedding, genre / year / tag embeddings -> MLP (256 -> 128 -> 1, dropout 0.3), BPR
+  loss over (positive, sampled negative candidates of the same user). A user-id embedding only
+  helps users trained on; others keep their near-zero initial vector.
+- ``mlp_features``: the production features (`recsys_lib.rerank_features`, standardised with
+  train-user statistics) + frozen retriever user and item embeddings -> MLP; BPR or listwise
+  softmax loss over each user's candidate list.
+- ``lgbm``: LightGBM LambdaRank on the production features, grouped by user, early-stopped on
+  the held-out users' protocol nDCG@10; deterministic.
+
+`tune` trains the listed variants and keeps the best on the held-out users; `rerank` turns
+scores into each user's top list (padding -1, which never hits).
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from .. import evaluate as ev
+from .. import rerank_features as rf
+from ..train import LoopConfig, fit_loop, load_checkpoint, permuted_batches, save_checkpoint
+
+VARIANTS = ("seed", "mlp_features", "lgbm")
+RETRIEVER_ORDER = "retriever_order"
+
+
+@dataclass
+class RerankerConfig:
+    variant: str = "lgbm"            # seed | mlp_features | lgbm
+    held_out_share: float = 0.2      # share of validation users kept out of training (early stopping, choice)
+    seed: int = 42                   # user split, initialisation, negative sampling, LightGBM
+    k_eval: int = 10                 # held-out nDCG@k_eval picks epochs / trees and the variant
+    # --- MLP variants (seed, mlp_features)
+    hidden: list[int] = field(default_factory=lambda: [256, 128])  # MLP widths before the output unit
+    dropout: float = 0.3             # dropout after each hidden layer
+    emb_dim: int = 32                # seed: user / genre / year / tag embedding size
+    loss: str = "bpr"                # bpr (pairwise) | softmax (listwise over the user's candidates)
+    negatives: int = 4               # bpr: sampled negative candidates per positive
+    epochs: int = 20                 # maximum epochs
+    patience: int = 3                # epochs without held-out improvement before stopping
+    batch_size: int = 512            # bpr: positives per step
+    users_per_batch: int = 32        # softmax: candidate lists per step
+    lr: float = 1e-3                 # Adam learning rate
+    weight_decay: float = 0.0        # Adam weight decay
+    # --- lgbm
+    n_estimators: int = 300          # maximum boosting rounds
+    learning_rate: float = 0.05
+    num_leaves: int = 31
+    min_child_samples: int = 20
+    early_stopping_rounds: int = 30  # rounds without held-out improvement
+    num_threads: int = 2             # LightGBM threads (deterministic=True)
+
+    @classmethod
+    def from_params(cls, section: dict, variant: str, seed: int | None = None) -> "RerankerConfig":
+        """Config of ``variant`` from the params ``reranker:`` section (common keys, then the
+        variant's own sub-section)."""
+        names = {f.name for f in fields(cls)}
+        kw = {k: v for k, v in (section or {}).items() if k in names}
+        kw.update({k: v for k, v in ((section or {}).get(variant) or {}).items() if k in names})
+        kw["variant"] = variant
+        if seed is not None:
+            kw["seed"] = seed
+        return cls(**kw)
+
+
+# ---------------------------------------------------------------- ranking helpers
+def order_topk(cands: pd.DataFrame, scores: np.ndarray, users: np.ndarray, k_keep: int = 10) -> np.ndarray:
+    """Each user's ``k_keep`` best candidates by ``scores`` (ties: better retriever rank first):
+    (len(users), k_keep) item ids in the order of ``users``, padded with -1. Candidates of users
+    not in ``users`` are ignored."""
+    users = np.asarray(users, dtype=np.int64)
+    u = cands["user"].to_numpy(np.int64)
+    it = cands["item"].to_numpy(np.int64)
+    tie = cands["retriever_rank"].to_numpy(np.int64) if "retriever_rank" in cands else it
+    order = np.lexsort((tie, -np.asarray(scores, dtype=np.float64), u))
+    u, it = u[order], it[order]
+    starts = np.r_[0, np.flatnonzero(np.diff(u)) + 1] if len(u) else np.zeros(0, np.int64)
+    pos = np.arange(len(u)) - np.repeat(starts, np.diff(np.r_[starts, len(u)]))
+    sorter = np.argsort(users, kind="stable")
+    where = np.searchsorted(users, u, sorter=sorter).clip(0, max(len(users) - 1, 0))
+    row = sorter[where] if len(users) else where
+    keep = (pos < k_keep) & (len(users) > 0) & (users[row] == u if len(users) else False)
+    out = np.full((len(users), k_keep), -1, dtype=np.int64)
+    out[row[keep], pos[keep]] = it[keep]
+    return out
+
+
+def retriever_order(cands: pd.DataFrame, users: np.ndarray, k_keep: int = 10) -> np.ndarray:
+    """The retriever's own ordering of the candidates, in ``order_topk``'s format."""
+    return order_topk(cands, -cands["retriever_rank"].to_numpy(np.float64), users, k_keep)
+
+
+def subset_labels(labels: ev.Labels, users: np.ndarray) -> ev.Labels:
+    """The Labels of a subset of ``labels.users`` (same period, context and positives)."""
+    idx = np.searchsorted(labels.users, users)
+    if not np.array_equal(labels.users[idx.clip(0, len(labels.users) - 1)], users):
+        raise ValueError("users must be a subset of labels.users")
+    return ev.Labels(period=labels.period, users=np.asarray(users), positives=labels.positives[idx].tocsr(),
+                     ctx=labels.ctx, n_items=labels.n_items)
+
+
+def ndcg_of(topk: np.ndarray, labels: ev.Labels, k: int = 10) -> float:
+    """Mean protocol nDCG@k of ranked lists (rows aligned with ``labels.users``)."""
+    res = ev.evaluate_ranking(topk, labels, ks=(k,), keep=k)
+    return float(res.per_user[f"ndcg@{k}"].mean()) if len(labels.users) else 0.0
+
+
+def split_users(users: np.ndarray, held_out_share: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train users, held-out users), both sorted; a fixed-seed permutation of ``users``."""
+    users = np.asarray(users)
+    perm = np.random.default_rng(seed).permutation(len(users))
+    n_held = int(round(held_out_share * len(users)))
+    if len(users) >= 2:
+        n_held = min(max(n_held, 1), len(users) - 1)
+    return np.sort(users[perm[n_held:]]), np.sort(users[perm[:n_held]])
+
+
+def candidate_labels(cands: pd.DataFrame, labels: ev.Labels) -> np.ndarray:
+    """(n_rows,) 1 where the candidate is a positive of ``labels`` (users outside labels: 0)."""
+    pos = labels.positives.tocoo()
+    n = labels.n_items
+    keys = np.unique(labels.users[pos.row].astype(np.int64) * n + pos.col)
+    q = cands["user"].to_numpy(np.int64) * n + cands["item"].to_numpy(np.int64)
+    if len(keys) == 0:
+        return np.zeros(len(q), np.float32)
+    at = np.searchsorted(keys, q).clip(0, len(keys) - 1)
+    return (keys[at] == q).astype(np.float32)
+
+
+# ---------------------------------------------------------------- networks
+def _mlp(in_dim: int, hidden: Sequence[int], dropout: float) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for h in hidden:
+        layers += [nn.Linear(in_dim, h), nn.ReLU(), nn.Dropout(dropout)]
+        in_dim = h
+    layers.append(nn.Linear(in_dim, 1))
+    return nn.Sequential(*layers)
+
+
+class SeedNet(nn.Module):
+    """The seed design: [user emb, frozen retriever item emb, genre, year, tag emb] -> MLP."""
+
+    def __init__(self, n_users: int, n_items: int, item_dim: int, n_genres: int, g_slots: int,
+                 n_years: int, n_tags: int, t_slots: int, emb_dim: int = 32,
+                 hidden: Sequence[int] = (256, 128), dropout: float = 0.3):
+        super().__init__()
+        self.user = nn.Embedding(n_users, emb_dim)
+        nn.init.normal_(self.user.weight, std=0.01)          # unseen users stay close to 0
+        self.register_buffer("item_emb", torch.zeros(n_items, item_dim))   # frozen, scaled to unit std
+        self.register_buffer("genres", torch.zeros(n_items, g_slots, dtype=torch.long))
+        self.register_buffer("year", torch.zeros(n_items, dtype=torch.long))
+        self.register_buffer("tags", torch.zeros(n_items, t_slots, dtype=torch.long))
+        self.genre = nn.EmbeddingBag(n_genres + 1, emb_dim, mode="mean", padding_idx=0)
+        self.year_emb = nn.Embedding(n_years + 1, emb_dim, padding_idx=0)
+        self.tag = nn.EmbeddingBag(n_tags + 1, emb_dim, mode="mean", padding_idx=0)
+        self.mlp = _mlp(4 * emb_dim + item_dim, hidden, dropout)
+
+    def forward(self, user: torch.Tensor, item: torch.Tensor, x=None, u_emb=None) -> torch.Tensor:
+        h = torch.cat([self.user(user),                     # (N, E)
+                       self.item_emb[item],                 # (N, Dr)
+                       self.genre(self.genres[item]),       # (N, E)
+                       self.year_emb(self.year[item]),      # (N, E)
+                       self.tag(self.tags[item])], dim=1)   # (N, E)
+        return self.mlp(h).squeeze(1)                       # (N,)
+
+
+class FeatureNet(nn.Module):
+    """[standardised production features, frozen retriever user emb, item emb] -> MLP."""
+
+    def __init__(self, n_features: int, n_items: int, item_dim: int, user_dim: int,
+                 hidden: Sequence[int] = (256, 128), dropout: float = 0.3):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(n_features))
+        self.register_buffer("std", torch.ones(n_features))
+        self.register_buffer("item_emb", torch.zeros(n_items, item_dim))   # frozen, scaled
+        self.register_buffer("user_scale", torch.ones(()))                  # user table's std
+        self.mlp = _mlp(n_features + item_dim + user_dim, hidden, dropout)
+
+    def forward(self, user, item, x: torch.Tensor, u_emb: torch.Tensor | None = None) -> torch.Tensor:
+        parts = [(x - self.mean) / self.std]                                 # (N, F)
+        if self.item_emb.shape[1]:
+            parts += [u_emb / self.user_scale, self.item_emb[item]]          # (N, Du), (N, Dr)
+        return self.mlp(torch.cat(parts, dim=1)).squeeze(1)                 # (N,)
+
+
+def _scaled(table: np.ndarray) -> tuple[torch.Tensor, float]:
+    t = torch.as_tensor(np.asarray(table, dtype=np.float32))
+    s = float(t.std()) if t.numel() else 1.0
+    s = s if s > 1e-12 else 1.0
+    return t / s, s
+
+
+# ---------------------------------------------------------------- the model
+class Reranker:
+    """A fitted re-ranker of one variant: ``score(cands, X, user_emb)`` -> (n_rows,) scores."""
+
+    def __init__(self, cfg: RerankerConfig, feature_names: list[str] | None = None,
+                 net: nn.Module | None = None, booster_str: str | None = None, init: dict | None = None):
+        self.cfg = cfg
+        self.feature_names = list(feature_names or [])
+        self.net = net
+        self.booster_str = booster_str
+        self.init = init or {}
+        self._booster = None
+        self.info: dict = {}
+
+    @property
+    def variant(self) -> str:
+        return self.cfg.variant
+
+    @property
+    def needs_user_emb(self) -> bool:
+        return self.variant == "mlp_features" and self.init.get("user_dim", 0) > 0
+
+    def _check_X(self, X: np.ndarray | None, n_rows: int) -> None:
+        if self.variant == "seed":
+            return
+        if X is None or X.shape != (n_rows, len(self.feature_names)):
+            raise ValueError(f"{self.variant} re-ranker needs X of shape ({n_rows}, {len(self.feature_names)}) "
+                             f"with columns {self.feature_names}; got {None if X is None else X.shape}")
+
+    @torch.no_grad()
+    def score(self, cands: pd.DataFrame, X: np.ndarray | None = None, user_emb: np.ndarray | None = None,
+              feature_names: list[str] | None = None, chunk: int = 65_536) -> np.ndarray:
+        """Scores of candidate rows (higher is better). ``user_emb`` is the (n_users, D) frozen
+        retriever user table for the scored period's context (mlp_features only:
+        `rerank_features.retriever_user_table`)."""
+        if feature_names is not None and list(feature_names) != self.feature_names and self.variant != "seed":
+            raise ValueError(f"feature columns differ from training: {feature_names} vs {self.feature_names}")
+        self._check_X(X, len(cands))
+        if self.variant == "lgbm":
+            if self._booster is None:
+                import lightgbm as lgb
+                self._booster = lgb.Booster(model_str=self.booster_str)
+            return self._booster.predict(X, num_threads=self.cfg.num_threads).astype(np.float64)
+        if self.needs_user_emb and user_emb is None:
+            raise ValueError("mlp_features needs user_emb=rerank_features.retriever_user_table(retriever, "
+                             "users, ctx, n_users) for the scored period's context")
+        self.net.eval()
+        u = torch.from_numpy(np.array(cands["user"], dtype=np.int64))
+        it = torch.from_numpy(np.array(cands["item"], dtype=np.int64))
+        ue = torch.as_tensor(np.asarray(user_emb, np.float32)) if user_emb is not None else None
+        out = np.empty(len(cands), np.float64)
+        for s in range(0, len(cands), chunk):
+            sl = slice(s, s + chunk)
+            x = torch.from_numpy(np.ascontiguousarray(X[sl])) if X is not None and self.variant != "seed" else None
+            out[sl] = self.net(u[sl], it[sl], x, ue[u[sl]] if ue is not None else None).numpy()
+        return out
+
+    # ------------------------------------------------------------ persistence
+    def save(self, path: str | os.PathLike) -> Path:
+        """MLPs: a torch checkpoint (train.save_checkpoint); lgbm: JSON with the booster's model string."""
+        path = Path(path)
+        if self.variant == "lgbm":
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text(json.dumps({"kind": "reranker_lgbm", "config": asdict(self.cfg),
+                                       "feature_names": self.feature_names, "info": self.info,
+                                       "model_str": self.booster_str}))
+            tmp.replace(path)
+            return path
+        return save_checkpoint(path, self.net, self.cfg, kind="reranker_mlp", init=self.init,
+                               feature_names=self.feature_names, info=self.info)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Reranker":
+        path = Path(path)
+        with open(path, "rb") as fh:
+            first = fh.read(1)
+        if first == b"{":
+            blob = json.loads(path.read_text())
+            model = cls(RerankerConfig(**blob["config"]), blob["feature_names"], booster_str=blob["model_str"])
+        else:
+            blob = load_checkpoint(path)
+            cfg = RerankerConfig(**blob["config"])
+            net = _build_net(cfg, blob["init"])
+            net.load_state_dict(blob["state_dict"])
+            net.eval()
+            model = cls(cfg, blob["feature_names"], net=net, init=blob["init"])
+        model.info = blob.get("info", {})
+        return model
+
+
+def _build_net(cfg: RerankerConfig, init: dict) -> nn.Module:
+    if cfg.variant == "seed":
+        return SeedNet(init["n_users"], init["n_items"], init["item_dim"], init["n_genres"], init["g_slots"],
+                       init["n_years"], init["n_tags"], init["t_slots"], cfg.emb_dim, cfg.hidden, cfg.dropout)
+    return FeatureNet(init["n_features"], init["n_items"], init["item_dim"], init["user_dim"], cfg.hidden,
+                      cfg.dropout)
+
+
+# ---------------------------------------------------------------- fitting
+@dataclass
+class _Prepared:
+    """Candidate rows sorted by (user, retriever rank), with labels and the user split."""
+
+    cands: pd.DataFrame
+    X: np.ndarray | None
+    y: np.ndarray
+    train_rows: np.ndarray      # rows of train users
+    held_rows: np.ndarray       # rows of held-out users
+    train_users: np.ndarray
+    held_users: np.ndarray
+    held_labels: ev.Labels
+
+
+def _prepare(cands: pd.DataFrame, X: np.ndarray | None, labels: ev.Labels, cfg: RerankerConfig) -> _Prepared:
+    if X is not None and len(X) != len(cands):
+        raise ValueError(f"X has {len(X)} rows for {len(cands)} candidates")
+    order = np.lexsort((cands["retriever_rank"].to_numpy(), cands["user"].to_numpy()))
+    c = cands.iloc[order].reset_index(drop=True)
+    Xs = X[order] if X is not None else None
+    y = candidate_labels(c, labels)
+    tr_users, ho_users = split_users(labels.users, cfg.held_out_share, cfg.seed)
+    u = c["user"].to_numpy(np.int64)
+    return _Prepared(cands=c, X=Xs, y=y, train_rows=np.flatnonzero(np.isin(u, tr_users)),
+                     held_rows=np.flatnonzero(np.isin(u, ho_users)), train_users=tr_users,
+                     held_users=ho_users, held_labels=subset_labels(labels, ho_users))
+
+
+def _held_out_metric(model: Reranker, p: _Prepared, user_emb) -> float:
+    rows = p.held_rows
+    sub = p.cands.iloc[rows]
+    scores = model.score(sub, p.X[rows] if p.X is not None else None, user_emb)
+    return ndcg_of(order_topk(sub, scores, p.held_users, model.cfg.k_eval), p.held_labels, model.cfg.k_eval)
+
+
+def _bpr_batches(p: _Prepared, cfg: RerankerConfig, gen: torch.Generator, rng: np.random.Generator):
+    """Per epoch: (pos rows (B,), neg rows (B, n_neg)) with negatives from the same user's candidates."""
+    rows = p.train_rows
+    u = p.cands["user"].to_numpy(np.int64)[rows]
+    y = p.y[rows]
+    neg = rows[y == 0]                                   # sorted by user (rows are)
+    nu = u[y == 0]
+    uniq, start, count = np.unique(nu, return_index=True, return_counts=True)
+    pos = rows[y == 1]
+    pu = u[y == 1]
+    at = np.searchsorted(uniq, pu).clip(0, max(len(uniq) - 1, 0))
+    ok = (uniq[at] == pu) if len(uniq) else np.zeros(len(pu), bool)
+    pos, at = pos[ok], at[ok]
+
+    def batches(epoch: int):
+        for b in permuted_batches(len(pos), cfg.batch_size, gen):
+            b = b.numpy()
+            off = (rng.random((len(b), cfg.negatives)) * count[at[b], None]).astype(np.int64)
+            yield torch.from_numpy(pos[b]), torch.from_numpy(neg[start[at[b], None] + off])
+    return batches, len(pos)
+
+
+def _softmax_batches(p: _Prepared, cfg: RerankerConfig, gen: torch.Generator):
+    """Per epoch: (B, K) padded row matrices (-1 = padding) of train users with a positive."""
+    rows = p.train_rows
+    u = p.cands["user"].to_numpy(np.int64)[rows]
+    uniq, start, count = np.unique(u, return_index=True, return_counts=True)
+    has_pos = np.add.reduceat(p.y[rows], start) > 0 if len(rows) else np.zeros(0, bool)
+    start, count = start[has_pos], count[has_pos]
+    k = int(count.max()) if len(count) else 1
+    pad = np.full((len(start), k), -1, np.int64)
+    col = np.arange(k)[None, :]
+    mask = col < count[:, None]
+    pad[mask] = rows[(start[:, None] + col)[mask]]
+
+    def batches(epoch: int):
+        for b in permuted_batches(len(pad), cfg.users_per_batch, gen):
+            yield torch.from_numpy(pad[b.numpy()])
+    return batches, len(pad)
+
+
+def fit_reranker(cfg: RerankerConfig, cands: pd.DataFrame, X: np.ndarray | None, feature_names: list[str] | None,
+                 labels: ev.Labels, data, retriever=None, user_emb: np.ndarray | None = None,
+                 progress: bool = False) -> Reranker:
+    """Fit one variant on the train users' validation candidates; early-stop on the held-out users.
+
+    ``labels``: `evaluate.Labels` of "valid", built outside the fitting context. ``data``: the
+    SplitData (item side features, sizes). ``retriever``: the frozen retriever (its
+    ``item_embeddings()``; ``user_embeddings`` for mlp_features unless ``user_emb`` is given).
+    The returned model's ``info`` holds the held-out nDCG@k, fit seconds and best epoch/round.
+    """
+    if cfg.variant not in VARIANTS:
+        raise ValueError(f"unknown re-ranker variant {cfg.variant!r}; one of {VARIANTS}")
+    if labels.period != "valid":
+        raise ValueError(f"the re-ranker learns from validation candidates, got labels of {labels.period!r}")
+    t0 = time.perf_counter()
+    torch.manual_seed(cfg.seed)
+    p = _prepare(cands, X, labels, cfg)
+    if cfg.variant == "lgbm":
+        model = _fit_lgbm(cfg, p, feature_names)
+    else:
+        model = _fit_mlp(cfg, p, feature_names, data, retriever, user_emb, labels, progress)
+    model.info.update(held_out_ndcg=_held_out_metric(model, p, model.info.pop("_user_emb", None)),
+                      fit_seconds=time.perf_counter() - t0, train_users=int(len(p.train_users)),
+                      held_out_users=int(len(p.held_users)), train_rows=int(len(p.train_rows)),
+                      train_positives=int(p.y[p.train_rows].sum()))
+    return model
+
+
+def _fit_mlp(cfg, p: _Prepared, feature_names, data, retriever, user_emb, labels, progress) -> Reranker:
+    item_tab = np.zeros((data.n_items, 0), np.float32)
+    if retriever is not None:
+        item_tab = rf._as_np(retriever.item_embeddings()).astype(np.float32)
+    item_t, _ = _scaled(item_tab)
+    if cfg.variant == "seed":
+        f = data.item_features
+        if f is None:
+            raise ValueError("the seed re-ranker needs item features (genres, year, tags)")
+        init = dict(n_users=data.n_users, n_items=data.n_items, item_dim=item_tab.shape[1],
+                    n_genres=f.n_genres, g_slots=f.genres.shape[1], n_years=f.n_years, n_tags=f.n_tags,
+                    t_slots=f.tags.shape[1])
+        net = _build_net(cfg, init)
+        net.item_emb.copy_(item_t)
+        net.genres.copy_(f.genres)
+        net.year.copy_(f.year)
+        net.tags.copy_(f.tags)
+        user_emb = None
+    else:
+        if p.X is None:
+            raise ValueError("mlp_features needs the feature matrix X")
+        if retriever is not None and user_emb is None:
+            user_emb = rf.retriever_user_table(retriever, labels.users, labels.ctx, data.n_users)
+        user_dim = user_emb.shape[1] if (user_emb is not None and item_tab.shape[1]) else 0
+        if user_dim == 0:
+            user_emb = None
+        init = dict(n_features=p.X.shape[1], n_items=data.n_items, item_dim=item_tab.shape[1] if user_dim else 0,
+                    user_dim=user_dim)
+        net = _build_net(cfg, init)
+        xt = p.X[p.train_rows].astype(np.float64)
+        net.mean.copy_(torch.from_numpy(xt.mean(axis=0)).float())
+        net.std.copy_(torch.from_numpy(np.where(xt.std(axis=0) > 1e-6, xt.std(axis=0), 1.0)).float())
+        if user_dim:
+            net.item_emb.copy_(item_t)
+            net.user_scale.fill_(float(np.std(user_emb[p.train_users])) or 1.0)
+    model = Reranker(cfg, feature_names, net=net, init=init)
+    n_params = sum(q.numel() for q in net.parameters() if q.requires_grad)
+    print(f"reranker[{cfg.variant}]: {n_params:,} parameters", flush=True)
+
+    Xt = torch.from_numpy(p.X) if p.X is not None else None
+    U = torch.from_numpy(np.array(p.cands["user"], dtype=np.int64))
+    I = torch.from_numpy(np.array(p.cands["item"], dtype=np.int64))
+    UE = torch.as_tensor(user_emb, dtype=torch.float32) if user_emb is not None else None
+
+    def forward(m, rows: torch.Tensor) -> torch.Tensor:         # rows: any shape of row indices
+        flat = rows.reshape(-1)
+        out = m(U[flat], I[flat], Xt[flat] if Xt is not None else None,
+                UE[U[flat]] if UE is not None else None)
+        return out.reshape(rows.shape)
+
+    gen = torch.Generator().manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    if cfg.loss == "bpr" or cfg.variant == "seed":
+        batches, n = _bpr_batches(p, cfg, gen, rng)
+
+        def loss_fn(m, batch):
+            pos, neg = batch
+            sp, sn = forward(m, pos), forward(m, neg)                   # (B,), (B, n_neg)
+            return -torch.nn.functional.logsigmoid(sp[:, None] - sn).mean()
+    elif cfg.loss == "softmax":
+        batches, n = _softmax_batches(p, cfg, gen)
+        Y = torch.from_numpy(p.y)
+
+        def loss_fn(m, pad):
+            valid = pad >= 0                                            # (B, K)
+            rows = pad.clamp(min=0)
+            s = forward(m, rows).masked_fill(~valid, float("-inf"))     # (B, K)
+            logp = torch.log_softmax(s, dim=1)
+            y = Y[rows] * valid                                         # (B, K)
+            return -((logp.masked_fill(~valid, 0.0) * y).sum(1) / y.sum(1).clamp(min=1)).mean()
+    else:
+        raise ValueError(f"unknown loss {cfg.loss!r}; bpr or softmax")
+    if n == 0:
+        raise ValueError("no training positives inside the train users' candidates")
+    opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    loop = LoopConfig(epochs=cfg.epochs, patience=cfg.patience, progress=progress, log_every_epoch=progress)
+    hist = fit_loop(net, batches, loss_fn, opt, loop, validate=lambda: _held_out_metric(model, p, user_emb),
+                    name=f"reranker[{cfg.variant}]")
+    model.info.update(best_epoch=hist.best_epoch, epochs_run=len(hist.records), _user_emb=user_emb)
+    return model
+
+
+def _fit_lgbm(cfg: RerankerConfig, p: _Prepared, feature_names) -> Reranker:
+    import lightgbm as lgb
+    if p.X is None:
+        raise ValueError("lgbm needs the feature matrix X")
+    u = p.cands["user"].to_numpy(np.int64)
+    # train groups: train users with at least one positive among their candidates
+    tr = p.train_rows
+    uniq, start, count = np.unique(u[tr], return_index=True, return_counts=True)
+    has_pos = np.add.reduceat(p.y[tr], start) > 0 if len(tr) else np.zeros(0, bool)
+    tr = tr[np.repeat(has_pos, count)]
+    group = count[has_pos]
+    if len(tr) == 0:
+        raise ValueError("no training positives inside the train users' candidates")
+    ho = p.held_rows
+    _, ho_count = np.unique(u[ho], return_counts=True)
+    held = p.cands.iloc[ho]
+
+    def protocol_ndcg(preds, eval_data):                # eval rows are the held-out rows, in order
+        top = order_topk(held, preds, p.held_users, cfg.k_eval)
+        return f"protocol_ndcg@{cfg.k_eval}", ndcg_of(top, p.held_labels, cfg.k_eval), True
+
+    params = dict(objective="lambdarank", metric="None", learning_rate=cfg.learning_rate,
+                  num_leaves=cfg.num_leaves, min_data_in_leaf=cfg.min_child_samples, seed=cfg.seed,
+                  deterministic=True, force_row_wise=True, num_threads=cfg.num_threads, verbose=-1)
+    train_set = lgb.Dataset(p.X[tr], label=p.y[tr].astype(np.int32), group=group,
+                            feature_name=list(feature_names) if feature_names else "auto", free_raw_data=False)
+    valid_set = lgb.Dataset(p.X[ho], label=p.y[ho].astype(np.int32), group=ho_count, reference=train_set)
+    booster = lgb.train(params, train_set, num_boost_round=cfg.n_estimators, valid_sets=[valid_set],
+                        valid_names=["held_out"], feval=protocol_ndcg,
+                        callbacks=[lgb.early_stopping(cfg.early_stopping_rounds, verbose=False)])
+    best = int(booster.best_iteration or booster.current_iteration())
+    model = Reranker(cfg, feature_names, booster_str=booster.model_to_string(num_iteration=best))
+    model.info.update(best_iteration=best)
+    return model
+
+
+# ---------------------------------------------------------------- public helpers
+def rerank(model: Reranker, cands: pd.DataFrame, X: np.ndarray | None, users: np.ndarray, k_keep: int = 10,
+           user_emb: np.ndarray | None = None) -> np.ndarray:
+    """(len(users), k_keep) each user's top items after re-ranking, in the order of ``users``
+    (e.g. ``labels.users``), padded with -1 for users with fewer candidates."""
+    return order_topk(cands, model.score(cands, X, user_emb), users, k_keep)
+
+
+def tune(section: dict, cands: pd.DataFrame, X: np.ndarray | None, feature_names: list[str] | None,
+         labels: ev.Labels, data, retriever=None, user_emb: np.ndarray | None = None, seed: int = 42,
+         progress: bool = False) -> tuple[Reranker, pd.DataFrame]:
+    """Fit every variant of ``section["variants"]`` (the params ``reranker:`` section) on the same
+    user split; keep the best by held-out nDCG@k. Returns (best model, table with one row per
+    variant plus the retriever's own ordering of the same candidates)."""
+    variants = list(section.get("variants", VARIANTS))
+    base = RerankerConfig.from_params(section, variants[0], seed)
+    p = _prepare(cands, X, labels, base)
+    k = base.k_eval
+    rows = [{"variant": RETRIEVER_ORDER, "held_out_ndcg": ndcg_of(
+        retriever_order(p.cands.iloc[p.held_rows], p.held_users, k), p.held_labels, k), "fit_seconds": 0.0}]
+    best = None
+    for v in variants:
+        cfg = RerankerConfig.from_params(section, v, seed)
+        model = fit_reranker(cfg, cands, X, feature_names, labels, data, retriever, user_emb, progress)
+        rows.append({"variant": v, "held_out_ndcg": model.info["held_out_ndcg"],
+                     "fit_seconds": model.info["fit_seconds"],
+                     "best_epoch_or_round": model.info.get("best_epoch", model.info.get("best_iteration"))})
+        if best is None or model.info["held_out_ndcg"] > best.info["held_out_ndcg"]:
+            best = model
+    table = pd.DataFrame(rows)
+    table["chosen"] = table["variant"] == best.variant
+    return best, table

@@ -1,0 +1,217 @@
+"""The re-ranker's production features for (user, candidate item) rows, vectorised.
+
+`build_features(cands, data, ctx, period, ...)` turns a candidate frame
+(user, item, retriever_score, retriever_rank) into a float32 matrix (n_rows, F) and its
+column names. Everything a feature knows about a user comes from ``ctx`` (items seen before
+the period, last items) and from the rows of the periods *before* ``period``
+(``data.rows_before(period)``: train for validation, train + validation for test); never from
+the scored period's own rows.
+
+Leakage guard: features of a period's candidates are that period's data, so building them
+for ``period`` asks the guard first (``guard.check_read(period)``). Inside
+``guard.fitting("reranker", allow=("train", "valid"))`` building test features raises
+LeakageError; at test time the features are built outside any fitting context.
+
+Columns (in order; the retriever/scorer ones only when those are given):
+  retriever_score, retriever_log_rank, retriever_score_z (z-score within the user's list)
+  item_log_pop            log(1 + train rows of the item)
+  item_log_pop_30d/_90d   log(1 + known rows of the item in the last 30/90 days before the
+                          end of the known rows)
+  item_age, item_year_missing   reference year (end of known rows) - release year (NaN -> median age)
+  user_log_activity       log(1 + the user's known rows)
+  user_genre_dot, user_genre_cos   the user's genre distribution over known positive rows
+                          against the item's genre multi-hot
+  hist_sim_mean, hist_sim_max   cosine of the item's retriever embedding with the embeddings
+                          of the user's last items (ctx.history); 0 when the user has none
+  retriever_dot           frozen retriever user embedding . item embedding
+  <name>_score, <name>_score_z   ``extra_scorers[name].score_pairs(users, items, ctx)``
+"""
+from __future__ import annotations
+
+from typing import Mapping
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+import torch
+
+from . import guard
+from .features import POSITIVE_RATING, ScoringContext, SplitData
+
+DAY = 86_400
+RECENT_DAYS = (30, 90)
+CHUNK_ROWS = 65_536        # rows per chunk for the embedding features (bounded memory)
+
+
+# ---------------------------------------------------------------- helpers
+def _as_np(x) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        return x.detach().cpu().float().numpy() if x.is_floating_point() else x.detach().cpu().numpy()
+    return np.asarray(x)
+
+
+def _z_within_user(user: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """(value - user's mean) / user's std over the user's candidate rows (0 when constant)."""
+    codes, inv = np.unique(user, return_inverse=True)
+    n = np.bincount(inv, minlength=len(codes)).astype(np.float64)
+    v = values.astype(np.float64)
+    mean = np.bincount(inv, weights=v, minlength=len(codes)) / n
+    var = np.bincount(inv, weights=v * v, minlength=len(codes)) / n - mean ** 2
+    std = np.sqrt(np.maximum(var, 0.0))
+    return np.where(std[inv] > 1e-12, (v - mean[inv]) / np.where(std[inv] > 1e-12, std[inv], 1.0), 0.0)
+
+
+def _normalise_rows(m: np.ndarray) -> np.ndarray:
+    norm = np.linalg.norm(m, axis=1, keepdims=True)
+    return m / np.where(norm > 0, norm, 1.0)
+
+
+def recent_item_counts(rows, n_items: int, days: int) -> np.ndarray:
+    """(n_items,) rows of each item in the last ``days`` days before the end of ``rows``."""
+    if len(rows) == 0:
+        return np.zeros(n_items, dtype=np.int64)
+    end = int(rows.timestamp.max())
+    keep = rows.timestamp > end - days * DAY
+    return np.bincount(rows.item[keep], minlength=n_items)
+
+
+def item_genre_matrix(data: SplitData) -> sp.csr_matrix:
+    """(n_items, n_genres) multi-hot genres of the train catalogue (empty when no item features)."""
+    f = data.item_features
+    if f is None or f.n_genres == 0:
+        return sp.csr_matrix((data.n_items, 1), dtype=np.float32)
+    g = f.genres.numpy()
+    r, c = np.nonzero(g)
+    m = sp.csr_matrix((np.ones(len(r), np.float32), (r, g[r, c] - 1)), shape=(data.n_items, f.n_genres))
+    m.sum_duplicates()
+    m.data[:] = 1.0
+    return m
+
+
+def user_genre_distribution(rows, item_genres: sp.csr_matrix, n_users: int) -> np.ndarray:
+    """(n_users, n_genres) each user's share of genre mentions over their positive ``rows``."""
+    pos = rows.rating >= POSITIVE_RATING
+    ui = sp.csr_matrix((np.ones(int(pos.sum()), np.float32), (rows.user[pos], rows.item[pos])),
+                       shape=(n_users, item_genres.shape[0]))
+    counts = np.asarray((ui @ item_genres).todense(), dtype=np.float64)   # (n_users, G)
+    total = counts.sum(axis=1, keepdims=True)
+    return counts / np.where(total > 0, total, 1.0)
+
+
+def history_similarity(users: np.ndarray, items: np.ndarray, history: torch.Tensor,
+                       item_emb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and max cosine between each candidate item's embedding and the embeddings of the
+    user's last items (``history``: (n_users, H), item + 1, 0 = padding); 0 without history."""
+    emb = _normalise_rows(np.asarray(item_emb, dtype=np.float32))           # (n_items, D)
+    emb = np.vstack([np.zeros((1, emb.shape[1]), np.float32), emb])         # row 0 = padding
+    hist = _as_np(history).astype(np.int64)                                  # (n_users, H)
+    mean = np.zeros(len(users), np.float32)
+    mx = np.zeros(len(users), np.float32)
+    for s in range(0, len(users), CHUNK_ROWS):
+        u, it = users[s:s + CHUNK_ROWS], items[s:s + CHUNK_ROWS]
+        h = hist[u]                                                          # (c, H)
+        valid = h > 0
+        sims = np.einsum("chd,cd->ch", emb[h], emb[it + 1])                  # (c, H)
+        n = valid.sum(axis=1)
+        mean[s:s + len(u)] = np.where(n > 0, (sims * valid).sum(axis=1) / np.maximum(n, 1), 0.0)
+        mx[s:s + len(u)] = np.where(n > 0, np.where(valid, sims, -np.inf).max(axis=1), 0.0)
+    return mean, mx
+
+
+def retriever_user_table(retriever, users: np.ndarray, ctx: ScoringContext, n_users: int,
+                         batch_users: int = 4096) -> np.ndarray:
+    """(n_users, D) frozen retriever user embeddings for ``users`` under ``ctx`` (zeros elsewhere)."""
+    users = np.unique(np.asarray(users, dtype=np.int64))
+    first = _as_np(retriever.user_embeddings(torch.from_numpy(users[:1]), ctx))
+    out = np.zeros((n_users, first.shape[1]), np.float32)
+    with torch.no_grad():
+        for s in range(0, len(users), batch_users):
+            b = users[s:s + batch_users]
+            out[b] = _as_np(retriever.user_embeddings(torch.from_numpy(b), ctx))
+    return out
+
+
+def _pair_scores(scorer, users: np.ndarray, items: np.ndarray, ctx: ScoringContext,
+                 chunk: int = 1_000_000) -> np.ndarray:
+    out = np.empty(len(users), np.float32)
+    with torch.no_grad():
+        for s in range(0, len(users), chunk):
+            out[s:s + chunk] = _as_np(scorer.score_pairs(torch.from_numpy(users[s:s + chunk]),
+                                                         torch.from_numpy(items[s:s + chunk]), ctx))
+    return out
+
+
+# ---------------------------------------------------------------- the feature matrix
+def build_features(cands: pd.DataFrame, data: SplitData, ctx: ScoringContext, period: str,
+                   retriever=None, extra_scorers: Mapping[str, object] | None = None,
+                   user_emb: np.ndarray | None = None) -> tuple[np.ndarray, list[str]]:
+    """Features of candidate rows ``cands`` (user, item, retriever_score, retriever_rank) for
+    scoring ``period`` with context ``ctx``: (X float32 (n_rows, F), feature names).
+
+    ``retriever`` (optional) must offer ``item_embeddings()`` and ``user_embeddings(users, ctx)``;
+    ``user_emb`` may pass a precomputed (n_users, D) table (`retriever_user_table`).
+    ``extra_scorers`` maps a name to a model with ``score_pairs(users, items, ctx)``.
+    """
+    guard.check_read(period, what="candidates (re-ranker features)")
+    if ctx.period != period:
+        raise ValueError(f"ctx is for period {ctx.period!r}, features asked for {period!r}")
+    users = cands["user"].to_numpy(np.int64)
+    items = cands["item"].to_numpy(np.int64)
+    cols: dict[str, np.ndarray] = {}
+
+    # retriever's own signal
+    score = cands["retriever_score"].to_numpy(np.float32)
+    cols["retriever_score"] = score
+    cols["retriever_log_rank"] = np.log(cands["retriever_rank"].to_numpy(np.float64))
+    cols["retriever_score_z"] = _z_within_user(users, score)
+
+    # item popularity: all train rows; recent rows known at scoring time
+    known = data.rows_before(period)           # train (valid) or train + valid (test)
+    cols["item_log_pop"] = np.log1p(data.item_popularity)[items]
+    for days in RECENT_DAYS:
+        cols[f"item_log_pop_{days}d"] = np.log1p(recent_item_counts(known, data.n_items, days))[items]
+
+    # item age at the reference time (end of the known rows)
+    years = data.item_features.years if data.item_features is not None else np.full(data.n_items, np.nan)
+    ref_ts = int(known.timestamp.max()) if len(known) else 0
+    ref_year = pd.Timestamp(ref_ts, unit="s").year + pd.Timestamp(ref_ts, unit="s").dayofyear / 366.0
+    age = ref_year - years
+    fill = float(np.nanmedian(age)) if np.isfinite(age).any() else 0.0
+    cols["item_age"] = np.where(np.isnan(age), fill, age)[items]
+    cols["item_year_missing"] = np.isnan(years)[items].astype(np.float32)
+
+    # user activity and genre taste from known rows
+    cols["user_log_activity"] = np.log1p(np.bincount(known.user, minlength=data.n_users))[users]
+    ig = item_genre_matrix(data)
+    dist = user_genre_distribution(known, ig, data.n_users)                # (n_users, G)
+    igd = np.asarray(ig.todense(), dtype=np.float64)                       # (n_items, G)
+    dot = np.einsum("rg,rg->r", dist[users], igd[items])
+    du = np.linalg.norm(dist, axis=1)[users]
+    di = np.linalg.norm(igd, axis=1)[items]
+    cols["user_genre_dot"] = dot
+    cols["user_genre_cos"] = np.where(du * di > 0, dot / np.where(du * di > 0, du * di, 1.0), 0.0)
+
+    # the frozen retriever's embeddings
+    if retriever is not None:
+        item_emb = _as_np(retriever.item_embeddings()).astype(np.float32)  # (n_items, D)
+        cols["hist_sim_mean"], cols["hist_sim_max"] = history_similarity(users, items, ctx.history, item_emb)
+        if user_emb is None:
+            user_emb = retriever_user_table(retriever, users, ctx, data.n_users)
+        rd = np.empty(len(users), np.float32)
+        for s in range(0, len(users), CHUNK_ROWS):
+            rd[s:s + CHUNK_ROWS] = np.einsum("cd,cd->c", user_emb[users[s:s + CHUNK_ROWS]],
+                                             item_emb[items[s:s + CHUNK_ROWS]])
+        cols["retriever_dot"] = rd
+
+    # classical models' scores of the candidate
+    for name, scorer in (extra_scorers or {}).items():
+        s = _pair_scores(scorer, users, items, ctx)
+        cols[f"{name}_score"] = s
+        cols[f"{name}_score_z"] = _z_within_user(users, s)
+
+    names = list(cols)
+    X = np.empty((len(users), len(names)), dtype=np.float32)
+    for j, name in enumerate(names):
+        X[:, j] = cols[name]
+    np.nan_to_num(X, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
+    return X, names
