@@ -70,6 +70,11 @@ class DatasetInfo:
 
 
 DATASETS: dict[str, DatasetInfo] = {
+    # md5s as listed in the shared mirror's checksums.md5. NOTE: that mirror's ratings.csv has
+    # 100,837 rows, one more than its README's 100,836: an appended line "999,999999,5.0,1493846415"
+    # (user 999, movie 999999 absent from movies.csv), and checksums.md5 matches the altered file.
+    # The same file without that line has md5 ac0cf1d26aed3a5b6777a295231976ad (not verified
+    # against grouplens). load_dataset's integrity check rejects such rows; see its docstring.
     "ml-latest-small": DatasetInfo("ml-latest-small", f"{BASE_URL}/ml-latest-small.zip", {
         "links.csv": "bc5292d5185e8c5fd8dc9a83fb2198d2",
         "movies.csv": "b252328d16b085936b56eefad880ef9d",
@@ -488,10 +493,28 @@ def load_tags(path_or_name, mirror=None) -> pd.DataFrame:
     return df
 
 
+def check_integrity(interactions: pd.DataFrame, items: pd.DataFrame, source: str) -> None:
+    """Every rated movie must be listed in the movies file (true of every MovieLens release:
+    ids are consistent between ratings, tags, movies and links); DataError otherwise."""
+    unknown = ~interactions["item_id"].isin(items["item_id"])
+    if unknown.any():
+        bad = interactions[unknown]
+        example = bad.iloc[0]
+        raise DataError(
+            f"{source}: {int(unknown.sum())} rating row(s) reference movie id(s) missing from the movies "
+            f"file (e.g. user {int(example['user_id'])}, movie {int(example['item_id'])}); the ratings "
+            f"file is not a consistent MovieLens release. Replace it with the official file "
+            f"(fetch with force=True from a good source); the rows were not dropped silently.")
+
+
 def load_dataset(name: str, mirror=None) -> MovieLens:
-    """Fetch ``name`` if needed and load its interactions, items and tags."""
+    """Fetch ``name`` if needed and load its interactions, items and tags.
+
+    Also checks that every rated movie is in the movies file (:func:`check_integrity`)."""
     path = fetch(name, mirror=mirror)
     marker = read_marker(path) or {}
     sums = marker.get("checksums") or {f: md5_file(path / f) for f in _data_files(path)}
-    return MovieLens(name=name, path=path, interactions=load_interactions(path), items=load_items(path),
+    interactions, items = load_interactions(path), load_items(path)
+    check_integrity(interactions, items, str(path))
+    return MovieLens(name=name, path=path, interactions=interactions, items=items,
                      tags=load_tags(path), checksums=dict(sums))
