@@ -413,6 +413,12 @@ def _variant_configs(section: dict, device: str | None, seed: int | None) -> lis
     return out
 
 
+def history_len_needed(params_section: dict) -> int:
+    """The longest history any variant of ``params_section`` uses: build the validation Evaluator /
+    Labels and the candidate contexts with at least this ``history_len``."""
+    return max(cfg.history_len for _, cfg in _variant_configs(params_section, None, None))
+
+
 def tune(data: SplitData, params_section: dict, validate_recall: Callable[[Any], Any],
          device: str | None = None, seed: int | None = None) -> tuple[TwoTower, pd.DataFrame]:
     """Fit every variant of ``params_section["variants"]`` inside ``guard.fitting("two_tower")``
