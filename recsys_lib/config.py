@@ -11,6 +11,7 @@ import os
 import platform
 import random
 import subprocess
+from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -177,6 +178,8 @@ def _json_default(obj: Any):
         return float(obj)
     if isinstance(obj, np.ndarray):
         return obj.tolist()
-    if isinstance(obj, Path):
+    if isinstance(obj, Path) or type(obj).__name__ == "device":
         return str(obj)
+    if is_dataclass(obj):
+        return asdict(obj)
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")

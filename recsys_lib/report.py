@@ -60,3 +60,23 @@ def write_metrics_json(run_dir: str | os.PathLike, out: str | os.PathLike, extra
         **(extra or {}),
     }
     return config.write_json(out, payload)
+
+
+def dataset_summary(ds) -> dict:
+    """Sizes and date range of a loaded MovieLens (recsys_lib.data.MovieLens): JSON-ready."""
+    import pandas as pd
+    inter = ds.interactions
+    ts = pd.to_datetime(inter["timestamp"], unit="s")
+    return {"dataset": ds.name, "ratings": int(len(inter)), "users": int(inter["user_id"].nunique()),
+            "movies": int(len(ds.items)), "rated movies": int(inter["item_id"].nunique()),
+            "tags": int(len(ds.tags)), "first rating": str(ts.min().date()) if len(ts) else None,
+            "last rating": str(ts.max().date()) if len(ts) else None,
+            "share rating >= 4": float((inter["rating"] >= 4).mean()) if len(inter) else 0.0,
+            "checksums": dict(ds.checksums)}
+
+
+def split_table(stats: dict) -> "pd.DataFrame":
+    """The per-period rows of a split's statistics as a table."""
+    import pandas as pd
+    keys = ["rows", "users", "items", "positives", "users_scored", "first_date", "last_date"]
+    return pd.DataFrame({p: {k: stats[p].get(k) for k in keys} for p in ("train", "valid", "test")}).T
