@@ -1,0 +1,326 @@
+"""Baselines (popularity, MF, NeuMF, EASE) and the validation grid search, on the toy split.
+
+Each trained model must learn the planted taste structure (loss falls; validation nDCG@10 well
+above a random ranking), read only the train period while fitting, and round-trip through
+save/load with identical scores.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+import torch
+
+from recsys_lib import guard, tuning
+from recsys_lib.errors import ConfigError, LeakageError
+from recsys_lib.evaluate import Evaluator, rank_topk
+from recsys_lib.features import IdMap, Period, SplitData
+from recsys_lib.models import Recommender
+from recsys_lib.models.ease import EASE, EASEConfig, ease_weights, gram
+from recsys_lib.models.mf import MF, MFConfig
+from recsys_lib.models.neumf import NeuMF, NeuMFConfig
+from recsys_lib.models.popularity import Popularity, PopularityConfig
+
+torch.set_num_threads(1)
+
+QUIET = dict(device="cpu", progress=False, verbose=False)
+
+
+# ---------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module")
+def valid_eval(toy_data):
+    return Evaluator(toy_data, "valid", ks=(10,))       # built before any fit (reads valid here)
+
+
+@pytest.fixture(scope="module")
+def validate(valid_eval):
+    return tuning.validator(valid_eval)
+
+
+class RandomScorer:
+    def __init__(self, n_items: int, seed: int):
+        self.n_items, self.gen = n_items, torch.Generator().manual_seed(seed)
+
+    def score_all(self, users, ctx):
+        return torch.rand(len(users), self.n_items, generator=self.gen)
+
+
+@pytest.fixture(scope="module")
+def random_ndcg(toy_data, validate):
+    return float(np.mean([validate(RandomScorer(toy_data.n_items, s)) for s in range(3)]))
+
+
+def _fit(model, data, validate=None):
+    with guard.fitting(model.name):                     # the fit may read train rows only
+        info = model.fit(data, validate)
+    return model, info
+
+
+@pytest.fixture(scope="module")
+def fitted_mf(toy_data, validate):
+    return _fit(MF(MFConfig(dim=16, epochs=6, batch_size=512, lr=0.03, patience=0, **QUIET)), toy_data, validate)
+
+
+@pytest.fixture(scope="module")
+def fitted_neumf(toy_data, validate):
+    cfg = NeuMFConfig(dim_gmf=16, dim_mlp=16, layers=[32, 16], epochs=8, batch_size=512, lr=0.01,
+                      patience=0, **QUIET)
+    return _fit(NeuMF(cfg), toy_data, validate)
+
+
+@pytest.fixture(scope="module")
+def fitted_ease(toy_data):
+    return _fit(EASE(EASEConfig(reg=100.0, device="cpu")), toy_data)
+
+
+def tiny_data(rows: list[tuple[int, int, float, int]], n_users: int, n_items: int) -> SplitData:
+    """A SplitData whose train period is ``rows`` (user, item, rating, timestamp); empty valid/test."""
+    u, i, r, t = (np.array(c) for c in zip(*rows))
+    order = np.lexsort((i, u, t))
+    train = Period(user=u[order].astype(np.int64), item=i[order].astype(np.int64),
+                   rating=r[order].astype(np.float32), timestamp=t[order].astype(np.int64))
+    empty = Period(*(np.zeros(0, dt) for dt in (np.int64, np.int64, np.float32, np.int64)))
+    return SplitData(name="tiny", users=IdMap(np.arange(n_users)), items=IdMap(np.arange(n_items)),
+                     item_features=None, _periods={"train": train, "valid": empty, "test": empty})
+
+
+# ---------------------------------------------------------------- popularity
+def test_popularity_ranks_most_popular_unseen_item_first(toy_data):
+    model, _ = _fit(Popularity(PopularityConfig(device="cpu")), toy_data)
+    counts = np.bincount(toy_data.train.item, minlength=toy_data.n_items)
+    ctx = toy_data.context("valid")
+    users = np.arange(toy_data.n_users)
+    top = rank_topk(model, users, ctx, 3, toy_data.n_items)
+    seen = ctx.seen.toarray().astype(bool)
+    for u in users[:50]:
+        unseen_counts = np.where(seen[u], -1, counts)
+        assert counts[top[u, 0]] == unseen_counts.max()
+        assert not seen[u, top[u, 0]]
+    # counts are non-increasing along every list
+    assert np.all(np.diff(counts[top], axis=1) <= 0)
+
+
+def test_popularity_score_all_is_a_fresh_tensor(toy_data):
+    """Evaluation masks seen items in place: a view of the model's buffer would be corrupted."""
+    model, _ = _fit(Popularity(PopularityConfig(device="cpu")), toy_data)
+    before = model.scores.clone()
+    s = model.score_all(torch.arange(4), None)
+    s[:, :10] = -torch.inf
+    assert torch.equal(model.scores, before)
+    assert torch.equal(model.score_all(torch.arange(2), None)[1], before)
+
+
+def test_popularity_positives_and_recent_window():
+    day = 86_400
+    rows = ([(u, 0, 3.0, 0) for u in range(5)]                   # item 0: most rows, all old, negative
+            + [(u, 1, 5.0, 0) for u in range(3)]                 # item 1: most positives, old
+            + [(0, 2, 2.0, 99 * day), (1, 2, 2.0, 99 * day)]     # item 2: recent, two rows
+            + [(2, 3, 4.0, 98 * day), (3, 4, 4.0, 100 * day)])   # items 3, 4: recent, one row each
+    data = tiny_data(rows, n_users=6, n_items=6)
+    order = lambda m: torch.argsort(m.score_all(torch.arange(1), None)[0], descending=True).tolist()
+    m_all = _fit(Popularity(PopularityConfig(device="cpu")), data)[0]
+    assert order(m_all)[:2] == [0, 1]
+    m_pos = _fit(Popularity(PopularityConfig(positives_only=True, device="cpu")), data)[0]
+    assert order(m_pos)[0] == 1
+    m_win = _fit(Popularity(PopularityConfig(window_days=5, device="cpu")), data)[0]
+    # window counts first: item 2 (2 recent rows); then items 3, 4 (1 each, ties by global count,
+    # then id); then the items never seen in the window by global count (0 before 1); 5 last
+    assert order(m_win) == [2, 3, 4, 0, 1, 5]
+
+
+# ---------------------------------------------------------------- MF
+def test_mf_learns(fitted_mf, random_ndcg, validate):
+    model, info = fitted_mf
+    losses = [r["loss"] for r in info["records"]]
+    assert losses[-1] < 0.7 * losses[0]
+    assert info["best_metric"] == pytest.approx(validate(model))      # best state restored
+    assert validate(model) > max(0.15, 3 * random_ndcg)
+
+
+def test_mf_score_all_matches_pairs(fitted_mf, toy_data):
+    model, _ = fitted_mf
+    users = torch.arange(7)
+    s = model.score_all(users, None)                                   # (7, n_items)
+    assert s.shape == (7, toy_data.n_items)
+    pairs = model.score_pairs(users.repeat_interleave(toy_data.n_items), torch.arange(toy_data.n_items).repeat(7))
+    torch.testing.assert_close(s.flatten(), pairs, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------- NeuMF
+def test_neumf_learns(fitted_neumf, random_ndcg, validate):
+    model, info = fitted_neumf
+    losses = [r["loss"] for r in info["records"]]
+    assert losses[-1] < 0.7 * losses[0]
+    assert validate(model) > max(0.15, 3 * random_ndcg)
+
+
+def test_neumf_batched_scoring_equals_pairwise_forward(fitted_neumf, toy_data):
+    model, _ = fitted_neumf
+    users = torch.arange(9)
+    full = model.score_all(users, None)                                # one chunk
+    model.cfg.score_chunk = 9 * 32 * 7                                 # 7 items per chunk
+    try:
+        chunked = model.score_all(users, None)
+    finally:
+        model.cfg.score_chunk = NeuMFConfig.score_chunk
+    pairs = model(users.repeat_interleave(toy_data.n_items), torch.arange(toy_data.n_items).repeat(9))
+    torch.testing.assert_close(full, chunked, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(full.flatten(), pairs.detach(), rtol=1e-5, atol=1e-5)
+
+
+def test_neumf_needs_an_mlp_layer(toy_data):
+    with pytest.raises(ConfigError):
+        NeuMF(NeuMFConfig(layers=[], **QUIET)).build(3, 4)
+
+
+# ---------------------------------------------------------------- EASE
+def test_ease_closed_form_matches_numpy():
+    rng = np.random.default_rng(0)
+    x = (rng.random((12, 7)) < 0.4).astype(np.float64)
+    lam = 2.5
+    p = np.linalg.inv(x.T @ x + lam * np.eye(7))
+    expected = np.eye(7) - p / np.diag(p)[None, :]                    # B = I - P diagMat(1/diag P)
+    np.testing.assert_allclose(np.diag(expected), 0, atol=1e-12)
+    import scipy.sparse as sp
+    g = gram(sp.csr_matrix(x), torch.float64, torch.device("cpu"), chunk=3)
+    np.testing.assert_allclose(g.numpy(), x.T @ x)
+    b = ease_weights(g, lam).numpy()
+    np.testing.assert_allclose(b, expected, rtol=1e-10, atol=1e-12)
+
+
+def test_ease_learns_and_scores_from_seen_items(fitted_ease, toy_data, validate, random_ndcg):
+    model, info = fitted_ease
+    assert model.B.shape == (toy_data.n_items, toy_data.n_items)
+    assert torch.all(model.B.diagonal() == 0)
+    assert validate(model) > max(0.15, 3 * random_ndcg)
+    # score = seen-before-period row @ B; test-time history includes validation rows
+    ctx = toy_data.context("test")
+    users = torch.arange(5)
+    expected = torch.from_numpy(ctx.seen[:5].toarray()).double() @ model.B.double()
+    torch.testing.assert_close(model.score_all(users, ctx).double(), expected, rtol=1e-5, atol=1e-6)
+    pairs = model.score_pairs(torch.tensor([0, 1, 2]), torch.tensor([5, 6, 7]), ctx)
+    torch.testing.assert_close(pairs.double(), expected[[0, 1, 2], [5, 6, 7]], rtol=1e-5, atol=1e-6)
+
+
+def test_ease_positives_only_uses_fewer_rows(toy_data):
+    _, all_rows = _fit(EASE(EASEConfig(reg=100.0, device="cpu")), toy_data)
+    _, pos_rows = _fit(EASE(EASEConfig(reg=100.0, positives_only=True, device="cpu")), toy_data)
+    assert pos_rows["nnz"] == int(toy_data.train.positive.sum())   # toy rows are unique per user-item
+    assert pos_rows["nnz"] < all_rows["nnz"] == len(toy_data.train)
+
+
+# ---------------------------------------------------------------- save / load
+@pytest.mark.parametrize("which", ["popularity", "mf", "neumf", "ease"])
+def test_save_load_round_trip(which, toy_data, fitted_mf, fitted_neumf, fitted_ease, tmp_path):
+    models = {"mf": fitted_mf[0], "neumf": fitted_neumf[0], "ease": fitted_ease[0],
+              "popularity": _fit(Popularity(PopularityConfig(window_days=30, device="cpu")), toy_data)[0]}
+    model = models[which]
+    path = tmp_path / f"{which}.pt"
+    model.save(path)
+    loaded = type(model).load(path)
+    assert loaded.cfg == model.cfg
+    ctx = toy_data.context("test")
+    users = torch.arange(toy_data.n_users)
+    assert torch.equal(model.score_all(users, ctx), loaded.score_all(users, ctx))
+
+
+# ---------------------------------------------------------------- leakage guard
+class LeakyModel(Recommender):
+    """Reads a period it may not learn from."""
+
+    name = "leaky"
+
+    def __init__(self, read):
+        self.read = read
+
+    def fit(self, data, validate=None):
+        self.read(data)
+        return {}
+
+
+@pytest.mark.parametrize("read", [lambda d: d.test, lambda d: d.valid, lambda d: d.context("test"),
+                                  lambda d: d.positives("test")])
+def test_leaky_fit_raises(toy_data, read):
+    with pytest.raises(LeakageError):
+        _fit(LeakyModel(read), toy_data)
+
+
+def test_honest_fit_reads_train(toy_data):
+    _fit(LeakyModel(lambda d: d.train), toy_data)                  # allowed
+
+
+def test_tune_fits_inside_guard(toy_data, validate):
+    with pytest.raises(LeakageError):
+        tuning.tune_model(_LeakyTunable, toy_data, {}, validate, verbose=False)
+
+
+class _LeakyTunable(Recommender):
+    @dataclass
+    class Config:
+        device: str = "cpu"
+        seed: int | None = 0
+
+    name = "leaky-tunable"
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+
+    def fit(self, data, validate=None):
+        _ = data.test
+        return {}
+
+
+# ---------------------------------------------------------------- grid search
+def test_grid_search_tries_every_combination_and_keeps_best():
+    built = []
+
+    def build(params):
+        built.append(params)
+        return dict(params)
+
+    def fit(model):
+        return {"best_epoch": model["a"]}
+
+    score = lambda m: -(m["a"] - 2) ** 2 + 0.1 * m["b"]            # best: a=2, b=1
+    best, params, table = tuning.grid_search(build, fit, {"a": [1, 2, 3], "b": [0, 1]}, score, verbose=False)
+    assert len(built) == 6 and len(table) == 6
+    assert params == {"a": 2, "b": 1} and best == params
+    assert list(table.columns) == ["a", "b", "valid_metric", "fit_seconds", "best_epoch", "best"]
+    assert table["best"].sum() == 1
+    assert table.loc[table["best"], "valid_metric"].item() == pytest.approx(0.1)
+    assert (table["fit_seconds"] >= 0).all()
+    # a list of dicts is tried as given
+    _, params, table = tuning.grid_search(build, fit, [{"a": 3, "b": 0}, {"a": 1, "b": 1}], score, verbose=False)
+    assert params == {"a": 1, "b": 1} and len(table) == 2
+
+
+def test_make_config_rejects_unknown_keys():
+    cfg = tuning.make_config(MFConfig, {"dim": 8, "grid": {"lr": [1]}}, device="cpu", seed=None)
+    assert cfg.dim == 8 and cfg.device == "cpu" and cfg.seed == 0  # None leaves the default
+    with pytest.raises(ConfigError, match="dimm"):
+        tuning.make_config(MFConfig, {"dimm": 8})
+
+
+def test_tune_from_params_section(toy_data, validate):
+    """The notebook path: a params section with a grid -> best model and its search table."""
+    from recsys_lib.config import load_params
+    from recsys_lib.models import ease, popularity
+    params = load_params("quick")
+    model, table = popularity.tune(toy_data, params["popularity"], validate, device="cpu", seed=1, verbose=False)
+    assert isinstance(model, Popularity) and len(table) == 2
+    assert table["valid_metric"].max() == pytest.approx(validate(model))
+    model, table = ease.tune(toy_data, params["ease"], validate, device="cpu", verbose=False)
+    assert isinstance(model, EASE) and len(table) == 2
+    assert model.cfg.reg == table.loc[table["best"], "reg"].item()
+
+
+def test_tune_quick_mf_and_neumf_sections(toy_data, validate):
+    from recsys_lib.config import load_params
+    from recsys_lib.models import mf, neumf
+    params = load_params("quick")
+    for mod in (mf, neumf):
+        section = {**params[mod.__name__.rsplit(".", 1)[1]], "grid": {"lr": [0.01]}}
+        model, table = mod.tune(toy_data, section, validate, device="cpu", seed=0, verbose=False, progress=False)
+        assert len(table) == 1 and table["best_epoch"].item() >= 1
+        assert table["valid_metric"].item() == pytest.approx(validate(model))
