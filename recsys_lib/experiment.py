@@ -95,14 +95,15 @@ class Run:
         return json.loads(self.require("run.json", stage="01_split").read_text())
 
     # ------------------------------------------------------------ evaluation
-    def evaluator(self, period: str, max_users: int | None = None) -> Evaluator:
+    def evaluator(self, period: str, max_users: int | None = None, history_len: int | None = None) -> Evaluator:
         """Cached labels for ``period`` (build before fitting: early stopping never reads rows)."""
-        key = (period, max_users)
+        history_len = int(history_len or self.params.get("history_len", 5))
+        key = (period, max_users, history_len)
         if key not in self._evaluators:
             ev = self.params.get("eval", {})
             self._evaluators[key] = Evaluator(self.data, period, ks=ev.get("ks", DEFAULT_KS),
                                               batch_users=ev.get("batch_users", 1024),
-                                              history_len=int(self.params.get("history_len", 5)),
+                                              history_len=history_len,
                                               max_users=max_users, seed=self.seed)
         return self._evaluators[key]
 

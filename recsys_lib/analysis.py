@@ -1,0 +1,96 @@
+"""Comparisons for the final evaluation: paired bootstrap tables, user-activity segments and the
+popularity of the hits. Everything reads the per-user files of the run folder, so all models are
+compared on the same scored users (PROTOCOL.md)."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from . import metrics
+from .features import SplitData
+
+
+def aligned(per_user: dict[str, pd.DataFrame], metric: str = "ndcg@10") -> pd.DataFrame:
+    """users x models matrix of ``metric``; raises if the models were scored on different users."""
+    frames = {name: df.set_index("user")[metric] for name, df in per_user.items()}
+    users = {name: tuple(s.index) for name, s in frames.items()}
+    if len(set(users.values())) > 1:
+        raise ValueError(f"models were scored on different users: {[k for k in users]}")
+    return pd.DataFrame(frames)
+
+
+def paired_table(per_user: dict[str, pd.DataFrame], target: str, metric: str = "ndcg@10",
+                 n_bootstrap: int = 1000, seed: int = 0) -> pd.DataFrame:
+    """Paired bootstrap of ``target`` minus every other model on the same users."""
+    m = aligned(per_user, metric)
+    rows = []
+    for other in m.columns:
+        if other == target:
+            continue
+        r = metrics.paired_bootstrap(m[target].to_numpy(), m[other].to_numpy(), n_resamples=n_bootstrap, seed=seed)
+        rows.append({"against": other, f"{target} - other": r["diff"], "95% CI lo": r["lo"],
+                     "95% CI hi": r["hi"], "p": r["p_value"], "better": bool(r["lo"] > 0)})
+    return pd.DataFrame(rows)
+
+
+def activity_segments(data: SplitData, users: np.ndarray, n_segments: int = 3) -> pd.Series:
+    """Light / medium / heavy users by their number of train rows (equal-size terciles)."""
+    counts = np.bincount(data.train.user, minlength=data.n_users)[users]
+    labels = ["light", "medium", "heavy"] if n_segments == 3 else [f"q{i + 1}" for i in range(n_segments)]
+    return pd.Series(pd.qcut(pd.Series(counts).rank(method="first"), n_segments, labels=labels).to_numpy(),
+                     index=users, name="activity")
+
+
+def by_segment(per_user: dict[str, pd.DataFrame], segments: pd.Series, metric: str = "ndcg@10") -> pd.DataFrame:
+    """Long frame: model, segment, mean metric, users."""
+    rows = []
+    for name, df in per_user.items():
+        seg = segments.reindex(df["user"].to_numpy()).to_numpy()
+        t = pd.DataFrame({"segment": seg, metric: df[metric].to_numpy()}).groupby("segment", observed=True)
+        for s, g in t:
+            rows.append({"model": name, "activity": s, metric: g[metric].mean(), "users": len(g)})
+    return pd.DataFrame(rows)
+
+
+def hit_popularity(per_user: dict[str, pd.DataFrame], data: SplitData, positives, k: int = 10,
+                   bins=(0.0, 0.2, 0.8, 1.0)) -> pd.DataFrame:
+    """Where each model's hits in the top ``k`` fall in the train popularity ranking:
+    share of hits on head (top 20% most-rated items), torso and tail items, and hits per user.
+    ``positives`` is the (U, n_items) csr aligned with the per-user frames' users."""
+    pop = data.item_popularity
+    rank_share = pd.Series(pop).rank(ascending=False, method="first").to_numpy() / len(pop)
+    names = ["head", "torso", "tail"]
+    rows = []
+    for name, df in per_user.items():
+        top = df[[f"top_{j}" for j in range(k)]].to_numpy()
+        hits = metrics.ranked_hits(top, positives)
+        items = top[hits]
+        bucket = pd.cut(rank_share[items], bins=list(bins), labels=names, include_lowest=True)
+        share = pd.Series(bucket).value_counts(normalize=True).reindex(names, fill_value=0.0)
+        rows.append({"model": name, **{f"{b} share": share[b] for b in names},
+                     "hits per user": hits.sum() / max(len(df), 1)})
+    return pd.DataFrame(rows)
+
+
+def graded_ndcg_at_k(topk: np.ndarray, gains, k: int = 10) -> np.ndarray:
+    """nDCG@k with graded gain (the rating of each rated item in the period), as the seed design
+    used for its popularity baseline: DCG = sum gain(item at r) / log2(r + 1), IDCG from the
+    user's k largest gains. Only for the leakage audit; the study's metric is binary (PROTOCOL.md).
+    ``gains`` is a (U, n_items) csr aligned with ``topk`` rows."""
+    import scipy.sparse as sp
+    g = sp.csr_matrix(gains)
+    top = np.asarray(topk)[:, :k]
+    rows = np.arange(top.shape[0])[:, None]
+    valid = top >= 0
+    got = np.asarray(g[np.broadcast_to(rows, top.shape)[valid], top[valid]]).ravel()
+    gain = np.zeros(top.shape)
+    gain[valid] = got
+    disc = 1.0 / np.log2(np.arange(2, k + 2))
+    dcg = (gain * disc[: top.shape[1]]).sum(axis=1)
+    row_of = np.repeat(np.arange(g.shape[0]), np.diff(g.indptr))
+    order = np.lexsort((-g.data, row_of))                  # each user's gains, largest first
+    pos = np.arange(g.nnz) - g.indptr[row_of[order]]
+    keep = pos < k
+    idcg = np.bincount(row_of[order][keep], weights=g.data[order][keep] * disc[pos[keep]],
+                       minlength=g.shape[0])
+    return np.divide(dcg, idcg, out=np.zeros_like(dcg), where=idcg > 0)
