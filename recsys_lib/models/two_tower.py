@@ -419,48 +419,66 @@ def history_len_needed(params_section: dict) -> int:
     return max(cfg.history_len for _, cfg in _variant_configs(params_section, None, None))
 
 
-def tune(data: SplitData, params_section: dict, validate_recall: Callable[[Any], Any],
-         device: str | None = None, seed: int | None = None) -> tuple[TwoTower, pd.DataFrame]:
-    """Fit every variant of ``params_section["variants"]`` inside ``guard.fitting("two_tower")``
-    and keep the best by validation Recall@500 (the re-ranker's ceiling).
+def selection_metric(candidate_k: int, n_items: int, available=(10, 50, 100, 200, 500, 1000)) -> str:
+    """``recall@candidate_k`` (the re-ranker's ceiling); when the catalogue has no more than
+    ``candidate_k`` items that recall is always 1, so the largest available K below ``n_items``."""
+    if candidate_k < n_items:
+        return f"recall@{candidate_k}"
+    below = [k for k in available if k < n_items]
+    return f"recall@{max(below)}" if below else f"recall@{candidate_k}"
 
-    ``validate_recall(model)`` is built before fitting; it returns validation Recall@500 (a float),
-    a dict of metrics with ``recall@500``, or an EvalResult. Early stopping uses its Recall@500.
-    When it returns a float and carries an ``evaluator`` attribute (recsys_lib.tuning.validator),
-    the evaluator is called once after fitting for the table's Recall@50 and nDCG@10.
-    Returns ``(best_model, table)``: one row per variant."""
+
+def tune(data: SplitData, params_section: dict, validate_recall: Callable[[Any], Any],
+         device: str | None = None, seed: int | None = None,
+         metric: str | None = None) -> tuple[TwoTower, pd.DataFrame]:
+    """Fit every variant of ``params_section["variants"]`` inside ``guard.fitting("two_tower")``
+    and keep the best by validation Recall@candidate_k (500: the re-ranker's ceiling).
+
+    ``validate_recall(model)`` is built before fitting (its Labels with
+    ``history_len >= history_len_needed(section)``); it returns a dict of metrics, an EvalResult
+    (e.g. ``lambda m: Evaluator(data, "valid", ks=(10, 50, 500))(m)``) or a float (the selection
+    metric itself). Early stopping and selection use ``metric`` (default: ``selection_metric``
+    of the section's ``candidate_k``). When it returns a float and carries an ``evaluator``
+    attribute (recsys_lib.tuning.validator) the evaluator is called once after fitting for the
+    table's Recall@50/500 and nDCG@10. Returns ``(best_model, table)``: one row per variant."""
+    k = int(params_section.get("candidate_k", 500))
+    metric = metric or selection_metric(k, data.n_items)
+    if metric != f"recall@{k}":
+        warnings.warn(f"two_tower.tune: selecting on {metric} (recall@{k} is 1 with {data.n_items} items)")
     rows, best, best_score = [], None, float("-inf")
 
-    def recall500(model) -> float:
-        return float(_metrics_of(validate_recall(model))["recall@500"])
+    def score(model) -> float:
+        m = _metrics_of(validate_recall(model))
+        return float(m.get(metric, m.get("recall@500", float("nan"))))
 
     for label, cfg in _variant_configs(params_section, device, seed):
         model = TwoTower(cfg)
         t0 = time.perf_counter()
         with guard.fitting(TwoTower.name):
-            info = model.fit(data, recall500)
+            info = model.fit(data, score)
         fit_seconds = time.perf_counter() - t0
         res = validate_recall(model)
         m = _metrics_of(res)
-        if not isinstance(res, (dict,)) and not hasattr(res, "means") and hasattr(validate_recall, "evaluator"):
-            m = {**validate_recall.evaluator(model).means(), **m}
+        if not isinstance(res, dict) and not hasattr(res, "means") and hasattr(validate_recall, "evaluator"):
+            m = {**validate_recall.evaluator(model).means(), metric: float(res)}
+        value = float(m.get(metric, m.get("recall@500", float("nan"))))
         rates = [r["samples_per_s"] for r in info["records"] if r.get("samples_per_s")]
         row = {"name": label, "variant": cfg.variant, "dim": cfg.dim, "history_len": cfg.history_len,
                "batch_size": cfg.batch_size, "temperature": cfg.temperature if cfg.variant == "softmax" else None,
                "n_uniform_neg": cfg.n_uniform_neg if cfg.variant == "softmax" else None,
-               "recall@50": m.get("recall@50", float("nan")), "recall@500": m["recall@500"],
-               "ndcg@10": m.get("ndcg@10", float("nan")), "epochs": info["epochs"],
-               "best_epoch": info["best_epoch"], "fit_seconds": fit_seconds,
+               "recall@50": m.get("recall@50", float("nan")), "recall@500": m.get("recall@500", float("nan")),
+               "ndcg@10": m.get("ndcg@10", float("nan")), "selected_on": metric, "valid_metric": value,
+               "epochs": info["epochs"], "best_epoch": info["best_epoch"], "fit_seconds": fit_seconds,
                "triplets_per_s": float(np.median(rates)) if rates else float("nan")}
         rows.append(row)
-        print(f"two_tower tune {label}: valid Recall@500 {m['recall@500']:.4f} "
+        print(f"two_tower tune {label}: valid {metric} {value:.4f} "
               f"({info['epochs']} epochs, {fit_seconds:.1f}s)", flush=True)
-        if m["recall@500"] > best_score or best is None:
-            best, best_score = model, m["recall@500"]
+        if value > best_score or best is None:
+            best, best_score = model, value
     table = pd.DataFrame(rows)
     table["best"] = False
     if len(table):
-        table.loc[table["recall@500"].idxmax(), "best"] = True
+        table.loc[table["valid_metric"].idxmax(), "best"] = True
     return best, table
 
 

@@ -13,7 +13,8 @@ from recsys_lib.errors import LeakageError
 from recsys_lib.evaluate import Evaluator, Labels
 from recsys_lib.features import ScoringContext
 from recsys_lib.models.two_tower import (TwoTower, TwoTowerConfig, _variant_configs,
-                                         history_len_needed, measure_throughput, tune)
+                                         history_len_needed, measure_throughput,
+                                         selection_metric, tune)
 
 SMALL = dict(dim=32, side_dim=8, lstm_hidden=16, user_hidden=[64], item_hidden=[32], batch_size=512,
              lr=1e-3, max_lr=1e-2, epochs=5, patience=2, device="cpu", seed=0)
@@ -165,13 +166,20 @@ def test_save_load_round_trip(fitted, valid_eval, tmp_path, variant):
 
 def test_tune_table(toy_data):
     ev = Evaluator(toy_data, "valid", ks=(10, 50, 500))
-    section = {**SMALL, "epochs": 1, "candidate_k": 50,
+    section = {**SMALL, "epochs": 1, "candidate_k": 50,  # below the 200 items: selection on recall@50
                "variants": ["seed", {"name": "sm", "variant": "softmax", "temperature": 0.1}]}
     model, table = tune(toy_data, section, lambda m: ev(m), device="cpu", seed=1)
     assert list(table["name"]) == ["seed", "sm"]
     assert {"recall@50", "recall@500", "epochs", "fit_seconds", "best"} <= set(table.columns)
     assert table["best"].sum() == 1 and (table["epochs"] == 1).all()
+    assert (table["selected_on"] == "recall@50").all()
+    assert table.loc[table["best"], "valid_metric"].item() == table["valid_metric"].max()
     assert isinstance(model, TwoTower)
+
+
+def test_selection_metric():
+    assert selection_metric(500, 20_000) == "recall@500"
+    assert selection_metric(500, 200) == "recall@100"          # recall@500 would always be 1
 
 
 def test_params_sections_are_valid():
