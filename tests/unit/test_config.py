@@ -1,0 +1,77 @@
+"""Parameters, overrides, device choice, pins and the notebooks' shape."""
+import json
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from recsys_lib import config
+from recsys_lib.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_requirements_and_environment_yml_carry_the_same_pins():
+    req = {l.strip() for l in (ROOT / "requirements.txt").read_text().splitlines()
+           if l.strip() and not l.startswith("#")}
+    env = yaml.safe_load((ROOT / "environment.yml").read_text())
+    pip = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict) and "pip" in d)
+    assert set(pip) == req
+    assert "torch==2.13.0" in req
+    assert all(re.fullmatch(r"[A-Za-z0-9_.\-]+==[\w.]+", r) for r in req), "every requirement is pinned"
+    assert any(str(d).startswith("python=3.11") for d in env["dependencies"])
+
+
+def test_profiles_merge_dataset_defaults_and_overrides():
+    p = config.load_params("full", "ml-32m", ["split.eval_core=5", "mf.epochs=2"])
+    assert p["split"]["strategy"] == "global_temporal" and p["split"]["min_date"] == "2018-01-01"
+    assert p["split"]["eval_core"] == 5 and p["mf"]["epochs"] == 2
+    s = config.load_params("quick", "synthetic-anything")
+    assert s["split"]["strategy"] == "user_temporal" and s["profile"] == "quick"
+
+
+@pytest.mark.parametrize("bad", ["noequals", "=3"])
+def test_bad_override_is_a_clear_error(bad):
+    with pytest.raises(ConfigError, match="override"):
+        config.load_params("quick", "synthetic", [bad])
+
+
+def test_unknown_profile_lists_valid_ones():
+    with pytest.raises(ConfigError, match="quick"):
+        config.load_params("nope", "synthetic")
+
+
+def test_device_auto_falls_back_to_cpu_and_rejects_nonsense():
+    import torch
+    dev = config.resolve_device("auto")
+    assert dev.type in {"cuda", "mps", "cpu"}
+    if not torch.cuda.is_available():
+        assert dev.type in {"mps", "cpu"}
+    with pytest.raises(ConfigError):
+        config.resolve_device("quantum")
+
+
+def test_write_json_is_atomic_and_handles_numpy(tmp_path):
+    import numpy as np
+    out = config.write_json(tmp_path / "a" / "m.json", {"x": np.float32(0.5), "n": np.int64(3), "a": np.arange(2)})
+    assert json.loads(out.read_text()) == {"x": 0.5, "n": 3, "a": [0, 1]}
+    assert not list(tmp_path.glob("a/*.tmp"))
+
+
+def test_notebooks_have_parameters_kernelspec_and_no_outputs():
+    import nbformat
+    nbs = sorted((ROOT / "notebooks").glob("*.ipynb"))
+    assert nbs, "no notebooks"
+    for path in nbs:
+        nb = nbformat.read(path, as_version=4)
+        tagged = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
+        assert len(tagged) == 1, f"{path.name}: exactly one cell tagged parameters"
+        for key in ("DATASET", "RUN_DIR", "SEED", "DEVICE"):
+            assert re.search(rf"^{key} = ", tagged[0].source, re.M), f"{path.name} lacks {key}"
+        assert nb.metadata["kernelspec"]["language"] == "python"
+        assert nb.metadata["kernelspec"]["name"] == "recsys"
+        for c in nb.cells:
+            if c.cell_type == "code":
+                assert not c.outputs and c.execution_count is None, f"{path.name} has outputs"
+                assert len(c.source.splitlines()) <= 16, f"{path.name}: a cell over 15 lines belongs in recsys_lib"
