@@ -324,3 +324,9 @@ def test_tune_quick_mf_and_neumf_sections(toy_data, validate):
         model, table = mod.tune(toy_data, section, validate, device="cpu", seed=0, verbose=False, progress=False)
         assert len(table) == 1 and table["best_epoch"].item() >= 1
         assert table["valid_metric"].item() == pytest.approx(validate(model))
+
+
+def test_tune_without_validation_fits_the_first_config(toy_data):
+    model, table = tuning.tune_model(EASE, toy_data, {"grid": {"reg": [30.0, 300.0]}}, None, device="cpu")
+    assert model.cfg.reg == 30.0 and len(table) == 1 and bool(table["best"].item())
+    assert np.isnan(table["valid_metric"].item())
