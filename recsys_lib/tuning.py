@@ -123,6 +123,7 @@ def tune_model(model_cls, data, section: dict | None, validate: Callable[[Any], 
     Returns ``(best_model, table)``; the table has one row per configuration."""
     section = copy.deepcopy(section or {})
     grid = section.get("grid")
+    device = str(device) if device is not None else None         # a torch.device is fine too
     base = make_config(model_cls.Config, section, device=device, seed=seed, **fixed)
 
     def build(params: dict):

@@ -57,6 +57,7 @@ class NeuMF(torch.nn.Module, Recommender):
             self.cfg = NeuMFConfig(**{**self.cfg.__dict__, **overrides})
         self.device = resolve_device(self.cfg.device)
         self.n_users = self.n_items = 0
+        self.history = None                                            # FitHistory after fit
 
     def build(self, n_users: int, n_items: int) -> "NeuMF":
         """Create the embeddings and layers (called by ``fit`` and ``load``)."""
@@ -124,6 +125,7 @@ class NeuMF(torch.nn.Module, Recommender):
         hist = fit_loop(self, batches, loss_fn, optimizer, loop,
                         validate=(lambda: validate(self)) if validate is not None else None,
                         batch_size_of=lambda b: len(b[0]) * (1 + cfg.n_neg), name="neumf")
+        self.history = hist                                            # learning curve (FitHistory)
         return {**hist.as_dict(), "n_parameters": count_parameters(self), "n_positives": len(users)}
 
     # ------------------------------------------------------------ score
