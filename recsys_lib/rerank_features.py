@@ -122,12 +122,12 @@ def retriever_user_table(retriever, users: np.ndarray, ctx: ScoringContext, n_us
                          batch_users: int = 4096) -> np.ndarray:
     """(n_users, D) frozen retriever user embeddings for ``users`` under ``ctx`` (zeros elsewhere)."""
     users = np.unique(np.asarray(users, dtype=np.int64))
-    first = _as_np(retriever.user_embeddings(torch.from_numpy(users[:1]), ctx))
+    first = _as_np(retriever.user_embeddings(torch.from_numpy(np.array(users[:1])), ctx))
     out = np.zeros((n_users, first.shape[1]), np.float32)
     with torch.no_grad():
         for s in range(0, len(users), batch_users):
             b = users[s:s + batch_users]
-            out[b] = _as_np(retriever.user_embeddings(torch.from_numpy(b), ctx))
+            out[b] = _as_np(retriever.user_embeddings(torch.from_numpy(np.array(b)), ctx))
     return out
 
 
@@ -136,8 +136,8 @@ def _pair_scores(scorer, users: np.ndarray, items: np.ndarray, ctx: ScoringConte
     out = np.empty(len(users), np.float32)
     with torch.no_grad():
         for s in range(0, len(users), chunk):
-            out[s:s + chunk] = _as_np(scorer.score_pairs(torch.from_numpy(users[s:s + chunk]),
-                                                         torch.from_numpy(items[s:s + chunk]), ctx))
+            out[s:s + chunk] = _as_np(scorer.score_pairs(torch.from_numpy(np.array(users[s:s + chunk])),
+                                                         torch.from_numpy(np.array(items[s:s + chunk])), ctx))
     return out
 
 

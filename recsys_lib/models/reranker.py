@@ -493,7 +493,9 @@ def _fit_mlp(cfg, p: _Prepared, feature_names, data, retriever, user_emb, labels
     loop = LoopConfig(epochs=cfg.epochs, patience=cfg.patience, progress=progress, log_every_epoch=progress)
     hist = fit_loop(net, batches, loss_fn, opt, loop, validate=lambda: _held_out_metric(model, p, user_emb),
                     name=f"reranker[{cfg.variant}]")
-    model.info.update(best_epoch=hist.best_epoch, epochs_run=len(hist.records), _user_emb=user_emb)
+    model.info.update(best_epoch=hist.best_epoch, epochs_run=len(hist.records), _user_emb=user_emb,
+                      loss_history=[r["loss"] for r in hist.records],
+                      held_out_history=[r.get("valid_metric") for r in hist.records])
     return model
 
 

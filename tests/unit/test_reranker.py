@@ -1,0 +1,242 @@
+"""Re-ranker and its production features on the toy split (tests/conftest.py).
+
+Candidates come from a small SVD retriever fit on the train matrix (through
+candidates.generate_candidates), 50 per validation user; the re-ranker learns from the
+validation candidates of 80% of the users and is scored on the other 20% (held-out users).
+"""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+import torch
+
+from recsys_lib import evaluate, guard
+from recsys_lib import rerank_features as rf
+from recsys_lib.errors import LeakageError
+from recsys_lib.models import reranker as R
+
+K = 50
+
+
+class SVDRetriever:
+    """A quick MF-like retriever: truncated SVD of the train interaction matrix."""
+
+    def __init__(self, data, d: int = 8, positives_only: bool = False):
+        m = data.train.matrix(data.n_users, data.n_items, positives_only=positives_only).toarray()
+        u, s, vt = np.linalg.svd(m, full_matrices=False)
+        self.U = torch.tensor(u[:, :d] * np.sqrt(s[:d]), dtype=torch.float32)
+        self.V = torch.tensor(vt[:d].T * np.sqrt(s[:d]), dtype=torch.float32)
+
+    def user_embeddings(self, users, ctx):
+        return self.U[users]
+
+    def item_embeddings(self):
+        return self.V
+
+    def score_all(self, users, ctx):
+        return self.U[users] @ self.V.T
+
+    def score_pairs(self, users, items, ctx):
+        return (self.U[users] * self.V[items]).sum(1)
+
+
+def make_candidates(retriever, labels, k=K):
+    try:
+        from recsys_lib.candidates import generate_candidates
+        return generate_candidates(retriever, labels, k=k)
+    except ImportError:  # pragma: no cover - before candidates.py landed
+        top = evaluate.rank_topk(retriever, labels.users, labels.ctx, k, labels.n_items)
+        sc = retriever.score_pairs(torch.from_numpy(np.repeat(labels.users, k)),
+                                   torch.from_numpy(top.ravel()), labels.ctx).numpy()
+        return pd.DataFrame({"user": np.repeat(labels.users, k), "item": top.ravel(),
+                             "retriever_score": sc.astype(np.float32),
+                             "retriever_rank": np.tile(np.arange(1, k + 1), len(labels.users))})
+
+
+@pytest.fixture(scope="module")
+def setup(toy_data):
+    data = toy_data
+    labels = evaluate.Labels.build(data, "valid")          # outside any fit, as in the pipeline
+    retriever = SVDRetriever(data)
+    cands = make_candidates(retriever, labels)
+    extra = {"pos_mf": SVDRetriever(data, d=4, positives_only=True)}
+    X, names = rf.build_features(cands, data, labels.ctx, "valid", retriever=retriever, extra_scorers=extra)
+    return dict(data=data, labels=labels, retriever=retriever, cands=cands, X=X, names=names)
+
+
+SECTION = {  # small and fast; the real sizes live in params/
+    "variants": ["seed", "mlp_features", "lgbm"],
+    "held_out_share": 0.2,
+    "seed": {"epochs": 4, "patience": 2, "negatives": 4, "batch_size": 256},
+    "mlp_features": {"epochs": 6, "patience": 3, "loss": "softmax", "users_per_batch": 16},
+    "lgbm": {"n_estimators": 100, "num_leaves": 7, "early_stopping_rounds": 20},
+}
+
+
+# ---------------------------------------------------------------- features
+def test_features_shape_names_finite(setup):
+    X, names, cands = setup["X"], setup["names"], setup["cands"]
+    assert X.dtype == np.float32 and X.shape == (len(cands), len(names))
+    assert len(set(names)) == len(names)
+    assert np.isfinite(X).all()
+    for col in ("retriever_score", "item_log_pop_90d", "user_genre_cos", "hist_sim_max", "retriever_dot",
+                "pos_mf_score"):
+        assert col in names
+    # columns that should vary across candidates do
+    assert X[:, names.index("user_genre_cos")].std() > 0
+    assert X[:, names.index("hist_sim_mean")].std() > 0
+
+
+def test_recent_popularity_for_validation_uses_train_rows_only(setup):
+    data, cands, X, names = setup["data"], setup["cands"], setup["X"], setup["names"]
+    train = data.train
+    end = int(train.timestamp.max())
+    keep = train.timestamp > end - 90 * rf.DAY
+    expected = np.log1p(np.bincount(train.item[keep], minlength=data.n_items))[cands["item"].to_numpy()]
+    got = X[:, names.index("item_log_pop_90d")]
+    np.testing.assert_allclose(got, expected, rtol=1e-6)
+    # the same feature for the test period may use validation rows, and here it differs
+    known = data.rows_before("test")
+    with_valid = np.log1p(rf.recent_item_counts(known, data.n_items, 90))[cands["item"].to_numpy()]
+    assert not np.allclose(with_valid, expected)
+
+
+def test_history_similarity_is_one_for_the_last_item(toy_data):
+    data = toy_data
+    ctx = data.context("valid", history_len=5)
+
+    class Identity:
+        def item_embeddings(self):
+            return torch.eye(data.n_items)
+
+        def user_embeddings(self, users, ctx):
+            return torch.zeros(len(users), data.n_items)
+
+    users = np.array([0, 1, 2], dtype=np.int64)
+    last = ctx.history[users, -1].numpy() - 1                  # each user's last item
+    other = (last + 1) % data.n_items
+    other = np.where(np.isin(other, ctx.history[users].numpy() - 1), (last + 7) % data.n_items, other)
+    cands = pd.DataFrame({"user": np.r_[users, users], "item": np.r_[last, other],
+                          "retriever_score": np.zeros(6, np.float32), "retriever_rank": np.r_[[1] * 3, [2] * 3]})
+    X, names = rf.build_features(cands, data, ctx, "valid", retriever=Identity())
+    mx, mean = X[:, names.index("hist_sim_max")], X[:, names.index("hist_sim_mean")]
+    n_hist = (ctx.history[users] > 0).sum(1).numpy()
+    np.testing.assert_allclose(mx[:3], 1.0)
+    np.testing.assert_allclose(mean[:3], 1.0 / n_hist, rtol=1e-6)     # distinct history items
+    hist_sets = [set(ctx.history[u].numpy() - 1) for u in users]
+    for j, u in enumerate(users):
+        if other[j] not in hist_sets[j]:
+            assert mx[3 + j] == 0.0
+
+
+# ---------------------------------------------------------------- leakage guard
+def test_fit_inside_guard_and_test_features_raise(setup):
+    data, labels = setup["data"], setup["labels"]
+    test_labels = evaluate.Labels.build(data, "test")          # built outside, as the pipeline does
+    test_cands = make_candidates(setup["retriever"], test_labels)
+    cfg = R.RerankerConfig(variant="lgbm", n_estimators=20, early_stopping_rounds=10)
+    with guard.fitting("reranker", allow=("train", "valid")):
+        model = R.fit_reranker(cfg, setup["cands"], setup["X"], setup["names"], labels, data)
+        with pytest.raises(LeakageError):
+            rf.build_features(test_cands, data, test_labels.ctx, "test", retriever=setup["retriever"])
+        with pytest.raises(LeakageError):
+            _ = data.test
+    # outside the fit the test features build fine and the model scores them
+    Xt, names = rf.build_features(test_cands, data, test_labels.ctx, "test", retriever=setup["retriever"],
+                                  extra_scorers={"pos_mf": SVDRetriever(data, d=4, positives_only=True)})
+    assert names == setup["names"]
+    top = R.rerank(model, test_cands, Xt, test_labels.users)
+    assert top.shape == (len(test_labels.users), 10)
+
+
+# ---------------------------------------------------------------- variants vs baselines
+def _random_order_ndcg(cands, users, labels, n=20):
+    return float(np.mean([R.ndcg_of(R.order_topk(cands, np.random.default_rng(s).random(len(cands)), users),
+                                    labels) for s in range(n)]))
+
+
+@pytest.fixture(scope="module")
+def tuned(setup):
+    with guard.fitting("reranker", allow=("train", "valid")):
+        best, table = R.tune(SECTION, setup["cands"], setup["X"], setup["names"], setup["labels"],
+                             setup["data"], retriever=setup["retriever"], seed=42)
+    return best, table
+
+
+def test_variants_against_retriever_and_random_order(setup, tuned):
+    """Honest expectations on toy data (fixed split, seed 42), printed with -s:
+    - mlp_features (production features + frozen embeddings, listwise loss) beats the
+      retriever's own ordering of the same candidates on held-out users;
+    - lgbm clearly beats a random ordering, and is within noise of the retriever order or above
+      (about 58 held-out users with ~2.9 positives each: differences of 0.02 are noise);
+    - seed: its user-id embedding is untrained for held-out users, so on them it reduces to one
+      user-independent item ordering and sits near random order. We only check that it learns
+      (in-sample, on its train users, it beats random order clearly) - the seed design's limit,
+      not a bug.
+    """
+    best, table = tuned
+    print("\n" + table.to_string())
+    p = R._prepare(setup["cands"], setup["X"], setup["labels"], R.RerankerConfig())
+    held = p.cands.iloc[p.held_rows]
+    rand = _random_order_ndcg(held, p.held_users, p.held_labels)
+    score = dict(zip(table["variant"], table["held_out_ndcg"]))
+    print(f"random order on held-out users: {rand:.4f}")
+    assert score["mlp_features"] > score[R.RETRIEVER_ORDER]
+    assert score["lgbm"] > rand + 0.1
+    assert score["lgbm"] > score[R.RETRIEVER_ORDER] - 0.03
+    assert best.info["held_out_ndcg"] == max(v for k, v in score.items() if k != R.RETRIEVER_ORDER)
+    assert table["chosen"].sum() == 1
+
+
+def test_seed_variant_trains(setup):
+    """The seed design learns (its BPR loss falls) but on held-out users it stays near random
+    order on toy data: see the test above. Only the training itself is asserted here."""
+    cfg = R.RerankerConfig.from_params({**SECTION, "seed": {**SECTION["seed"], "patience": 0}}, "seed", seed=42)
+    with guard.fitting("reranker", allow=("train", "valid")):
+        model = R.fit_reranker(cfg, setup["cands"], None, None, setup["labels"], setup["data"],
+                               retriever=setup["retriever"])
+    losses = model.info["loss_history"]
+    print(f"\nseed losses {np.round(losses, 4)}, held-out {np.round(model.info['held_out_history'], 4)}")
+    assert len(losses) == cfg.epochs and losses[-1] < losses[0]
+    assert 0.0 <= model.info["held_out_ndcg"] <= 1.0
+
+
+# ---------------------------------------------------------------- rerank, padding, persistence
+def test_rerank_order_and_padding():
+    cands = pd.DataFrame({"user": np.array([5, 5, 5, 2, 2], np.int64), "item": np.array([10, 11, 12, 3, 4], np.int64),
+                          "retriever_score": np.zeros(5, np.float32), "retriever_rank": np.array([1, 2, 3, 1, 2])})
+    scores = np.array([0.1, 0.9, 0.5, 0.2, 0.3])
+    users = np.array([2, 5, 9])                                 # 9 has no candidates
+    top = R.order_topk(cands, scores, users, k_keep=4)
+    np.testing.assert_array_equal(top, [[4, 3, -1, -1], [11, 12, 10, -1], [-1, -1, -1, -1]])
+    np.testing.assert_array_equal(R.retriever_order(cands, users, 2), [[3, 4], [10, 11], [-1, -1]])
+    # ties fall back to the retriever's order
+    np.testing.assert_array_equal(R.order_topk(cands, np.zeros(5), np.array([5]), 3), [[10, 11, 12]])
+    # -1 padding never hits, even when the last catalogue item (index -1) is a positive
+    n_items = 20
+    pos = sp.csr_matrix((np.ones(3), ([0, 1, 2], [n_items - 1, n_items - 1, n_items - 1])), shape=(3, n_items))
+    labels = evaluate.Labels(period="valid", users=users, positives=pos, ctx=None, n_items=n_items)
+    res = evaluate.evaluate_ranking(np.pad(top, ((0, 0), (0, 6)), constant_values=-1), labels, ks=(10,))
+    np.testing.assert_array_equal(res.per_user["ndcg@10"], 0.0)
+    assert R.ndcg_of(np.full((3, 10), -1), labels) == 0.0
+
+
+@pytest.mark.parametrize("variant", ["seed", "mlp_features", "lgbm"])
+def test_save_load_round_trip(setup, tmp_path, variant):
+    cfg = R.RerankerConfig.from_params({**SECTION, variant: {**SECTION[variant], "epochs": 1,
+                                                             "n_estimators": 5}}, variant, seed=0)
+    with guard.fitting("reranker", allow=("train", "valid")):
+        model = R.fit_reranker(cfg, setup["cands"], setup["X"], setup["names"], setup["labels"],
+                               setup["data"], retriever=setup["retriever"])
+    ue = rf.retriever_user_table(setup["retriever"], setup["labels"].users, setup["labels"].ctx,
+                                 setup["data"].n_users)
+    before = model.score(setup["cands"], setup["X"], ue)
+    path = model.save(tmp_path / f"reranker_{variant}.ckpt")
+    loaded = R.Reranker.load(path)
+    assert loaded.variant == variant and loaded.feature_names == model.feature_names
+    np.testing.assert_allclose(loaded.score(setup["cands"], setup["X"], ue), before, rtol=1e-6, atol=1e-6)
+    users = setup["labels"].users
+    np.testing.assert_array_equal(R.rerank(loaded, setup["cands"], setup["X"], users, user_emb=ue),
+                                  R.rerank(model, setup["cands"], setup["X"], users, user_emb=ue))
