@@ -52,12 +52,18 @@ def permuted_batches(n: int, batch_size: int, generator: torch.Generator) -> lis
 
 
 class NegativeSampler:
-    """Uniform negatives that exclude each user's known items (vectorised rejection sampling)."""
+    """Uniform negatives that exclude each user's known items.
+
+    Vectorised rejection sampling for ``rounds`` rounds; the few collisions left (users who know
+    most of the catalogue) are then drawn exactly from the user's unknown items. A user who knows
+    every item keeps a random (known) item: there is no negative to give."""
 
     def __init__(self, known: sp.csr_matrix, seed: int = 0, rounds: int = 5):
-        known = known.tocoo()
-        self.n_items = known.shape[1]
-        self.keys = np.unique(known.row.astype(np.int64) * self.n_items + known.col)
+        self.known = sp.csr_matrix(known, copy=True)
+        self.known.sum_duplicates()                          # sorted column indices per row
+        coo = self.known.tocoo()
+        self.n_items = self.known.shape[1]
+        self.keys = np.unique(coo.row.astype(np.int64) * self.n_items + coo.col)
         self.rng = np.random.default_rng(seed)
         self.rounds = rounds
 
@@ -66,15 +72,32 @@ class NegativeSampler:
         pos = np.searchsorted(self.keys, keys).clip(0, max(len(self.keys) - 1, 0))
         return self.keys[pos] == keys if len(self.keys) else np.zeros(keys.shape, bool)
 
+    def _exact(self, user: int) -> int:
+        """A uniform draw from the items ``user`` does not know (the r-th unknown item)."""
+        row = self.known.indices[self.known.indptr[user]:self.known.indptr[user + 1]]
+        n_free = self.n_items - len(row)
+        if n_free <= 0:
+            return int(self.rng.integers(0, self.n_items))
+        r = int(self.rng.integers(0, n_free))
+        j = r
+        while True:                                          # j = r + #known items <= j, to a fixed point
+            nxt = r + int(np.searchsorted(row, j, side="right"))
+            if nxt == j:
+                return j
+            j = nxt
+
     def sample(self, users: np.ndarray, n_neg: int = 1) -> np.ndarray:
-        """(len(users), n_neg) item ids; after ``rounds`` resamples any rare collision is kept."""
+        """(len(users), n_neg) item ids, none of them known to its user (where possible)."""
         users = np.repeat(np.asarray(users)[:, None], n_neg, axis=1)
         items = self.rng.integers(0, self.n_items, size=users.shape)
         for _ in range(self.rounds):
             bad = self.is_known(users, items)
             if not bad.any():
-                break
+                return items
             items[bad] = self.rng.integers(0, self.n_items, size=int(bad.sum()))
+        bad = np.argwhere(self.is_known(users, items))
+        for r, c in bad:                                     # rare: exact draws for what is left
+            items[r, c] = self._exact(int(users[r, c]))
         return items
 
 

@@ -38,9 +38,6 @@ def test_negative_sampler_never_returns_a_known_item():
         assert drawn == set(np.flatnonzero(~dense[u]).tolist())
 
 
-@pytest.mark.xfail(strict=True, reason="NegativeSampler keeps collisions left after `rounds` resamples "
-                                       "(documented); users who rated most of the catalogue can get "
-                                       "known items as negatives with the default rounds=5")
 def test_negative_sampler_default_rounds_exact_on_dense_users():
     known = dense_known(density=0.6)
     dense = known.toarray().astype(bool)
@@ -151,3 +148,11 @@ def test_checkpoint_round_trip(tmp_path):
     other.load_state_dict(ckpt["state_dict"])
     assert torch.equal(other.w, model.w)
     assert count_parameters(other) == 3
+
+
+def test_negative_sampler_finds_the_only_unknown_item():
+    import scipy.sparse as sp
+    known = np.ones((3, 50), dtype=np.float32)
+    known[1, 17] = 0
+    neg = NegativeSampler(sp.csr_matrix(known), seed=1).sample(np.array([1] * 20), n_neg=3)
+    assert (neg == 17).all()
