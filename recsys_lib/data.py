@@ -26,9 +26,12 @@ Loading (``load_dataset``, ``load_interactions``, ``load_items``, ``load_tags``)
 
 Ratings cache
     The first load of a ``ratings.csv`` parses it with pyarrow.csv (typed columns) and writes
-    ``config.processed_dir(NAME)/cache/ratings.parquet`` atomically; ``data/raw`` stays
-    immutable. The cache records the source file's size and mtime and is rebuilt when they change.
-    A ratings file outside ``config.raw_dir()`` caches under ``processed_dir("_external")/cache/<hash>/``.
+    ``config.processed_dir(NAME)/cache/ratings.arrow`` atomically; ``data/raw`` stays immutable.
+    The cache is an uncompressed Arrow IPC (Feather v2) file read through a memory map: on 2
+    shared cores parquet's decoding took 1-3 s for 32M rows (a 6x speed-up over the CSV parse,
+    short of the 10x target), the IPC file ~0.5 s (at the cost of ~20 bytes/row on disk). The
+    cache records the source file's path, size and mtime and is rebuilt when they change. A
+    ratings file outside ``config.raw_dir()`` caches under ``processed_dir("_external")/cache/<hash>/``.
 
 Every failure on bad input raises :class:`recsys_lib.errors.DataError` naming the file or
 parameter and what to do.
@@ -50,8 +53,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pacsv
-import pyarrow.parquet as pq
 
 from . import config
 from .errors import DataError
@@ -373,10 +376,10 @@ def _cache_file(src: Path) -> Path:
     raw = config.raw_dir()
     try:
         rel = src.parent.relative_to(raw)
-        return config.processed_dir(rel.parts[0]) / "cache" / f"{src.stem}.parquet"
+        return config.processed_dir(rel.parts[0]) / "cache" / f"{src.stem}.arrow"
     except (ValueError, IndexError):
         digest = hashlib.sha1(str(src).encode()).hexdigest()[:16]
-        return config.processed_dir("_external") / "cache" / digest / f"{src.stem}.parquet"
+        return config.processed_dir("_external") / "cache" / digest / f"{src.stem}.arrow"
 
 
 def _fingerprint(src: Path) -> dict[bytes, bytes]:
@@ -394,22 +397,35 @@ def _ratings_table(path: Path, cache: bool) -> pa.Table:
         fp = _fingerprint(path)
         if cfile is not None and cfile.is_file():
             try:
-                meta = pq.read_schema(cfile).metadata or {}
+                reader = pa.ipc.open_file(pa.memory_map(str(cfile), "r"))
+                meta = reader.schema.metadata or {}
                 if all(meta.get(k) == v for k, v in fp.items()):
-                    return pq.read_table(cfile)
+                    return reader.read_all()
             except (OSError, pa.ArrowException):
                 pass   # unreadable cache: rebuild it
         table = _read_csv(path, {"userId": pa.int32(), "movieId": pa.int32(), "rating": pa.float32(),
                                  "timestamp": pa.int64()}, "ratings")
         table = table.rename_columns(names)
-        if table.num_rows and cfile is not None:
+        _check_ratings(table, path)
+        if cfile is not None:
             cfile.parent.mkdir(parents=True, exist_ok=True)
             tmp = cfile.with_name(f".{cfile.name}.tmp-{os.getpid()}")
-            pq.write_table(table.replace_schema_metadata(fp), tmp, compression="snappy")
+            with pa.OSFile(str(tmp), "wb") as sink, \
+                    pa.ipc.new_file(sink, table.schema.with_metadata(fp)) as writer:
+                writer.write_table(table, max_chunksize=1 << 22)
             os.replace(tmp, cfile)
+        return table
+    _check_ratings(table, path)
+    return table
+
+
+def _check_ratings(table: pa.Table, path: Path) -> None:
     if table.num_rows == 0:
         raise DataError(f"{path}: the ratings file has a header but no rows; re-fetch the data set")
-    return table
+    lo, hi = pc.min_max(table.column("rating")).values()
+    if lo.as_py() < 0 or hi.as_py() > 5:
+        raise DataError(f"{path}: ratings outside 0-5 (min {lo}, max {hi}); "
+                        f"this is not a MovieLens ratings file")
 
 
 # ------------------------------------------------------------------ public loaders
@@ -417,14 +433,12 @@ def load_interactions(path_or_name, mirror=None, cache: bool = True) -> pd.DataF
     """Ratings as user_id int32, item_id int32, rating float32, timestamp int64.
 
     ``path_or_name``: a registry name (fetched if needed), a data-set folder, or a ratings file.
-    ``cache`` reads/writes the parquet cache of a ``ratings.csv`` (see the module docstring)."""
+    ``cache`` reads/writes the Arrow IPC cache of a ``ratings.csv`` (see the module docstring)."""
     path = _find(_folder_of(path_or_name, mirror), "ratings")
     df = _ratings_table(path, cache).to_pandas()
-    rating = df["rating"]
-    if ((rating < 0) | (rating > 5)).any():
-        raise DataError(f"{path}: ratings outside 0-5 (min {rating.min()}, max {rating.max()}); "
-                        f"this is not a MovieLens ratings file")
-    return df.astype(INTERACTION_DTYPES)
+    if df.dtypes.astype(str).to_dict() != INTERACTION_DTYPES:   # pragma: no cover
+        df = df.astype(INTERACTION_DTYPES)
+    return df
 
 
 _YEAR = re.compile(r"\((\d{4})\)\s*$")

@@ -433,11 +433,13 @@ def _ratings_chunk(users: np.ndarray, plan: dict, world: _World, p: Preset, seed
         target = np.minimum(n_u, uniq)
         deficit = int(n_u.sum() - target.sum())
         surplus = uniq - target
-        if deficit <= surplus.sum():
+        short_min = bool((uniq < np.minimum(n_u, p.min_ratings)).any())
+        if deficit <= surplus.sum() and not short_min:
             if deficit:
                 target = target + _fill(deficit, surplus)
             break
-        # not enough distinct rows: draw more for the short users and merge (rare)
+        # not enough distinct rows (in total, or a user below the preset's minimum): draw more
+        # for the short users, with a flatter taste, and merge
         more = np.where(uniq < n_u, 3 * (n_u - uniq) + 10, 0)
         l2, i2, t2, s2 = _sample_rows(users, more, plan, world, t1, _rng(seed, 4, chunk, attempt),
                                       temper=0.5 ** (attempt + 1))

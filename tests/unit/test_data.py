@@ -249,6 +249,7 @@ def test_csv_loaders_types_and_parsing(tmp_path):
     ("", r"ratings\.csv: the file is empty"),
     ("userId,movieId,rating,timestamp\n", r"ratings\.csv: the ratings file has a header but no rows"),
     ("userId,movieId,rating,timestamp\n1,10,,964982703\n", r"ratings\.csv: column 'rating' has 1 empty"),
+    ("userId,movieId,rating,timestamp\n1,10,7.0,964982703\n", r"ratings\.csv: ratings outside 0-5"),
 ])
 def test_bad_ratings_files(tmp_path, ratings, match):
     folder = write_set(tmp_path / "bad", ratings=ratings)
@@ -283,7 +284,7 @@ def test_parquet_cache_is_used_and_invalidated(tmp_path, data_dir):
     # a set under data/raw caches under data/processed/<name>/cache
     raw = write_set(data_dir / "raw" / "ml-25m")
     data.load_interactions(raw)
-    assert (data_dir / "processed" / "ml-25m" / "cache" / "ratings.parquet").is_file()
+    assert (data_dir / "processed" / "ml-25m" / "cache" / "ratings.arrow").is_file()
 
 
 def test_integrity_rated_movie_missing_from_movies(tmp_path, data_dir):
