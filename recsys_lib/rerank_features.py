@@ -185,7 +185,9 @@ def build_features(cands: pd.DataFrame, data: SplitData, ctx: ScoringContext, pe
     ig = item_genre_matrix(data)
     dist = user_genre_distribution(known, ig, data.n_users)                # (n_users, G)
     igd = np.asarray(ig.todense(), dtype=np.float64)                       # (n_items, G)
-    dot = np.einsum("rg,rg->r", dist[users], igd[items])
+    dot = np.empty(len(users), np.float64)
+    for s in range(0, len(users), CHUNK_ROWS):                             # bounded memory
+        dot[s:s + CHUNK_ROWS] = np.einsum("rg,rg->r", dist[users[s:s + CHUNK_ROWS]], igd[items[s:s + CHUNK_ROWS]])
     du = np.linalg.norm(dist, axis=1)[users]
     di = np.linalg.norm(igd, axis=1)[items]
     cols["user_genre_dot"] = dot
