@@ -545,10 +545,12 @@ def rerank(model: Reranker, cands: pd.DataFrame, X: np.ndarray | None, users: np
 
 def tune(section: dict, cands: pd.DataFrame, X: np.ndarray | None, feature_names: list[str] | None,
          labels: ev.Labels, data, retriever=None, user_emb: np.ndarray | None = None, seed: int = 42,
-         progress: bool = False) -> tuple[Reranker, pd.DataFrame]:
+         progress: bool = False, return_all: bool = False):
     """Fit every variant of ``section["variants"]`` (the params ``reranker:`` section) on the same
     user split; keep the best by held-out nDCG@k. Returns (best model, table with one row per
-    variant plus the retriever's own ordering of the same candidates)."""
+    variant plus the retriever's own ordering of the same candidates), and with ``return_all``
+    also a dict variant -> fitted model (so the report can show every variant on test while the
+    choice stays the held-out users')."""
     variants = list(section.get("variants", VARIANTS))
     base = RerankerConfig.from_params(section, variants[0], seed)
     p = _prepare(cands, X, labels, base)
@@ -556,9 +558,11 @@ def tune(section: dict, cands: pd.DataFrame, X: np.ndarray | None, feature_names
     rows = [{"variant": RETRIEVER_ORDER, "held_out_ndcg": ndcg_of(
         retriever_order(p.cands.iloc[p.held_rows], p.held_users, k), p.held_labels, k), "fit_seconds": 0.0}]
     best = None
+    models = {}
     for v in variants:
         cfg = RerankerConfig.from_params(section, v, seed)
         model = fit_reranker(cfg, cands, X, feature_names, labels, data, retriever, user_emb, progress)
+        models[v] = model
         rows.append({"variant": v, "held_out_ndcg": model.info["held_out_ndcg"],
                      "fit_seconds": model.info["fit_seconds"],
                      "best_epoch_or_round": model.info.get("best_epoch", model.info.get("best_iteration"))})
@@ -566,4 +570,4 @@ def tune(section: dict, cands: pd.DataFrame, X: np.ndarray | None, feature_names
             best = model
     table = pd.DataFrame(rows)
     table["chosen"] = table["variant"] == best.variant
-    return best, table
+    return (best, table, models) if return_all else (best, table)

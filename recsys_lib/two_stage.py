@@ -1,0 +1,91 @@
+"""The two-stage system end to end: retriever candidates -> features -> re-ranker -> top lists.
+
+PROTOCOL.md, "Who learns from what": the re-ranker learns from the validation period's candidates
+(a share of validation users held out for its early stopping and choice of variant); the test
+score re-ranks candidates proposed from histories that include validation rows, and a test
+positive the retriever missed counts as a miss (lists are the re-ranked candidates, padded).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from . import candidates as cand
+from . import guard
+from .evaluate import EvalResult, Labels, evaluate_ranking
+from .experiment import Run
+from .models import reranker as rr
+from .rerank_features import build_features, retriever_user_table
+
+BASELINE_CLASSES = {"ease": ("ease", "EASE"), "mf": ("mf", "MF"), "neumf": ("neumf", "NeuMF"),
+                    "popularity": ("popularity", "Popularity")}
+
+
+@dataclass
+class StageInputs:
+    """Everything the re-ranker sees for one period."""
+
+    period: str
+    labels: Labels
+    cands: pd.DataFrame
+    X: np.ndarray
+    names: list[str]
+    user_emb: np.ndarray
+    seconds: float            # features + retriever user embeddings
+
+
+def load_retriever(run: Run):
+    from .models.two_tower import TwoTower
+    return TwoTower.load(run.require("models", "two_tower.pt", stage="20_two_tower"), device=str(run.device))
+
+
+def load_baselines(run: Run, names: list[str]) -> dict:
+    """Fitted baselines (from their notebooks' checkpoints) whose scores become re-ranker features;
+    a missing one is skipped with a message."""
+    import importlib
+    out = {}
+    for name in names:
+        module, cls = BASELINE_CLASSES[name]
+        path = run.dir / "models" / f"{name}.pt"
+        if not path.exists():
+            print(f"re-ranker feature {name}_score skipped: {path} missing (run its notebook first)")
+            continue
+        out[name] = getattr(importlib.import_module(f"recsys_lib.models.{module}"), cls).load(path, device=str(run.device))
+    return out
+
+
+def stage_inputs(run: Run, retriever, period: str, extra: dict) -> StageInputs:
+    """Candidates of ``period`` (from 20_two_tower) with their features."""
+    labels = run.evaluator(period, history_len=retriever.cfg.history_len).labels
+    cands = cand.load_candidates(run.require("candidates", f"{period}.parquet", stage="20_two_tower"))
+    t0 = time.perf_counter()
+    user_emb = retriever_user_table(retriever, labels.users, labels.ctx, run.data.n_users)
+    X, names = build_features(cands, run.data, labels.ctx, period, retriever, extra, user_emb)
+    return StageInputs(period, labels, cands, X, names, user_emb, time.perf_counter() - t0)
+
+
+def fit(run: Run, valid: StageInputs, retriever, section: dict):
+    """Train every re-ranker variant on validation candidates (inside the guard: train and
+    validation rows only); returns (chosen model, table, all models)."""
+    with guard.fitting("reranker", allow=("train", "valid")):
+        return rr.tune(section, valid.cands, valid.X, valid.names, valid.labels, run.data, retriever,
+                       valid.user_emb, seed=run.seed, progress=True, return_all=True)
+
+
+def held_out_users(valid: StageInputs, model) -> tuple[np.ndarray, np.ndarray]:
+    """(train users, held-out users) of the re-ranker's validation split (the same fixed seed)."""
+    return rr.split_users(valid.labels.users, model.cfg.held_out_share, model.cfg.seed)
+
+
+def ranked(model, inputs: StageInputs, users: np.ndarray | None = None, k_keep: int = 1000,
+           ks=(10, 50, 100, 200, 500, 1000)) -> EvalResult:
+    """Re-rank ``inputs``' candidates and score the lists under the protocol (for ``users``, a
+    subset of the period's scored users, or all of them)."""
+    labels = inputs.labels if users is None else rr.subset_labels(inputs.labels, users)
+    t0 = time.perf_counter()
+    top = rr.rerank(model, inputs.cands, inputs.X, labels.users, k_keep=k_keep, user_emb=inputs.user_emb)
+    seconds = time.perf_counter() - t0 + inputs.seconds * len(labels.users) / max(len(inputs.labels.users), 1)
+    return evaluate_ranking(top, labels, ks, seconds=seconds)
