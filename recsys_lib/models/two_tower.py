@@ -190,25 +190,43 @@ class TwoTowerNet(nn.Module):
         return -F.logsigmoid(diff).mean()
 
     def softmax_loss(self, batch) -> torch.Tensor:
+        """Sampled softmax over the batch's positives (+ shared uniform extras) as negatives:
+        logit(i, j) = <u_i, v_j> / temperature - log Q(j), where Q(j) is the expected number of
+        draws of item j as a column (B * P(j is a positive) in-batch, M / n_items for the uniform
+        extras); other columns holding row i's own positive item are masked (not negatives)."""
         users, hist, pos, extra = batch
-        u = self.user_tower(users, hist).float()                          # (B, D)
+        u = self.user_tower(users, hist).float() / self.cfg.temperature  # (B, D), scaled once
         cand = pos if extra is None else torch.cat([pos, extra])          # (B + M,)
         v = self.item_tower(cand).float()                                 # (B + M, D)
-        logits = u @ v.T / self.cfg.temperature                           # (B, B + M)
         b = len(pos)
         if self.cfg.logq:
-            # expected number of times item j is drawn as an in-batch column: B * P(j);
-            # uniform extras: M / n_items each (mixed negative sampling)
-            corr = self.log_pop[pos] + math.log(b)                       # (B,)
+            bias = -(self.log_pop[pos] + math.log(b))                     # (B,)
             if extra is not None:
-                corr = torch.cat([corr, corr.new_full((len(extra),), math.log(len(extra) / self.n_items))])
-            logits = logits - corr.unsqueeze(0)
-        # the same item elsewhere in the batch is not a negative for this row
-        dup = pos.unsqueeze(1) == cand.unsqueeze(0)                       # (B, B + M)
-        dup[torch.arange(b, device=pos.device), torch.arange(b, device=pos.device)] = False
-        logits = logits.masked_fill(dup, float("-inf"))
-        target = torch.arange(b, device=pos.device)
-        return F.cross_entropy(logits, target)
+                bias = torch.cat([bias, bias.new_full((len(extra),), -math.log(len(extra) / self.n_items))])
+            logits = torch.addmm(bias.unsqueeze(0), u, v.T)               # (B, B + M), one pass
+        else:
+            logits = u @ v.T                                              # (B, B + M)
+        rows, cols = _same_item_pairs(pos, cand)
+        if len(rows):
+            logits = logits.index_put((rows, cols), logits.new_tensor(float("-inf")))
+        return F.cross_entropy(logits, torch.arange(b, device=pos.device))
+
+
+def _same_item_pairs(pos: torch.Tensor, cand: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row, column) pairs with cand[column] == pos[row] and column != row, without a B x B mask."""
+    sorted_cand, order = torch.sort(cand)                                 # (C,)
+    lo = torch.searchsorted(sorted_cand, pos, right=False)                # (B,)
+    hi = torch.searchsorted(sorted_cand, pos, right=True)                 # (B,)
+    counts = hi - lo                                                      # >= 1 (the diagonal)
+    total = int(counts.sum())
+    if total == len(pos):                                                 # only the diagonal
+        empty = pos.new_empty(0)
+        return empty, empty
+    rows = torch.repeat_interleave(torch.arange(len(pos), device=pos.device), counts)   # (P,)
+    start = torch.repeat_interleave(lo - torch.cumsum(counts, 0) + counts, counts)     # (P,)
+    cols = order[start + torch.arange(total, device=pos.device)]          # (P,)
+    keep = cols != rows
+    return rows[keep], cols[keep]
 
 
 class TwoTower(Recommender):
