@@ -42,6 +42,7 @@ import hashlib
 import io
 import json
 import os
+import warnings
 import re
 import shutil
 import tempfile
@@ -110,6 +111,7 @@ class MovieLens:
     items: pd.DataFrame
     tags: pd.DataFrame
     checksums: dict[str, str] = field(default_factory=dict)
+    dropped_rows: int = 0          # rating rows dropped by check_integrity (unknown movie ids)
 
 
 def dataset_info(name: str) -> DatasetInfo:
@@ -507,18 +509,26 @@ def load_tags(path_or_name, mirror=None) -> pd.DataFrame:
     return df
 
 
-def check_integrity(interactions: pd.DataFrame, items: pd.DataFrame, source: str) -> None:
-    """Every rated movie must be listed in the movies file (true of every MovieLens release:
-    ids are consistent between ratings, tags, movies and links); DataError otherwise."""
+def check_integrity(interactions: pd.DataFrame, items: pd.DataFrame, source: str) -> tuple[pd.DataFrame, int]:
+    """Drop rating rows whose movie is missing from the movies file, with a warning.
+
+    Every official MovieLens release is consistent (ids agree between ratings, tags, movies and
+    links); a row that references an unknown movie cannot be given features or a title, so it
+    is dropped and counted rather than passed on. Returns (kept rows, number dropped)."""
     unknown = ~interactions["item_id"].isin(items["item_id"])
-    if unknown.any():
-        bad = interactions[unknown]
-        example = bad.iloc[0]
-        raise DataError(
-            f"{source}: {int(unknown.sum())} rating row(s) reference movie id(s) missing from the movies "
-            f"file (e.g. user {int(example['user_id'])}, movie {int(example['item_id'])}); the ratings "
-            f"file is not a consistent MovieLens release. Replace it with the official file "
-            f"(fetch with force=True from a good source); the rows were not dropped silently.")
+    if not unknown.any():
+        return interactions, 0
+    bad = interactions[unknown]
+    example = bad.iloc[0]
+    warnings.warn(
+        f"{source}: dropped {int(unknown.sum())} rating row(s) whose movie id is missing from the movies "
+        f"file (e.g. user {int(example['user_id'])}, movie {int(example['item_id'])}); official MovieLens "
+        f"releases have none, so check the source of this copy.", DataIntegrityWarning, stacklevel=2)
+    return interactions[~unknown].reset_index(drop=True), int(unknown.sum())
+
+
+class DataIntegrityWarning(UserWarning):
+    """A loaded file had rows that had to be dropped (e.g. ratings of unknown movies)."""
 
 
 def load_dataset(name: str, mirror=None) -> MovieLens:
@@ -529,6 +539,6 @@ def load_dataset(name: str, mirror=None) -> MovieLens:
     marker = read_marker(path) or {}
     sums = marker.get("checksums") or {f: md5_file(path / f) for f in _data_files(path)}
     interactions, items = load_interactions(path), load_items(path)
-    check_integrity(interactions, items, str(path))
+    interactions, dropped = check_integrity(interactions, items, str(path))
     return MovieLens(name=name, path=path, interactions=interactions, items=items,
-                     tags=load_tags(path), checksums=dict(sums))
+                     tags=load_tags(path), checksums=dict(sums), dropped_rows=dropped)
