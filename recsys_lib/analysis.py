@@ -94,3 +94,12 @@ def graded_ndcg_at_k(topk: np.ndarray, gains, k: int = 10) -> np.ndarray:
     idcg = np.bincount(row_of[order][keep], weights=g.data[order][keep] * disc[pos[keep]],
                        minlength=g.shape[0])
     return np.divide(dcg, idcg, out=np.zeros_like(dcg), where=idcg > 0)
+
+
+def period_ratings(data: SplitData, period: str, users: np.ndarray):
+    """(len(users), n_items) csr of the ratings given in ``period`` (graded gains for the audit)."""
+    import scipy.sparse as sp
+    p = data.period(period)
+    m = sp.csr_matrix((p.rating.astype(np.float64), (p.user, p.item)), shape=(data.n_users, data.n_items))
+    m.sum_duplicates()
+    return m[users]

@@ -198,3 +198,20 @@ def results_table(run_dir: str | os.PathLike, period: str = "test",
         row["scoring s / 1k users"] = s.get("scoring_seconds_per_1000_users")
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def ci_table(run_dir: str | os.PathLike, period: str = "test", metric: str = "ndcg@10") -> pd.DataFrame:
+    """model, metric, lo, hi (95% bootstrap CI) of every model scored on ``period``."""
+    rows = []
+    for m in collect_metrics(run_dir):
+        s = m.get(period)
+        if s and metric in s:
+            lo, hi = s.get(f"{metric}_ci", [np.nan, np.nan])
+            rows.append({"model": m["model"], metric: s[metric], "lo": lo, "hi": hi})
+    return pd.DataFrame(rows)
+
+
+def read_json(run_dir: str | os.PathLike, *parts: str) -> Any:
+    """A JSON artefact of the run, or None when its notebook has not run."""
+    p = Path(run_dir, *parts)
+    return json.loads(p.read_text()) if p.exists() else None

@@ -95,9 +95,10 @@ def _series(s: pd.Series):
 
 
 def training_curves(histories: dict[str, dict]):
-    """Loss and validation metric per epoch for each named FitHistory.as_dict()."""
+    """Loss and validation metric per epoch for each named FitHistory (or its ``as_dict()``)."""
     fig, axes = _fig(2)
     for name, h in histories.items():
+        h = h.as_dict() if hasattr(h, "as_dict") else h
         rec = pd.DataFrame(h.get("records", []))
         if rec.empty:
             continue

@@ -69,7 +69,8 @@ def dataset_summary(ds) -> dict:
     ts = pd.to_datetime(inter["timestamp"], unit="s")
     return {"dataset": ds.name, "ratings": int(len(inter)), "users": int(inter["user_id"].nunique()),
             "movies": int(len(ds.items)), "rated movies": int(inter["item_id"].nunique()),
-            "tags": int(len(ds.tags)), "first rating": str(ts.min().date()) if len(ts) else None,
+            "tags": int(len(ds.tags)), "rating rows dropped (unknown movie)": int(getattr(ds, "dropped_rows", 0)),
+            "first rating": str(ts.min().date()) if len(ts) else None,
             "last rating": str(ts.max().date()) if len(ts) else None,
             "share rating >= 4": float((inter["rating"] >= 4).mean()) if len(inter) else 0.0,
             "checksums": dict(ds.checksums)}
