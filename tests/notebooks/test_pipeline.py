@@ -1,0 +1,66 @@
+"""The whole pipeline on a tiny synthetic set with the quick profile: every notebook runs, the
+report and metrics.json exist and hold every model, and the personalised models beat popularity."""
+import json
+import math
+
+import pytest
+
+from recsys_lib import pipeline
+from recsys_lib.errors import PipelineError
+
+MODELS = ["popularity", "mf", "neumf", "ease", "two_tower", "two_stage"]
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipeline")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("RECSYS_DATA_DIR", str(root / "data"))
+    mp.setenv("RECSYS_REPORTS_DIR", str(root / "reports"))
+    index = pipeline.run_pipeline("synthetic-tiny", "quick", timeout=600)
+    yield index
+    mp.undo()
+
+
+@pytest.mark.slow
+def test_every_notebook_ran_and_the_report_renders(report):
+    out = report.parent
+    names = [p.stem for p in pipeline.notebooks()]
+    for name in names:
+        assert (out / "notebooks" / f"{name}.ipynb").exists(), name
+        assert (out / "notebooks" / f"{name}.html").exists(), name
+    html = report.read_text()
+    assert "Results on the test period" in html and "two_stage" in html
+    assert "<script src=\"http" not in html and "cdnjs" not in html, "the report must open offline"
+
+
+@pytest.mark.slow
+def test_metrics_json_holds_every_model_in_bounds(report):
+    m = json.loads((report.parent / "metrics.json").read_text())
+    assert set(MODELS) <= set(m["models"])
+    assert m["git_commit"] and m["packages"]["torch"].startswith("2.13") and m["dataset_checksums"]
+    for name, rec in m["models"].items():
+        for period in ("valid", "test"):
+            s = rec[period]
+            for key in ("ndcg@10", "recall@10", "recall@100", "hit_rate@10", "mrr@10", "coverage@10"):
+                assert 0.0 <= s[key] <= 1.0, (name, period, key)
+            lo, hi = s["ndcg@10_ci"]
+            assert lo <= s["ndcg@10"] <= hi
+        assert rec["fit_seconds"] is not None and rec["seed"] == 42
+    test = {n: m["models"][n]["test"]["ndcg@10"] for n in MODELS}
+    for name in ("ease", "two_stage"):
+        assert test[name] > 1.3 * test["popularity"], test
+    for name in ("mf", "neumf", "two_tower"):
+        assert test[name] > test["popularity"], test
+    users = {m["models"][n]["test"]["users"] for n in MODELS}
+    assert len(users) == 1, "every model is scored on the same test users"
+
+
+@pytest.mark.slow
+def test_a_failing_notebook_stops_the_pipeline_and_is_named(tmp_path, monkeypatch):
+    monkeypatch.setenv("RECSYS_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("RECSYS_REPORTS_DIR", str(tmp_path / "reports"))
+    with pytest.raises(PipelineError, match=r"10_popularity.*data.pt is missing: run 01_split"):
+        pipeline.run_pipeline("synthetic-tiny", "quick", only=["10", "11"], timeout=300)
+    kept = tmp_path / "reports" / "synthetic-tiny" / "notebooks"
+    assert (kept / "10_popularity.ipynb").exists() and not (kept / "11_mf.ipynb").exists()
