@@ -27,7 +27,9 @@ HEADLINE = "ndcg@10"
 
 
 class Scorer(Protocol):
-    """What `evaluate` needs from a model: scores of a user batch against the whole catalogue."""
+    """What `evaluate` needs from a model: scores of a user batch against the whole catalogue.
+
+    The returned tensor must be fresh (not a view of model state): seen items are masked in place."""
 
     def score_all(self, users: torch.Tensor, ctx: ScoringContext) -> torch.Tensor:  # (B, n_items)
         ...
