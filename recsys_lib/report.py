@@ -20,7 +20,11 @@ TEMPLATES = Path(__file__).with_name("templates")
 def render_notebook(ipynb: str | os.PathLike, html: str | os.PathLike, include_code: bool = True) -> Path:
     """Render one executed notebook to a standalone HTML page (atomic write)."""
     from nbconvert import HTMLExporter
+    from nbconvert.preprocessors import TagRemovePreprocessor
     exporter = HTMLExporter(template_name="offline", extra_template_basedirs=[str(TEMPLATES)])
+    if not include_code:      # the reader's report: no set-up output (versions, paths)
+        exporter.register_preprocessor(TagRemovePreprocessor(remove_cell_tags={"setup", "parameters",
+                                                                               "injected-parameters"}), enabled=True)
     exporter.exclude_input = not include_code
     exporter.exclude_input_prompt = not include_code
     exporter.exclude_output_prompt = True
