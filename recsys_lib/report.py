@@ -85,3 +85,22 @@ def split_table(stats: dict) -> "pd.DataFrame":
     import pandas as pd
     keys = ["rows", "users", "items", "positives", "users_scored", "first_date", "last_date"]
     return pd.DataFrame({p: {k: stats[p].get(k) for k in keys} for p in ("train", "valid", "test")}).T
+
+
+def readme_table(metrics_json: str | os.PathLike, period: str = "test") -> str:
+    """A Markdown table of every model's ``period`` metrics from a report's metrics.json
+    (``python -c "from recsys_lib.report import readme_table; print(readme_table('reports/X/metrics.json'))"``)."""
+    import json
+    m = json.loads(Path(metrics_json).read_text())
+    lines = ["| model | nDCG@10 [95% CI] | Recall@10 | Recall@100 | Recall@500 | HitRate@10 | MRR@10 | coverage@10 | fit s |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for name, rec in m["models"].items():
+        s = rec.get(period)
+        if not s:
+            continue
+        lo, hi = s["ndcg@10_ci"]
+        fit = rec.get("fit_seconds")
+        lines.append(f"| {name} | {s['ndcg@10']:.4f} [{lo:.4f}, {hi:.4f}] | {s['recall@10']:.4f} | "
+                     f"{s['recall@100']:.4f} | {s['recall@500']:.4f} | {s['hit_rate@10']:.4f} | "
+                     f"{s['mrr@10']:.4f} | {s['coverage@10']:.4f} | {fit:.0f} |" if fit is not None else "")
+    return "\n".join(lines)
