@@ -1,7 +1,9 @@
 """The two-stage system end to end: retriever candidates -> features -> re-ranker -> top lists.
 
 PROTOCOL.md, "Who learns from what": the re-ranker learns from the validation period's candidates
-(a share of validation users held out for its early stopping and choice of variant); the test
+(a share of validation users held out for its early stopping and choice of variant, or, with
+``reranker.folds`` > 1, K-fold cross-fitting: every validation user is held out from exactly one
+fold model, and `out_of_fold_ranked` scores each user with that model); the test
 score re-ranks candidates proposed from histories that include validation rows, and a test
 positive the retriever missed counts as a miss (lists are the re-ranked candidates, padded).
 """
@@ -76,8 +78,40 @@ def fit(run: Run, valid: StageInputs, retriever, section: dict):
 
 
 def held_out_users(valid: StageInputs, model) -> tuple[np.ndarray, np.ndarray]:
-    """(train users, held-out users) of the re-ranker's validation split (the same fixed seed)."""
+    """(train users, held-out users) of the re-ranker's validation split (the same fixed seed).
+    Single-split models only (``folds: 1``); a cross-fitted ensemble has no single held-out set:
+    use `out_of_fold_ranked` / `in_fold_ranked`."""
+    if isinstance(model, rr.RerankerEnsemble):
+        raise ValueError("a cross-fitted re-ranker has no single held-out split; use "
+                         "two_stage.out_of_fold_ranked / in_fold_ranked")
     return rr.split_users(valid.labels.users, model.cfg.held_out_share, model.cfg.seed)
+
+
+def _fold_ranked(model, valid: StageInputs, out_of_fold: bool, k_keep: int, ks) -> EvalResult:
+    if not isinstance(model, rr.RerankerEnsemble):          # folds: 1 -> the single split
+        trained_on, held = held_out_users(valid, model)
+        return ranked(model, valid, held if out_of_fold else trained_on, k_keep, ks)
+    if valid.period != "valid":
+        raise ValueError(f"out-of-fold / in-fold rankings exist for the validation users only, not {valid.period!r}")
+    fn = rr.out_of_fold_topk if out_of_fold else rr.in_fold_topk
+    t0 = time.perf_counter()
+    top = fn(model, valid.cands, valid.X, valid.labels.users, k_keep, valid.user_emb)
+    return evaluate_ranking(top, valid.labels, ks, seconds=time.perf_counter() - t0 + valid.seconds)
+
+
+def out_of_fold_ranked(model, valid: StageInputs, k_keep: int = 1000,
+                       ks=(10, 50, 100, 200, 500, 1000)) -> EvalResult:
+    """The two-stage system's honest validation score: every validation user ranked by the fold
+    model that never trained on them (all validation users). For a single-split model
+    (``folds: 1``): its held-out users only, as before."""
+    return _fold_ranked(model, valid, True, k_keep, ks)
+
+
+def in_fold_ranked(model, valid: StageInputs, k_keep: int = 1000,
+                   ks=(10, 50, 100, 200, 500, 1000)) -> EvalResult:
+    """The leaky "seed protocol" number: every validation user ranked by the fold models that
+    trained on them (single split: the train users by the model)."""
+    return _fold_ranked(model, valid, False, k_keep, ks)
 
 
 def ranked(model, inputs: StageInputs, users: np.ndarray | None = None, k_keep: int = 1000,

@@ -2,12 +2,22 @@
 
 Training data are the *validation* period's candidates (retriever fit on train, histories up
 to validation), labelled 1 when (user, item) is a validation positive. Labels come from an
-`evaluate.Labels` for "valid" built before the fit. The validation users are split once
-(fixed seed) into train users (1 - held_out_share) and held-out users; every variant trains on
-the former and is early-stopped and compared on the latter by the protocol's nDCG@10 of the
-re-ranked top 10 (`evaluate.evaluate_ranking`, whose IDCG counts *all* the user's validation
-positives: a positive the retriever missed is a miss). Test rows are never read here; fit
-inside ``guard.fitting("reranker", allow=("train", "valid"))``.
+`evaluate.Labels` for "valid" built before the fit. Metric throughout: the protocol's nDCG@10
+of the re-ranked top 10 (`evaluate.evaluate_ranking`, whose IDCG counts *all* the user's
+validation positives: a positive the retriever missed is a miss). Test rows are never read
+here; fit inside ``guard.fitting("reranker", allow=("train", "valid"))``.
+
+Two ways to use the validation users (params ``reranker.folds``):
+- ``folds: 1`` (or missing): one fixed-seed split into train users (1 - held_out_share) and
+  held-out users; every variant trains on the former and is early-stopped and compared on the
+  latter. With ~550 validation users (ml-latest-small) that is ~110 held-out users: the choice
+  between close variants is noise, and each model learns from 80% of the users.
+- ``folds: K`` > 1, cross-fitting: K fixed-seed folds of the validation users; for each fold k a
+  member is fit on the other folds' users and early-stopped on fold k's. A variant's score is
+  the nDCG@10 of the *out-of-fold* rankings over all validation users (each ranked by the member
+  that never trained on them); the best is chosen. The final model (`RerankerEnsemble`) averages
+  its K members' per-user standardised scores, so every validation user's data shapes it, while
+  no validation score ever comes from a model trained on the user scored.
 
 Variants (``RerankerConfig.variant``):
 - ``seed``: the design this project starts from: user-id embedding, the retriever's frozen
@@ -20,15 +30,17 @@ Variants (``RerankerConfig.variant``):
 - ``lgbm``: LightGBM LambdaRank on the production features, grouped by user, early-stopped on
   the held-out users' protocol nDCG@10; deterministic.
 
-`tune` trains the listed variants and keeps the best on the held-out users; `rerank` turns
-scores into each user's top list (padding -1, which never hits).
+`tune` trains the listed variants and keeps the best on the held-out users (out-of-fold with
+``folds`` > 1); `rerank` turns scores into each user's top list (padding -1, which never hits);
+`out_of_fold_topk` / `in_fold_topk` rank validation users with an ensemble's members that did
+not / did train on them.
 """
 from __future__ import annotations
 
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -49,6 +61,7 @@ RETRIEVER_ORDER = "retriever_order"
 class RerankerConfig:
     variant: str = "lgbm"            # seed | mlp_features | lgbm
     held_out_share: float = 0.2      # share of validation users kept out of training (early stopping, choice)
+    folds: int = 1                   # > 1: K-fold cross-fitting over validation users (tune; held_out_share unused)
     seed: int = 42                   # user split, initialisation, negative sampling, LightGBM
     k_eval: int = 10                 # held-out nDCG@k_eval picks epochs / trees and the variant
     # --- MLP variants (seed, mlp_features)
@@ -134,6 +147,31 @@ def split_users(users: np.ndarray, held_out_share: float, seed: int) -> tuple[np
     if len(users) >= 2:
         n_held = min(max(n_held, 1), len(users) - 1)
     return np.sort(users[perm[n_held:]]), np.sort(users[perm[:n_held]])
+
+
+def fold_users(users: np.ndarray, folds: int, seed: int) -> list[np.ndarray]:
+    """``folds`` disjoint sorted user sets covering ``users`` (a fixed-seed permutation cut into
+    near-equal parts): the cross-fitting folds of `tune`."""
+    users = np.asarray(users)
+    if folds < 2 or folds > len(users):
+        raise ValueError(f"need 2 <= folds <= {len(users)} users, got folds={folds}")
+    perm = np.random.default_rng(seed).permutation(len(users))
+    return [np.sort(users[part]) for part in np.array_split(perm, folds)]
+
+
+def per_user_zscore(users: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """Scores standardised within each user's candidate list (mean 0, std 1; a constant list -> 0)."""
+    users = np.asarray(users)
+    scores = np.asarray(scores, dtype=np.float64)
+    if len(scores) == 0:
+        return scores.copy()
+    _, inv = np.unique(users, return_inverse=True)
+    n = np.bincount(inv).astype(np.float64)
+    mean = np.bincount(inv, scores) / n
+    dev = scores - mean[inv]
+    sd = np.sqrt(np.bincount(inv, dev * dev) / n)
+    sd[sd < 1e-12] = 1.0
+    return dev / sd[inv]
 
 
 def candidate_labels(cands: pd.DataFrame, labels: ev.Labels) -> np.ndarray:
@@ -283,22 +321,129 @@ class Reranker:
         return save_checkpoint(path, self.net, self.cfg, kind="reranker_mlp", init=self.init,
                                feature_names=self.feature_names, info=self.info)
 
+    def to_blob(self) -> dict:
+        """Everything needed to rebuild the model, as one picklable dict (ensemble members)."""
+        blob = {"config": asdict(self.cfg), "feature_names": self.feature_names, "info": self.info}
+        if self.variant == "lgbm":
+            return {"kind": "reranker_lgbm", "model_str": self.booster_str, **blob}
+        return {"kind": "reranker_mlp", "init": self.init, "state_dict": self.net.state_dict(), **blob}
+
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "Reranker":
-        path = Path(path)
-        with open(path, "rb") as fh:
-            first = fh.read(1)
-        if first == b"{":
-            blob = json.loads(path.read_text())
-            model = cls(RerankerConfig(**blob["config"]), blob["feature_names"], booster_str=blob["model_str"])
+    def from_blob(cls, blob: dict) -> "Reranker":
+        cfg = RerankerConfig(**blob["config"])
+        if blob.get("kind") == "reranker_lgbm" or "model_str" in blob:
+            model = cls(cfg, blob["feature_names"], booster_str=blob["model_str"])
         else:
-            blob = load_checkpoint(path)
-            cfg = RerankerConfig(**blob["config"])
             net = _build_net(cfg, blob["init"])
             net.load_state_dict(blob["state_dict"])
             net.eval()
             model = cls(cfg, blob["feature_names"], net=net, init=blob["init"])
         model.info = blob.get("info", {})
+        return model
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Reranker | RerankerEnsemble":
+        """A saved re-ranker; a file written by `RerankerEnsemble.save` loads as that ensemble
+        (so code that globs ``reranker_*.pt`` keeps working with cross-fitting)."""
+        path = Path(path)
+        with open(path, "rb") as fh:
+            first = fh.read(1)
+        if first == b"{":
+            return cls.from_blob(json.loads(path.read_text()))
+        blob = load_checkpoint(path)
+        if blob.get("kind") == "reranker_ensemble":
+            return RerankerEnsemble.from_blob(blob)
+        return cls.from_blob(blob)
+
+
+def load(path: str | os.PathLike) -> "Reranker | RerankerEnsemble":
+    """Load a re-ranker saved by `Reranker.save` or `RerankerEnsemble.save`."""
+    return Reranker.load(path)
+
+
+class RerankerEnsemble:
+    """The K fold models of one variant under cross-fitting (`tune` with ``folds`` > 1).
+
+    Member k was fit on the validation users outside ``fold_users[k]`` and early-stopped on
+    ``fold_users[k]``. ``score`` (used for test and any user no member trained on) averages the
+    members' scores after standardising each within every user's candidate list: only the
+    order inside a user's list matters, and members' raw scales differ (LambdaRank raw scores vs
+    BPR / softmax logits, and even one variant's members drift in offset and spread with their
+    number of epochs / trees), so a plain mean would let the member with the widest spread
+    dictate the order; per-user z-scores give every member an equal say and leave a single
+    member's order unchanged. `out_of_fold_topk` ranks each validation user with the member
+    that never trained on them (the honest validation score); `in_fold_topk` with the members
+    that did (the leakage audit's "seed protocol" number).
+    """
+
+    def __init__(self, cfg: RerankerConfig, members: list[Reranker], fold_users: list[np.ndarray],
+                 info: dict | None = None):
+        if len(members) != len(fold_users) or len(members) < 2:
+            raise ValueError("an ensemble needs one member per fold and at least 2 folds")
+        self.cfg = cfg
+        self.members = list(members)
+        self.fold_users = [np.sort(np.asarray(f, dtype=np.int64)) for f in fold_users]
+        self.info: dict = info or {}
+
+    @property
+    def variant(self) -> str:
+        return self.cfg.variant
+
+    @property
+    def feature_names(self) -> list[str]:
+        return self.members[0].feature_names
+
+    @property
+    def needs_user_emb(self) -> bool:
+        return any(m.needs_user_emb for m in self.members)
+
+    @property
+    def folds(self) -> int:
+        return len(self.members)
+
+    def score(self, cands: pd.DataFrame, X: np.ndarray | None = None, user_emb: np.ndarray | None = None,
+              feature_names: list[str] | None = None, members: Sequence[int] | None = None) -> np.ndarray:
+        """Mean of the members' per-user standardised scores (all members, or those listed)."""
+        idx = range(len(self.members)) if members is None else members
+        users = cands["user"].to_numpy(np.int64)
+        out = np.zeros(len(cands), np.float64)
+        for j in idx:
+            out += per_user_zscore(users, self.members[j].score(cands, X, user_emb, feature_names))
+        return out / max(len(idx), 1)
+
+    def fold_of(self, users: np.ndarray) -> np.ndarray:
+        """The fold index of each user (-1: in no fold, i.e. not a validation user it was fit on)."""
+        users = np.asarray(users, dtype=np.int64)
+        out = np.full(len(users), -1, np.int64)
+        for k, f in enumerate(self.fold_users):
+            out[np.isin(users, f)] = k
+        return out
+
+    # ------------------------------------------------------------ persistence
+    def to_blob(self) -> dict:
+        return {"kind": "reranker_ensemble", "config": asdict(self.cfg), "info": self.info,
+                "fold_users": [f.tolist() for f in self.fold_users],
+                "members": [m.to_blob() for m in self.members]}
+
+    @classmethod
+    def from_blob(cls, blob: dict) -> "RerankerEnsemble":
+        return cls(RerankerConfig(**blob["config"]), [Reranker.from_blob(b) for b in blob["members"]],
+                   [np.asarray(f, dtype=np.int64) for f in blob["fold_users"]], blob.get("info", {}))
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """One torch file with the K members (lgbm: model strings; MLPs: state dicts)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        torch.save(self.to_blob(), tmp)
+        tmp.replace(path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "RerankerEnsemble":
+        model = Reranker.load(path)
+        if not isinstance(model, cls):
+            raise ValueError(f"{path} holds a single re-ranker, not an ensemble")
         return model
 
 
@@ -325,14 +470,24 @@ class _Prepared:
     held_labels: ev.Labels
 
 
-def _prepare(cands: pd.DataFrame, X: np.ndarray | None, labels: ev.Labels, cfg: RerankerConfig) -> _Prepared:
+def _prepare(cands: pd.DataFrame, X: np.ndarray | None, labels: ev.Labels, cfg: RerankerConfig,
+             train_users: np.ndarray | None = None, held_users: np.ndarray | None = None) -> _Prepared:
     if X is not None and len(X) != len(cands):
         raise ValueError(f"X has {len(X)} rows for {len(cands)} candidates")
     order = np.lexsort((cands["retriever_rank"].to_numpy(), cands["user"].to_numpy()))
     c = cands.iloc[order].reset_index(drop=True)
     Xs = X[order] if X is not None else None
     y = candidate_labels(c, labels)
-    tr_users, ho_users = split_users(labels.users, cfg.held_out_share, cfg.seed)
+    if (train_users is None) != (held_users is None):
+        raise ValueError("give both train_users and held_users, or neither")
+    if train_users is None:
+        tr_users, ho_users = split_users(labels.users, cfg.held_out_share, cfg.seed)
+    else:
+        tr_users, ho_users = np.sort(np.asarray(train_users)), np.sort(np.asarray(held_users))
+        if np.isin(tr_users, ho_users).any():
+            raise ValueError("train and held-out users overlap")
+        if not np.isin(np.r_[tr_users, ho_users], labels.users).all():
+            raise ValueError("train and held-out users must be validation users (labels.users)")
     u = c["user"].to_numpy(np.int64)
     return _Prepared(cands=c, X=Xs, y=y, train_rows=np.flatnonzero(np.isin(u, tr_users)),
                      held_rows=np.flatnonzero(np.isin(u, ho_users)), train_users=tr_users,
@@ -359,13 +514,14 @@ def _bpr_batches(p: _Prepared, cfg: RerankerConfig, gen: torch.Generator, rng: n
     at = np.searchsorted(uniq, pu).clip(0, max(len(uniq) - 1, 0))
     ok = (uniq[at] == pu) if len(uniq) else np.zeros(len(pu), bool)
     pos, at = pos[ok], at[ok]
+    trained = np.unique(pu[ok])
 
     def batches(epoch: int):
         for b in permuted_batches(len(pos), cfg.batch_size, gen):
             b = b.numpy()
             off = (rng.random((len(b), cfg.negatives)) * count[at[b], None]).astype(np.int64)
             yield torch.from_numpy(pos[b]), torch.from_numpy(neg[start[at[b], None] + off])
-    return batches, len(pos)
+    return batches, len(pos), trained
 
 
 def _softmax_batches(p: _Prepared, cfg: RerankerConfig, gen: torch.Generator):
@@ -374,7 +530,7 @@ def _softmax_batches(p: _Prepared, cfg: RerankerConfig, gen: torch.Generator):
     u = p.cands["user"].to_numpy(np.int64)[rows]
     uniq, start, count = np.unique(u, return_index=True, return_counts=True)
     has_pos = np.add.reduceat(p.y[rows], start) > 0 if len(rows) else np.zeros(0, bool)
-    start, count = start[has_pos], count[has_pos]
+    start, count, trained = start[has_pos], count[has_pos], uniq[has_pos]
     k = int(count.max()) if len(count) else 1
     pad = np.full((len(start), k), -1, np.int64)
     col = np.arange(k)[None, :]
@@ -384,13 +540,19 @@ def _softmax_batches(p: _Prepared, cfg: RerankerConfig, gen: torch.Generator):
     def batches(epoch: int):
         for b in permuted_batches(len(pad), cfg.users_per_batch, gen):
             yield torch.from_numpy(pad[b.numpy()])
-    return batches, len(pad)
+    return batches, len(pad), trained
 
 
 def fit_reranker(cfg: RerankerConfig, cands: pd.DataFrame, X: np.ndarray | None, feature_names: list[str] | None,
                  labels: ev.Labels, data, retriever=None, user_emb: np.ndarray | None = None,
-                 progress: bool = False) -> Reranker:
+                 progress: bool = False, train_users: np.ndarray | None = None,
+                 held_users: np.ndarray | None = None) -> Reranker:
     """Fit one variant on the train users' validation candidates; early-stop on the held-out users.
+
+    The users are ``cfg``'s fixed-seed split (``held_out_share``) unless ``train_users`` and
+    ``held_users`` are given (cross-fitting: the other folds, and this fold).
+    ``info["trained_users"]`` lists the users whose candidates the fit actually learnt from
+    (train users with a positive among their candidates).
 
     ``labels``: `evaluate.Labels` of "valid", built outside the fitting context. ``data``: the
     SplitData (item side features, sizes). ``retriever``: the frozen retriever (its
@@ -403,7 +565,7 @@ def fit_reranker(cfg: RerankerConfig, cands: pd.DataFrame, X: np.ndarray | None,
         raise ValueError(f"the re-ranker learns from validation candidates, got labels of {labels.period!r}")
     t0 = time.perf_counter()
     torch.manual_seed(cfg.seed)
-    p = _prepare(cands, X, labels, cfg)
+    p = _prepare(cands, X, labels, cfg, train_users, held_users)
     if cfg.variant == "lgbm":
         model = _fit_lgbm(cfg, p, feature_names)
     else:
@@ -468,14 +630,14 @@ def _fit_mlp(cfg, p: _Prepared, feature_names, data, retriever, user_emb, labels
     gen = torch.Generator().manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     if cfg.loss == "bpr" or cfg.variant == "seed":
-        batches, n = _bpr_batches(p, cfg, gen, rng)
+        batches, n, trained = _bpr_batches(p, cfg, gen, rng)
 
         def loss_fn(m, batch):
             pos, neg = batch
             sp, sn = forward(m, pos), forward(m, neg)                   # (B,), (B, n_neg)
             return -torch.nn.functional.logsigmoid(sp[:, None] - sn).mean()
     elif cfg.loss == "softmax":
-        batches, n = _softmax_batches(p, cfg, gen)
+        batches, n, trained = _softmax_batches(p, cfg, gen)
         Y = torch.from_numpy(p.y)
 
         def loss_fn(m, pad):
@@ -494,6 +656,7 @@ def _fit_mlp(cfg, p: _Prepared, feature_names, data, retriever, user_emb, labels
     hist = fit_loop(net, batches, loss_fn, opt, loop, validate=lambda: _held_out_metric(model, p, user_emb),
                     name=f"reranker[{cfg.variant}]")
     model.info.update(best_epoch=hist.best_epoch, epochs_run=len(hist.records), _user_emb=user_emb,
+                      trained_users=[int(x) for x in trained],
                       loss_history=[r["loss"] for r in hist.records],
                       held_out_history=[r.get("valid_metric") for r in hist.records])
     return model
@@ -531,28 +694,113 @@ def _fit_lgbm(cfg: RerankerConfig, p: _Prepared, feature_names) -> Reranker:
                         callbacks=[lgb.early_stopping(cfg.early_stopping_rounds, verbose=False)])
     best = int(booster.best_iteration or booster.current_iteration())
     model = Reranker(cfg, feature_names, booster_str=booster.model_to_string(num_iteration=best))
-    model.info.update(best_iteration=best)
+    model.info.update(best_iteration=best, trained_users=[int(x) for x in uniq[has_pos]])
     return model
 
 
 # ---------------------------------------------------------------- public helpers
-def rerank(model: Reranker, cands: pd.DataFrame, X: np.ndarray | None, users: np.ndarray, k_keep: int = 10,
+def rerank(model: "Reranker | RerankerEnsemble", cands: pd.DataFrame, X: np.ndarray | None, users: np.ndarray, k_keep: int = 10,
            user_emb: np.ndarray | None = None) -> np.ndarray:
     """(len(users), k_keep) each user's top items after re-ranking, in the order of ``users``
     (e.g. ``labels.users``), padded with -1 for users with fewer candidates."""
     return order_topk(cands, model.score(cands, X, user_emb), users, k_keep)
 
 
+def _rank_by_fold(model: "RerankerEnsemble", cands: pd.DataFrame, X: np.ndarray | None, users: np.ndarray,
+                  k_keep: int, user_emb: np.ndarray | None, out_of_fold: bool) -> np.ndarray:
+    users = np.asarray(users, dtype=np.int64)
+    fold = model.fold_of(users)
+    if (fold < 0).any():
+        raise ValueError(f"{int((fold < 0).sum())} users are in no fold of this ensemble (only the "
+                         "validation users it was cross-fitted on have an out-of-fold / in-fold model)")
+    out = np.full((len(users), k_keep), -1, dtype=np.int64)
+    cu = cands["user"].to_numpy(np.int64)
+    for k in range(model.folds):
+        sel = fold == k
+        if not sel.any():
+            continue
+        uk = users[sel]
+        rows = np.flatnonzero(np.isin(cu, uk))
+        sub = cands.iloc[rows]
+        Xs = X[rows] if X is not None else None
+        if out_of_fold:
+            scores = model.members[k].score(sub, Xs, user_emb)
+        else:
+            scores = model.score(sub, Xs, user_emb, members=[j for j in range(model.folds) if j != k])
+        out[sel] = order_topk(sub, scores, uk, k_keep)
+    return out
+
+
+def out_of_fold_topk(model: "RerankerEnsemble", cands: pd.DataFrame, X: np.ndarray | None, users: np.ndarray,
+                     k_keep: int = 10, user_emb: np.ndarray | None = None) -> np.ndarray:
+    """(len(users), k_keep) top lists of validation users, each user ranked by the one member
+    that never trained on them (its fold's model): the honest validation ranking."""
+    return _rank_by_fold(model, cands, X, users, k_keep, user_emb, out_of_fold=True)
+
+
+def in_fold_topk(model: "RerankerEnsemble", cands: pd.DataFrame, X: np.ndarray | None, users: np.ndarray,
+                 k_keep: int = 10, user_emb: np.ndarray | None = None) -> np.ndarray:
+    """Like `out_of_fold_topk`, but each user ranked by the members that DID train on them
+    (mean of their per-user standardised scores): the optimistic, leaky number."""
+    return _rank_by_fold(model, cands, X, users, k_keep, user_emb, out_of_fold=False)
+
+
+def _fold_stats(per_user: np.ndarray, users: np.ndarray, parts: list[np.ndarray]) -> tuple[list[float], float, float]:
+    fold = [float(per_user[np.isin(users, f)].mean()) if len(f) else 0.0 for f in parts]
+    return fold, float(np.mean(fold)), float(np.std(fold, ddof=1)) if len(fold) > 1 else 0.0
+
+
+def fit_cross(cfg: RerankerConfig, cands: pd.DataFrame, X: np.ndarray | None, feature_names: list[str] | None,
+              labels: ev.Labels, data, retriever=None, user_emb: np.ndarray | None = None,
+              progress: bool = False) -> RerankerEnsemble:
+    """Cross-fit one variant: ``cfg.folds`` fixed-seed folds of the validation users; member k
+    trains on the other folds' users and early-stops on fold k's. ``info["held_out_ndcg"]`` is
+    the protocol nDCG@k_eval of the out-of-fold rankings over *all* validation users (full
+    ``labels``: a positive the retriever missed is a miss); ``fold_ndcg`` its per-fold means."""
+    K = int(cfg.folds)
+    parts = fold_users(labels.users, K, cfg.seed)
+    if cfg.variant == "mlp_features" and user_emb is None and retriever is not None:
+        user_emb = rf.retriever_user_table(retriever, labels.users, labels.ctx, data.n_users)
+    members = []
+    for k, held in enumerate(parts):
+        train = np.sort(np.concatenate([f for j, f in enumerate(parts) if j != k]))
+        if progress:
+            print(f"reranker[{cfg.variant}]: fold {k + 1}/{K} ({len(train)} train users, {len(held)} held out)",
+                  flush=True)
+        m = fit_reranker(cfg, cands, X, feature_names, labels, data, retriever, user_emb, progress,
+                         train_users=train, held_users=held)
+        m.info["fold"] = k
+        members.append(m)
+    ens = RerankerEnsemble(replace(cfg, held_out_share=1.0 / K), members, parts)
+    kk = cfg.k_eval
+    top = out_of_fold_topk(ens, cands, X, labels.users, kk, user_emb)
+    per_user = ev.evaluate_ranking(top, labels, ks=(kk,), keep=kk).per_user[f"ndcg@{kk}"]
+    fold, mean, std = _fold_stats(per_user, labels.users, parts)
+    ens.info.update(held_out_ndcg=float(per_user.mean()) if len(per_user) else 0.0, fold_ndcg=fold,
+                    fold_ndcg_mean=mean, fold_ndcg_std=std, folds=K,
+                    fit_seconds=float(sum(m.info["fit_seconds"] for m in members)),
+                    best_epoch_or_round=[m.info.get("best_epoch", m.info.get("best_iteration")) for m in members],
+                    held_out_users=int(len(labels.users)),
+                    train_users=[m.info["train_users"] for m in members])
+    return ens
+
+
 def tune(section: dict, cands: pd.DataFrame, X: np.ndarray | None, feature_names: list[str] | None,
          labels: ev.Labels, data, retriever=None, user_emb: np.ndarray | None = None, seed: int = 42,
          progress: bool = False, return_all: bool = False):
     """Fit every variant of ``section["variants"]`` (the params ``reranker:`` section) on the same
-    user split; keep the best by held-out nDCG@k. Returns (best model, table with one row per
+    user split; keep the best by held-out nDCG@k. With ``folds`` > 1 every variant is cross-fitted
+    on the same folds (`fit_cross`), models are `RerankerEnsemble`, ``held_out_ndcg`` is the
+    out-of-fold nDCG@k over all validation users, and the table adds the per-fold mean and std.
+    Returns (best model, table with one row per
     variant plus the retriever's own ordering of the same candidates), and with ``return_all``
     also a dict variant -> fitted model (so the report can show every variant on test while the
     choice stays the held-out users')."""
     variants = list(section.get("variants", VARIANTS))
     base = RerankerConfig.from_params(section, variants[0], seed)
+    if base.folds > 1:
+        return _tune_cross(section, variants, base, cands, X, feature_names, labels, data, retriever, user_emb,
+                           seed, progress, return_all)
     p = _prepare(cands, X, labels, base)
     k = base.k_eval
     rows = [{"variant": RETRIEVER_ORDER, "held_out_ndcg": ndcg_of(
@@ -566,6 +814,34 @@ def tune(section: dict, cands: pd.DataFrame, X: np.ndarray | None, feature_names
         rows.append({"variant": v, "held_out_ndcg": model.info["held_out_ndcg"],
                      "fit_seconds": model.info["fit_seconds"],
                      "best_epoch_or_round": model.info.get("best_epoch", model.info.get("best_iteration"))})
+        if best is None or model.info["held_out_ndcg"] > best.info["held_out_ndcg"]:
+            best = model
+    table = pd.DataFrame(rows)
+    table["chosen"] = table["variant"] == best.variant
+    return (best, table, models) if return_all else (best, table)
+
+
+def _tune_cross(section, variants, base, cands, X, feature_names, labels, data, retriever, user_emb, seed,
+                progress, return_all):
+    """`tune` with ``folds`` > 1: every variant cross-fitted on the same folds, chosen by
+    out-of-fold nDCG@k over all validation users."""
+    k = base.k_eval
+    parts = fold_users(labels.users, base.folds, base.seed)
+    per_user = ev.evaluate_ranking(retriever_order(cands, labels.users, k), labels, ks=(k,),
+                                   keep=k).per_user[f"ndcg@{k}"]
+    fold, mean, std = _fold_stats(per_user, labels.users, parts)
+    rows = [{"variant": RETRIEVER_ORDER, "held_out_ndcg": float(per_user.mean()) if len(per_user) else 0.0,
+             "fold_ndcg_mean": mean, "fold_ndcg_std": std, "folds": base.folds, "fit_seconds": 0.0}]
+    best = None
+    models = {}
+    for v in variants:
+        cfg = RerankerConfig.from_params(section, v, seed)
+        model = fit_cross(cfg, cands, X, feature_names, labels, data, retriever, user_emb, progress)
+        models[v] = model
+        rows.append({"variant": v, "held_out_ndcg": model.info["held_out_ndcg"],
+                     "fold_ndcg_mean": model.info["fold_ndcg_mean"], "fold_ndcg_std": model.info["fold_ndcg_std"],
+                     "folds": model.folds, "fit_seconds": model.info["fit_seconds"],
+                     "best_epoch_or_round": model.info["best_epoch_or_round"]})
         if best is None or model.info["held_out_ndcg"] > best.info["held_out_ndcg"]:
             best = model
     table = pd.DataFrame(rows)

@@ -240,3 +240,170 @@ def test_save_load_round_trip(setup, tmp_path, variant):
     users = setup["labels"].users
     np.testing.assert_array_equal(R.rerank(loaded, setup["cands"], setup["X"], users, user_emb=ue),
                                   R.rerank(model, setup["cands"], setup["X"], users, user_emb=ue))
+
+
+# ---------------------------------------------------------------- cross-fitting (folds > 1)
+SECTION_CV = {**SECTION, "folds": 2, "variants": ["mlp_features", "lgbm"],
+              "mlp_features": {**SECTION["mlp_features"], "epochs": 3, "patience": 1}}
+
+
+def _user_table(setup):
+    return rf.retriever_user_table(setup["retriever"], setup["labels"].users, setup["labels"].ctx,
+                                   setup["data"].n_users)
+
+
+@pytest.fixture(scope="module")
+def crossed(setup):
+    with guard.fitting("reranker", allow=("train", "valid")):
+        best, table, models = R.tune(SECTION_CV, setup["cands"], setup["X"], setup["names"], setup["labels"],
+                                     setup["data"], retriever=setup["retriever"], seed=42, return_all=True)
+    return best, table, models
+
+
+def test_fold_users_partition_validation_users(setup, crossed):
+    users = setup["labels"].users
+    parts = R.fold_users(users, 2, 42)
+    assert len(parts) == 2 and abs(len(parts[0]) - len(parts[1])) <= 1
+    np.testing.assert_array_equal(np.sort(np.concatenate(parts)), np.sort(users))
+    assert not np.isin(parts[0], parts[1]).any()
+    for a, b in zip(parts, R.fold_users(users, 2, 42)):       # fixed seed
+        np.testing.assert_array_equal(a, b)
+    _, _, models = crossed
+    for m in models.values():
+        assert isinstance(m, R.RerankerEnsemble) and m.folds == 2
+        for a, b in zip(m.fold_users, parts):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_no_member_trains_on_its_own_fold(crossed):
+    _, _, models = crossed
+    for m in models.values():
+        for k, member in enumerate(m.members):
+            trained = np.asarray(member.info["trained_users"])
+            others = np.concatenate([f for j, f in enumerate(m.fold_users) if j != k])
+            assert len(trained) > 0
+            assert not np.isin(trained, m.fold_users[k]).any()
+            assert np.isin(trained, others).all()
+            assert member.info["held_out_users"] == len(m.fold_users[k])
+            assert member.info["train_users"] == len(others)
+
+
+def test_out_of_fold_ndcg_is_mean_over_users_of_per_fold_evaluations(setup, crossed):
+    best, table, models = crossed
+    print("\n" + table.to_string())
+    labels, ue = setup["labels"], _user_table(setup)
+    for v, m in models.items():
+        per_user, fold_means = [], []
+        for k, member in enumerate(m.members):
+            lab = R.subset_labels(labels, m.fold_users[k])
+            top = R.rerank(member, setup["cands"], setup["X"], lab.users, user_emb=ue)
+            res = evaluate.evaluate_ranking(top, lab, ks=(10,))
+            per_user.append(res.per_user["ndcg@10"])
+            fold_means.append(res.per_user["ndcg@10"].mean())
+            assert member.info["held_out_ndcg"] == pytest.approx(fold_means[-1])   # its early-stopping metric
+        oof = np.concatenate(per_user).mean()
+        assert m.info["held_out_ndcg"] == pytest.approx(oof)
+        np.testing.assert_allclose(m.info["fold_ndcg"], fold_means)
+        assert m.info["fold_ndcg_std"] == pytest.approx(np.std(fold_means, ddof=1))
+        row = table.set_index("variant").loc[v]
+        assert row["held_out_ndcg"] == pytest.approx(oof)
+        assert row["fold_ndcg_mean"] == pytest.approx(np.mean(fold_means))
+        assert m.info["fit_seconds"] == pytest.approx(sum(x.info["fit_seconds"] for x in m.members))
+    # the retriever's own order, over all validation users, is in the table too
+    ret = R.ndcg_of(R.retriever_order(setup["cands"], labels.users), labels)
+    assert table.set_index("variant").loc[R.RETRIEVER_ORDER, "held_out_ndcg"] == pytest.approx(ret)
+    scores = {v: m.info["held_out_ndcg"] for v, m in models.items()}
+    assert best.variant == max(scores, key=scores.get) and table["chosen"].sum() == 1
+
+
+def test_two_stage_out_of_fold_and_in_fold_ranked(setup, crossed):
+    from recsys_lib import two_stage
+    _, _, models = crossed
+    valid = two_stage.StageInputs("valid", setup["labels"], setup["cands"], setup["X"], setup["names"],
+                                  _user_table(setup), 0.0)
+    for m in models.values():
+        oof = two_stage.out_of_fold_ranked(m, valid)
+        np.testing.assert_array_equal(oof.users, setup["labels"].users)          # all validation users
+        assert oof.means()["ndcg@10"] == pytest.approx(m.info["held_out_ndcg"])
+        ins = two_stage.in_fold_ranked(m, valid)
+        print(f"\n{m.variant}: out-of-fold {oof.means()['ndcg@10']:.4f}, in-fold {ins.means()['ndcg@10']:.4f}")
+        # with 2 folds, in-fold = the other member: the same lists as ranking fold k with member 1 - k
+        k0 = R.subset_labels(setup["labels"], m.fold_users[0])
+        top = R.rerank(m.members[1], setup["cands"], setup["X"], k0.users, k_keep=1000, user_emb=valid.user_emb)
+        in_k0 = np.isin(setup["labels"].users, k0.users)            # labels.users is sorted, as k0.users
+        np.testing.assert_array_equal(ins.topk[in_k0], top[:, :10])
+        with pytest.raises(ValueError):
+            two_stage.held_out_users(valid, m)
+
+
+def test_ensemble_scores_average_per_user_zscores(setup, crossed):
+    _, _, models = crossed
+    m, cands, X, ue = models["lgbm"], setup["cands"], setup["X"], _user_table(setup)
+    u = cands["user"].to_numpy()
+    z = [R.per_user_zscore(u, mem.score(cands, X, ue)) for mem in m.members]
+    np.testing.assert_allclose(m.score(cands, X, ue), np.mean(z, axis=0))
+    for zk in z:                                     # per user: mean 0, std 1 (or a constant list)
+        g = pd.DataFrame({"u": u, "z": zk}).groupby("u")["z"]
+        assert np.abs(g.mean()).max() < 1e-9
+        assert np.all((np.abs(g.std(ddof=0) - 1) < 1e-9) | (g.std(ddof=0) < 1e-9))
+    # one member alone keeps its own order
+    users = setup["labels"].users
+    np.testing.assert_array_equal(R.order_topk(cands, m.score(cands, X, ue, members=[0]), users),
+                                  R.rerank(m.members[0], cands, X, users, user_emb=ue))
+
+
+def test_ensemble_save_load_round_trip(setup, crossed, tmp_path):
+    _, _, models = crossed
+    cands, X, ue, users = setup["cands"], setup["X"], _user_table(setup), setup["labels"].users
+    for v, m in models.items():
+        path = m.save(tmp_path / f"reranker_{v}.pt")
+        assert path.exists() and len(list(tmp_path.glob(f"reranker_{v}*"))) == 1      # one file
+        for loaded in (R.Reranker.load(path), R.load(path), R.RerankerEnsemble.load(path)):
+            assert isinstance(loaded, R.RerankerEnsemble) and loaded.variant == v and loaded.folds == 2
+            assert loaded.feature_names == m.feature_names
+            assert loaded.cfg == m.cfg and loaded.info["held_out_ndcg"] == m.info["held_out_ndcg"]
+            for a, b in zip(loaded.fold_users, m.fold_users):
+                np.testing.assert_array_equal(a, b)
+            np.testing.assert_array_equal(loaded.score(cands, X, ue), m.score(cands, X, ue))
+            np.testing.assert_array_equal(R.rerank(loaded, cands, X, users, user_emb=ue),
+                                          R.rerank(m, cands, X, users, user_emb=ue))
+            np.testing.assert_array_equal(R.out_of_fold_topk(loaded, cands, X, users, 10, ue),
+                                          R.out_of_fold_topk(m, cands, X, users, 10, ue))
+
+
+def test_cross_fit_inside_guard_never_touches_test(setup):
+    data, labels = setup["data"], setup["labels"]
+    test_labels = evaluate.Labels.build(data, "test")          # built outside, as the pipeline does
+    cfg = R.RerankerConfig(variant="lgbm", folds=2, n_estimators=10, early_stopping_rounds=5)
+    with guard.fitting("reranker", allow=("train", "valid")):
+        ens = R.fit_cross(cfg, setup["cands"], setup["X"], setup["names"], labels, data)
+        with pytest.raises(LeakageError):
+            _ = data.test
+        with pytest.raises(ValueError):                          # never fit on test labels
+            R.fit_cross(cfg, setup["cands"], setup["X"], setup["names"], test_labels, data)
+    assert isinstance(ens, R.RerankerEnsemble) and ens.cfg.held_out_share == 0.5
+
+
+def test_folds_one_is_the_single_split(setup, tuned):
+    best, table = tuned                                          # SECTION has no folds key
+    assert isinstance(best, R.Reranker)
+    assert list(table.columns) == ["variant", "held_out_ndcg", "fit_seconds", "best_epoch_or_round", "chosen"]
+    lg = {"variants": ["lgbm"], "lgbm": SECTION["lgbm"]}
+    with guard.fitting("reranker", allow=("train", "valid")):
+        a, ta = R.tune(lg, setup["cands"], setup["X"], setup["names"], setup["labels"], setup["data"], seed=42)
+        b, tb = R.tune({**lg, "folds": 1}, setup["cands"], setup["X"], setup["names"], setup["labels"],
+                       setup["data"], seed=42)
+    assert isinstance(b, R.Reranker) and a.info["held_out_ndcg"] == b.info["held_out_ndcg"]
+    assert table.set_index("variant").loc["lgbm", "held_out_ndcg"] == pytest.approx(a.info["held_out_ndcg"])
+    pd.testing.assert_frame_equal(ta.drop(columns="fit_seconds"), tb.drop(columns="fit_seconds"))
+
+
+def test_seed_variant_ensemble_round_trip(setup, tmp_path):
+    cfg = R.RerankerConfig.from_params({**SECTION, "folds": 2, "seed": {**SECTION["seed"], "epochs": 1}}, "seed",
+                                       seed=0)
+    with guard.fitting("reranker", allow=("train", "valid")):
+        ens = R.fit_cross(cfg, setup["cands"], None, None, setup["labels"], setup["data"],
+                          retriever=setup["retriever"])
+    loaded = R.load(ens.save(tmp_path / "reranker_seed.pt"))
+    np.testing.assert_array_equal(loaded.score(setup["cands"]), ens.score(setup["cands"]))
+    assert len(ens.info["best_epoch_or_round"]) == 2 and 0.0 <= ens.info["held_out_ndcg"] <= 1.0
