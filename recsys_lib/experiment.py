@@ -164,6 +164,16 @@ class Run:
         config.write_json(self.path("metrics", f"{name}.json"), out)
         return out
 
+    def clear_records(self, prefix: str) -> list[str]:
+        """Remove metrics/per-user files of models named ``prefix*`` (a notebook that records a
+        family of models calls this first, so a model of an earlier run never lingers)."""
+        removed = []
+        for folder, pattern in (("metrics", f"{prefix}*.json"), ("per_user", f"{prefix}*-*.parquet")):
+            for f in (self.dir / folder).glob(pattern):
+                f.unlink()
+                removed.append(f.name)
+        return removed
+
     def per_user(self, name: str, period: str) -> pd.DataFrame:
         return pd.read_parquet(self.require("per_user", f"{name}-{period}.parquet", stage=f"the notebook of {name}"))
 

@@ -111,3 +111,15 @@ def test_guard_blocks_test_rows_while_fitting(toy_data):
         with guard.fitting("cheat", allow=("train", "test")):
             pass
     assert len(toy_data.test) > 0                # outside a fit, scoring may read it
+
+
+def test_run_clear_records_removes_only_the_family(tmp_path):
+    from recsys_lib.experiment import Run
+    run = Run.open("synthetic-tiny", "quick", tmp_path)
+    for name in ("two_stage", "two_stage_lgbm", "ease"):
+        run.path("metrics", f"{name}.json").write_text("{}")
+        run.path("per_user", f"{name}-test.parquet").write_text("")
+    removed = run.clear_records("two_stage")
+    assert sorted(removed) == sorted(["two_stage.json", "two_stage_lgbm.json", "two_stage-test.parquet",
+                                      "two_stage_lgbm-test.parquet"])
+    assert (tmp_path / "metrics" / "ease.json").exists() and (tmp_path / "per_user" / "ease-test.parquet").exists()
