@@ -8,7 +8,7 @@ DATASET ?= synthetic
 PROFILE ?= full
 PYTEST_ARGS ?=
 
-.PHONY: venv test report bench bench-data bench-eval lab clean-runs
+.PHONY: venv test test-demo report bench bench-data bench-eval lab clean-runs
 
 venv: $(STAMP)
 
@@ -23,6 +23,9 @@ $(STAMP): requirements.txt pyproject.toml
 
 test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+test-demo: $(STAMP)
+	$(PY) -m pytest -q -m demo tests/notebooks/test_demo_report.py
 
 report: $(STAMP)
 	$(PY) -m recsys_lib.pipeline --dataset $(DATASET) --profile $(PROFILE)
