@@ -59,14 +59,37 @@ def load_baselines(run: Run, names: list[str]) -> dict:
     return out
 
 
-def stage_inputs(run: Run, retriever, period: str, extra: dict) -> StageInputs:
-    """Candidates of ``period`` (from 20_two_tower) with their features."""
+def stage_inputs(run: Run, retriever, period: str, extra: dict, cache: bool = True) -> StageInputs:
+    """Candidates of ``period`` (from 20_two_tower) with their features.
+
+    Features are written to ``features/<period>.npz`` and reused by later notebooks (the leakage
+    audit) as long as the candidates file, the retriever checkpoint and the extra scorers are the
+    ones they were built from."""
     labels = run.evaluator(period, history_len=retriever.cfg.history_len).labels
-    cands = cand.load_candidates(run.require("candidates", f"{period}.parquet", stage="20_two_tower"))
+    cand_path = run.require("candidates", f"{period}.parquet", stage="20_two_tower")
+    cands = cand.load_candidates(cand_path)
+    key = _feature_key(run, cand_path, extra)
+    cached = run.dir / "features" / f"{period}.npz"
+    if cache and cached.exists():
+        z = np.load(cached, allow_pickle=False)
+        if str(z["key"]) == key:
+            return StageInputs(period, labels, cands, z["X"], z["names"].tolist(), z["user_emb"],
+                               float(z["seconds"]))
     t0 = time.perf_counter()
     user_emb = retriever_user_table(retriever, labels.users, labels.ctx, run.data.n_users)
     X, names = build_features(cands, run.data, labels.ctx, period, retriever, extra, user_emb)
-    return StageInputs(period, labels, cands, X, names, user_emb, time.perf_counter() - t0)
+    seconds = time.perf_counter() - t0
+    if cache:
+        tmp = run.path("features", f"{period}.tmp.npz")
+        np.savez(tmp, X=X, names=np.array(names), user_emb=user_emb, seconds=seconds, key=key)
+        tmp.replace(cached)
+    return StageInputs(period, labels, cands, X, names, user_emb, seconds)
+
+
+def _feature_key(run: Run, cand_path, extra: dict) -> str:
+    """What the features depend on: candidates, retriever and extra scorers' files (mtime, size)."""
+    files = [cand_path, run.dir / "models" / "two_tower.pt"] + [run.dir / "models" / f"{n}.pt" for n in sorted(extra)]
+    return ";".join(f"{f.name}:{f.stat().st_mtime_ns}:{f.stat().st_size}" for f in files if f.exists())
 
 
 def fit(run: Run, valid: StageInputs, retriever, section: dict):

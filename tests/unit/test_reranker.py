@@ -407,3 +407,31 @@ def test_seed_variant_ensemble_round_trip(setup, tmp_path):
     loaded = R.load(ens.save(tmp_path / "reranker_seed.pt"))
     np.testing.assert_array_equal(loaded.score(setup["cands"]), ens.score(setup["cands"]))
     assert len(ens.info["best_epoch_or_round"]) == 2 and 0.0 <= ens.info["held_out_ndcg"] <= 1.0
+
+
+def test_stage_features_are_cached_and_invalidated(tmp_path, toy_data, monkeypatch):
+    """two_stage.stage_inputs writes features/<period>.npz and reuses it only while its inputs hold."""
+    import os
+    import numpy as np
+    from recsys_lib import candidates as cand, two_stage
+    from recsys_lib.experiment import Run
+    run = Run.open("synthetic-tiny", "quick", tmp_path)
+    run._data = toy_data
+    calls = []
+
+    def fake_build(cands, data, ctx, period, retriever, extra, user_emb):
+        calls.append(period)
+        return np.ones((len(cands), 2), np.float32), ["a", "b"]
+
+    monkeypatch.setattr(two_stage, "build_features", fake_build)
+    monkeypatch.setattr(two_stage, "retriever_user_table", lambda r, u, c, n: np.zeros((n, 3), np.float32))
+    retriever = type("R", (), {"cfg": type("C", (), {"history_len": 5})()})()
+    cpath = run.path("candidates", "valid.parquet")
+    cand.save_candidates(cand.pd.DataFrame({"user": [0], "item": [1], "retriever_score": np.float32([1.0]),
+                                            "retriever_rank": np.int16([1])}), cpath)
+    a = two_stage.stage_inputs(run, retriever, "valid", {})
+    b = two_stage.stage_inputs(run, retriever, "valid", {})
+    assert calls == ["valid"] and b.names == ["a", "b"] and np.array_equal(a.X, b.X)
+    os.utime(cpath, ns=(1, 1))                       # new candidates -> rebuilt
+    two_stage.stage_inputs(run, retriever, "valid", {})
+    assert calls == ["valid", "valid"]
