@@ -39,3 +39,28 @@ class Recommender:
             sel = (inverse >= start) & (inverse < start + len(chunk))
             out[sel] = scores[inverse[sel] - start, items[sel]]
         return out
+
+
+class PairwiseModule:
+    """For ``nn.Module`` recommenders built by ``build(n_users, n_items)`` whose ``forward(users,
+    items)`` scores pairs (MF, NeuMF): pair scoring, and save/load of the state dict with the config."""
+
+    @torch.no_grad()
+    def score_pairs(self, users: torch.Tensor, items: torch.Tensor, ctx: ScoringContext | None = None,
+                    batch_users: int = 1024) -> torch.Tensor:
+        return self(users.to(self.device), items.to(self.device)).float().cpu()       # (N,)
+
+    def save(self, path) -> None:
+        from ..train import save_checkpoint
+        save_checkpoint(path, self, self.cfg, n_users=self.n_users, n_items=self.n_items)
+
+    @classmethod
+    def load(cls, path, device: str | None = None):
+        from ..train import load_checkpoint
+        ckpt = load_checkpoint(path)
+        cfg = cls.Config(**ckpt["config"])
+        if device is not None:
+            cfg.device = device
+        model = cls(cfg).build(ckpt["n_users"], ckpt["n_items"])
+        model.load_state_dict(ckpt["state_dict"])
+        return model.eval()

@@ -17,9 +17,8 @@ import torch.nn.functional as F
 from .. import tuning
 from ..config import resolve_device
 from ..features import ScoringContext, SplitData
-from ..train import (LoopConfig, NegativeSampler, count_parameters, fit_loop, load_checkpoint,
-                     permuted_batches, save_checkpoint)
-from . import Recommender
+from ..train import LoopConfig, NegativeSampler, count_parameters, fit_loop, permuted_batches
+from . import PairwiseModule, Recommender
 
 
 @dataclass
@@ -39,7 +38,7 @@ class MFConfig:
     verbose: bool = True        # one line per epoch and the parameter count
 
 
-class MF(torch.nn.Module, Recommender):
+class MF(PairwiseModule, torch.nn.Module, Recommender):
     name = "mf"
     Config = MFConfig
 
@@ -119,25 +118,6 @@ class MF(torch.nn.Module, Recommender):
     def score_all(self, users: torch.Tensor, ctx: ScoringContext | None = None) -> torch.Tensor:
         u = users.to(self.device)
         return self.user_emb(u) @ self.item_emb.weight.T + self.item_bias.weight.T    # (B, n_items)
-
-    @torch.no_grad()
-    def score_pairs(self, users: torch.Tensor, items: torch.Tensor, ctx: ScoringContext | None = None,
-                    batch_users: int = 1024) -> torch.Tensor:
-        return self(users.to(self.device), items.to(self.device)).float().cpu()       # (N,)
-
-    # ------------------------------------------------------------ persistence
-    def save(self, path) -> None:
-        save_checkpoint(path, self, self.cfg, n_users=self.n_users, n_items=self.n_items)
-
-    @classmethod
-    def load(cls, path, device: str | None = None) -> "MF":
-        ckpt = load_checkpoint(path)
-        cfg = MFConfig(**ckpt["config"])
-        if device is not None:
-            cfg.device = device
-        model = cls(cfg).build(ckpt["n_users"], ckpt["n_items"])
-        model.load_state_dict(ckpt["state_dict"])
-        return model.eval()
 
 
 def tune(data: SplitData, section: dict | None, validate=None, device: str | None = None,

@@ -21,9 +21,8 @@ from .. import tuning
 from ..config import resolve_device
 from ..errors import ConfigError
 from ..features import ScoringContext, SplitData
-from ..train import (LoopConfig, NegativeSampler, count_parameters, fit_loop, load_checkpoint,
-                     permuted_batches, save_checkpoint)
-from . import Recommender
+from ..train import LoopConfig, NegativeSampler, count_parameters, fit_loop, permuted_batches
+from . import PairwiseModule, Recommender
 
 
 @dataclass
@@ -46,7 +45,7 @@ class NeuMFConfig:
     verbose: bool = True                   # one line per epoch and the parameter count
 
 
-class NeuMF(torch.nn.Module, Recommender):
+class NeuMF(PairwiseModule, torch.nn.Module, Recommender):
     name = "neumf"
     Config = NeuMFConfig
 
@@ -151,25 +150,6 @@ class NeuMF(torch.nn.Module, Recommender):
                 h = F.relu(layer(h))                                                   # (B, C, H)
             scores[:, start:start + chunk] += h @ w_mlp                                # (B, C)
         return scores                                                                  # (B, n_items)
-
-    @torch.no_grad()
-    def score_pairs(self, users: torch.Tensor, items: torch.Tensor, ctx: ScoringContext | None = None,
-                    batch_users: int = 1024) -> torch.Tensor:
-        return self(users.to(self.device), items.to(self.device)).float().cpu()       # (N,)
-
-    # ------------------------------------------------------------ persistence
-    def save(self, path) -> None:
-        save_checkpoint(path, self, self.cfg, n_users=self.n_users, n_items=self.n_items)
-
-    @classmethod
-    def load(cls, path, device: str | None = None) -> "NeuMF":
-        ckpt = load_checkpoint(path)
-        cfg = NeuMFConfig(**ckpt["config"])
-        if device is not None:
-            cfg.device = device
-        model = cls(cfg).build(ckpt["n_users"], ckpt["n_items"])
-        model.load_state_dict(ckpt["state_dict"])
-        return model.eval()
 
 
 def tune(data: SplitData, section: dict | None, validate=None, device: str | None = None,
