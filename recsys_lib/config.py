@@ -171,6 +171,19 @@ def write_json(path: str | os.PathLike, obj: Any) -> Path:
     return path
 
 
+def replace_dir(tmp: Path, target: Path) -> None:
+    """Rename folder ``tmp`` to ``target`` (same file system); an existing target is moved aside
+    first and removed after, so readers never see a half-written folder."""
+    import shutil
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        target.rename(old)
+        tmp.rename(target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(target)
+
+
 def _json_default(obj: Any):
     if isinstance(obj, (np.integer,)):
         return int(obj)

@@ -241,15 +241,6 @@ def _download(info: DatasetInfo, workdir: Path) -> Path:
                         f"(or pass --mirror)") from exc
 
 
-def _replace_dir(tmp: Path, target: Path) -> None:
-    """Rename ``tmp`` to ``target``; an existing target is moved aside first, then removed."""
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
-        target.rename(old)
-        tmp.rename(target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(target)
 
 
 def fetch(name: str, mirror: str | os.PathLike | None = None, force: bool = False) -> Path:
@@ -299,7 +290,7 @@ def fetch(name: str, mirror: str | os.PathLike | None = None, force: bool = Fals
         sums, against = _verify(dest, info, source)
         write_marker(dest, {"name": name, "source": source, "verified_against": against,
                             "checksums": sums})
-        _replace_dir(dest, target)
+        config.replace_dir(dest, target)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return target

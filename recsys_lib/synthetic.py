@@ -611,19 +611,10 @@ def generate(preset: str = "demo", seed: int = 0, out_dir: Path | None = None,
         write_marker(tmp, {"name": target.name, "source": f"synthetic preset={preset} seed={seed}",
                            "preset": preset, "seed": seed, "verified_against": "generated",
                            "checksums": sums})
-        _replace_dir(tmp, target)
+        config.replace_dir(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return target
 
 
-def _replace_dir(tmp: Path, target: Path) -> None:
-    """Rename ``tmp`` to ``target``; an existing target is moved aside first, then removed."""
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
-        target.rename(old)
-        tmp.rename(target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(target)
