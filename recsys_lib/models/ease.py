@@ -9,7 +9,10 @@ Scores are x_u B where x_u are the items the user rated *before the scored perio
 histories at scoring time include earlier periods). B itself comes from train rows only.
 
 Memory: G, its Cholesky factor and B are dense (n_items, n_items); float64 for catalogues up to
-``float64_max_items``, float32 above. X^T X is accumulated in item-column chunks so the sparse
+``float64_max_items``, float32 above. ``max_items`` caps the dense part for large catalogues
+(ml-32m from 2018 has ~65k train items: 17 GB per float32 matrix): B is learnt over the
+``max_items`` most-rated train items, and the other items score below every kept item (ordered by
+train popularity among themselves). X^T X is accumulated in item-column chunks so the sparse
 product never materialises more than ``gram_chunk`` columns at once.
 """
 from __future__ import annotations
@@ -34,6 +37,7 @@ class EASEConfig:
     positives_only: bool = False       # X from positives (rating >= 4) only, else from every rated row
     float64_max_items: int = 8192      # solve in float64 up to this catalogue size, float32 above
     gram_chunk: int = 4096             # item columns per chunk of the sparse X^T X product
+    max_items: int | None = None       # learn B over the N most-rated train items only (None: all)
     device: str = "auto"               # auto -> cuda, mps, cpu (mps solves in float32)
     seed: int | None = 0               # unused (closed form); kept so every model takes one
 
@@ -73,7 +77,9 @@ class EASE(torch.nn.Module, Recommender):
         if overrides:
             self.cfg = EASEConfig(**{**self.cfg.__dict__, **overrides})
         self.device = resolve_device(self.cfg.device)
-        self.register_buffer("B", torch.zeros(0, 0))                 # (n_items, n_items)
+        self.register_buffer("B", torch.zeros(0, 0))                 # (n_kept, n_kept)
+        self.register_buffer("kept", torch.zeros(0, dtype=torch.long))  # (n_kept,) item ids in B
+        self.register_buffer("floor", torch.zeros(0))                 # (n_items,) score of uncapped items
 
     def _dtype(self, n_items: int) -> torch.dtype:
         if n_items <= self.cfg.float64_max_items and self.device.type != "mps":
@@ -86,18 +92,25 @@ class EASE(torch.nn.Module, Recommender):
         chosen by tuning.grid_search)."""
         t0 = time.perf_counter()
         x = data.train.matrix(data.n_users, data.n_items, positives_only=self.cfg.positives_only)
-        dtype = self._dtype(data.n_items)
-        g = gram(x, dtype, self.device, self.cfg.gram_chunk)           # (n_items, n_items)
-        self.B = ease_weights(g, float(self.cfg.reg))                  # (n_items, n_items)
-        info = {"seconds": time.perf_counter() - t0, "n_items": data.n_items, "nnz": int(x.nnz),
-                "dtype": str(dtype).replace("torch.", "")}
-        print(f"EASE: {data.n_items:,} x {data.n_items:,} weights ({info['dtype']}) on {self.device}, "
+        pop = np.bincount(data.train.item, minlength=data.n_items)
+        n_kept = min(self.cfg.max_items or data.n_items, data.n_items)
+        kept = np.sort(np.argsort(-pop, kind="stable")[:n_kept])        # most-rated items, id order
+        dtype = self._dtype(n_kept)
+        g = gram(x[:, kept], dtype, self.device, self.cfg.gram_chunk)   # (n_kept, n_kept)
+        self.B = ease_weights(g, float(self.cfg.reg))                  # (n_kept, n_kept)
+        self.kept = torch.from_numpy(kept).to(self.device)
+        # uncapped items rank below every kept item, by popularity (rank in [0, 1) below -1e6)
+        rank = pop.argsort(kind="stable").argsort() / max(data.n_items, 1)
+        self.floor = torch.from_numpy(-1e6 + rank).float().to(self.device)
+        info = {"seconds": time.perf_counter() - t0, "n_items": data.n_items, "n_kept": n_kept,
+                "nnz": int(x.nnz), "dtype": str(dtype).replace("torch.", "")}
+        print(f"EASE: {n_kept:,} x {n_kept:,} weights ({info['dtype']}) on {self.device}, "
               f"lambda={self.cfg.reg:g}, {info['seconds']:.1f}s", flush=True)
         return info
 
     # ------------------------------------------------------------ score
     def _history(self, users: torch.Tensor, seen: sp.csr_matrix) -> torch.Tensor:
-        rows = seen[users.cpu().numpy()].tocoo()                       # (B, n_items) sparse
+        rows = seen[users.cpu().numpy()][:, self.kept.cpu().numpy()].tocoo()   # (B, n_kept) sparse
         idx = torch.from_numpy(np.vstack([rows.row, rows.col]).astype(np.int64))
         val = torch.ones(rows.nnz, dtype=self.B.dtype)
         return torch.sparse_coo_tensor(idx, val, rows.shape, check_invariants=False,
@@ -106,24 +119,36 @@ class EASE(torch.nn.Module, Recommender):
     @torch.no_grad()
     def score_all(self, users: torch.Tensor, ctx: ScoringContext) -> torch.Tensor:
         """x_u B with x_u the items rated before ``ctx.period`` (train; train + valid for test)."""
-        x = self._history(users, ctx.seen)                             # (B, n_items) sparse
-        return torch.sparse.mm(x, self.B).float()                      # (B, n_items)
+        x = self._history(users, ctx.seen)                             # (B, n_kept) sparse
+        scores = torch.sparse.mm(x, self.B).float()                    # (B, n_kept)
+        if len(self.kept) == len(self.floor):
+            return scores                                              # (B, n_items)
+        out = self.floor.expand(len(users), -1).clone()                # (B, n_items)
+        out[:, self.kept] = scores
+        return out
 
     @torch.no_grad()
     def score_pairs(self, users: torch.Tensor, items: torch.Tensor, ctx: ScoringContext,
                     batch_users: int = 1024) -> torch.Tensor:
         """sum over the user's seen items j of B[j, i], in chunks of pairs."""
-        out = torch.empty(len(users), dtype=torch.float32)
+        out = self.floor[items.to(self.floor.device)].float().cpu()      # uncapped items
+        pos = torch.full((len(self.floor),), -1, dtype=torch.long, device=self.kept.device)
+        pos[self.kept] = torch.arange(len(self.kept), device=self.kept.device)
+        col = pos[items.to(pos.device)].cpu()                          # (N,) column in B or -1
         for start in range(0, len(users), batch_users):
-            u, i = users[start:start + batch_users], items[start:start + batch_users]
-            x = self._history(u, ctx.seen)                             # (b, n_items) sparse
-            cols = self.B[:, i.to(self.B.device)]                      # (n_items, b)
-            out[start:start + len(u)] = torch.sparse.mm(x, cols).diagonal().float().cpu()  # (b,)
+            u, c = users[start:start + batch_users], col[start:start + batch_users]
+            ok = c >= 0
+            if not bool(ok.any()):
+                continue
+            x = self._history(u[ok], ctx.seen)                         # (b, n_kept) sparse
+            cols = self.B[:, c[ok].to(self.B.device)]                  # (n_kept, b)
+            vals = torch.sparse.mm(x, cols).diagonal().float().cpu()   # (b,)
+            out[start:start + len(u)][ok] = vals
         return out
 
     # ------------------------------------------------------------ persistence
     def save(self, path) -> None:
-        save_checkpoint(path, self, self.cfg, n_items=int(self.B.shape[0]), dtype=str(self.B.dtype))
+        save_checkpoint(path, self, self.cfg, n_items=int(self.floor.shape[0]), dtype=str(self.B.dtype))
 
     @classmethod
     def load(cls, path, device: str | None = None) -> "EASE":
@@ -132,7 +157,10 @@ class EASE(torch.nn.Module, Recommender):
         if device is not None:
             cfg.device = device
         model = cls(cfg)
-        model.B = ckpt["state_dict"]["B"]
+        state = ckpt["state_dict"]
+        model.B = state["B"]
+        model.kept = state.get("kept", torch.arange(state["B"].shape[0]))
+        model.floor = state.get("floor", torch.zeros(state["B"].shape[0]))
         return model.to(model.device)
 
 

@@ -331,3 +331,31 @@ def test_tune_without_validation_fits_the_first_config(toy_data):
     model, table = tuning.tune_model(EASE, toy_data, {"grid": {"reg": [30.0, 300.0]}}, None, device="cpu")
     assert model.cfg.reg == 30.0 and len(table) == 1 and bool(table["best"].item())
     assert np.isnan(table["valid_metric"].item())
+
+
+def test_ease_item_cap_keeps_the_most_rated_items_and_ranks_the_rest_last(toy_data, tmp_path):
+    import numpy as np
+    import torch
+    from recsys_lib.models.ease import EASE, EASEConfig
+    ctx = toy_data.context("valid")
+    users = torch.arange(20)
+    full = EASE(EASEConfig(reg=200.0, device="cpu"))
+    full.fit(toy_data)
+    same = EASE(EASEConfig(reg=200.0, device="cpu", max_items=toy_data.n_items + 5))
+    same.fit(toy_data)
+    torch.testing.assert_close(full.score_all(users, ctx), same.score_all(users, ctx))
+    cap = 50
+    capped = EASE(EASEConfig(reg=200.0, device="cpu", max_items=cap))
+    capped.fit(toy_data)
+    assert capped.B.shape == (cap, cap)
+    pop = np.bincount(toy_data.train.item, minlength=toy_data.n_items)
+    kept = set(capped.kept.tolist())
+    assert kept == set(np.argsort(-pop, kind="stable")[:cap].tolist())
+    scores = capped.score_all(users, ctx)
+    inside = torch.tensor(sorted(kept))
+    outside = torch.tensor(sorted(set(range(toy_data.n_items)) - kept))
+    assert (scores[:, inside].min(dim=1).values > scores[:, outside].max(dim=1).values).all()
+    items = torch.randint(0, toy_data.n_items, (20,))
+    torch.testing.assert_close(capped.score_pairs(users, items, ctx), scores[torch.arange(20), items])
+    capped.save(tmp_path / "ease.pt")
+    torch.testing.assert_close(EASE.load(tmp_path / "ease.pt").score_all(users, ctx), scores)
