@@ -333,13 +333,7 @@ def save_split(split: Split, path: str | os.PathLike, extra: dict | None = None)
         meta = {"split_id": split.split_id, "params": split.params, "stats": split.stats,
                 "version": SPLIT_VERSION, **(extra or {})}
         config.write_json(tmp / "split.json", meta)
-        if path.exists():
-            trash = path.with_name(f".{path.name}.old-{uuid.uuid4().hex[:8]}")
-            path.rename(trash)
-            tmp.rename(path)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            tmp.rename(path)
+        config.replace_dir(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
