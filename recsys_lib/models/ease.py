@@ -18,6 +18,7 @@ product never materialises more than ``gram_chunk`` columns at once.
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -110,17 +111,27 @@ class EASE(torch.nn.Module, Recommender):
 
     # ------------------------------------------------------------ score
     def _history(self, users: torch.Tensor, seen: sp.csr_matrix) -> torch.Tensor:
-        rows = seen[users.cpu().numpy()][:, self.kept.cpu().numpy()].tocoo()   # (B, n_kept) sparse
-        idx = torch.from_numpy(np.vstack([rows.row, rows.col]).astype(np.int64))
-        val = torch.ones(rows.nnz, dtype=self.B.dtype)
-        return torch.sparse_coo_tensor(idx, val, rows.shape, check_invariants=False,
-                                       is_coalesced=True).to(self.B.device)  # csr rows: sorted, unique
+        """(B, n_kept) binary rows of the users' seen items among the kept ones.
+
+        CSR on cpu and cuda (``csr @ dense`` is a threaded sparse kernel there: ~8x faster than a
+        COO ``torch.sparse.mm`` on 2 cores at 20k items), dense elsewhere (mps has no CSR mm)."""
+        rows = seen[users.cpu().numpy()][:, self.kept.cpu().numpy()].tocsr()  # (B, n_kept)
+        rows.sort_indices()
+        if self.B.device.type in ("cpu", "cuda"):
+            with warnings.catch_warnings():                            # "CSR support is in beta"
+                warnings.simplefilter("ignore", UserWarning)
+                return torch.sparse_csr_tensor(
+                    torch.from_numpy(rows.indptr.astype(np.int64)),
+                    torch.from_numpy(rows.indices.astype(np.int64)),
+                    torch.ones(rows.nnz, dtype=self.B.dtype), size=rows.shape,
+                    check_invariants=False).to(self.B.device)
+        return torch.from_numpy(rows.toarray()).to(device=self.B.device, dtype=self.B.dtype)
 
     @torch.no_grad()
     def score_all(self, users: torch.Tensor, ctx: ScoringContext) -> torch.Tensor:
         """x_u B with x_u the items rated before ``ctx.period`` (train; train + valid for test)."""
-        x = self._history(users, ctx.seen)                             # (B, n_kept) sparse
-        scores = torch.sparse.mm(x, self.B).float()                    # (B, n_kept)
+        x = self._history(users, ctx.seen)                             # (B, n_kept)
+        scores = (x @ self.B).float()                                  # (B, n_kept)
         if len(self.kept) == len(self.floor):
             return scores                                              # (B, n_items)
         out = self.floor.expand(len(users), -1).clone()                # (B, n_items)
@@ -130,20 +141,18 @@ class EASE(torch.nn.Module, Recommender):
     @torch.no_grad()
     def score_pairs(self, users: torch.Tensor, items: torch.Tensor, ctx: ScoringContext,
                     batch_users: int = 1024) -> torch.Tensor:
-        """sum over the user's seen items j of B[j, i], in chunks of pairs."""
-        out = self.floor[items.to(self.floor.device)].float().cpu()      # uncapped items
-        pos = torch.full((len(self.floor),), -1, dtype=torch.long, device=self.kept.device)
-        pos[self.kept] = torch.arange(len(self.kept), device=self.kept.device)
-        col = pos[items.to(pos.device)].cpu()                          # (N,) column in B or -1
-        for start in range(0, len(users), batch_users):
-            u, c = users[start:start + batch_users], col[start:start + batch_users]
-            ok = c >= 0
-            if not bool(ok.any()):
-                continue
-            x = self._history(u[ok], ctx.seen)                         # (b, n_kept) sparse
-            cols = self.B[:, c[ok].to(self.B.device)]                  # (n_kept, b)
-            vals = torch.sparse.mm(x, cols).diagonal().float().cpu()   # (b,)
-            out[start:start + len(u)][ok] = vals
+        """Scores of (user, item) pairs: each distinct user's full row once (``score_all``, in
+        batches of ``batch_users``), then gathered. Re-ranker candidates come hundreds per user, so
+        this costs one ranking pass over their users, not one B product per pair."""
+        users, items = users.cpu(), items.cpu()
+        uniq, inv = torch.unique(users, return_inverse=True)          # (U,), (N,)
+        order = torch.argsort(inv, stable=True)                         # pairs grouped by user
+        bounds = torch.searchsorted(inv[order], torch.arange(0, len(uniq) + batch_users, batch_users))
+        out = torch.empty(len(users), dtype=torch.float32)
+        for b, start in enumerate(range(0, len(uniq), batch_users)):
+            idx = order[bounds[b]:bounds[b + 1]]                       # pairs of this user batch
+            scores = self.score_all(uniq[start:start + batch_users], ctx).cpu()  # (b, n_items)
+            out[idx] = scores[inv[idx] - start, items[idx]]
         return out
 
     # ------------------------------------------------------------ persistence

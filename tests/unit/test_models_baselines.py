@@ -202,6 +202,11 @@ def test_ease_learns_and_scores_from_seen_items(fitted_ease, toy_data, validate,
     torch.testing.assert_close(model.score_all(users, ctx).double(), expected, rtol=1e-5, atol=1e-6)
     pairs = model.score_pairs(torch.tensor([0, 1, 2]), torch.tensor([5, 6, 7]), ctx)
     torch.testing.assert_close(pairs.double(), expected[[0, 1, 2], [5, 6, 7]], rtol=1e-5, atol=1e-6)
+    # pairs in any order, users repeated, spread over several user batches
+    u = torch.tensor([4, 0, 4, 2, 1, 0, 3, 4])
+    i = torch.tensor([1, 9, 3, 0, 2, 5, 7, 8])
+    got = model.score_pairs(u, i, ctx, batch_users=2)
+    torch.testing.assert_close(got.double(), expected[u, i], rtol=1e-5, atol=1e-6)
 
 
 def test_ease_positives_only_uses_fewer_rows(toy_data):
