@@ -8,7 +8,7 @@ DATASET ?= synthetic
 PROFILE ?= full
 PYTEST_ARGS ?=
 
-.PHONY: venv test test-demo report bench bench-data bench-eval lab clean-runs
+.PHONY: venv test test-demo report bench bench-data bench-eval bench-step lab clean-runs
 
 venv: $(STAMP)
 
@@ -38,6 +38,9 @@ bench-data: $(STAMP)
 
 bench-eval: $(STAMP)
 	$(PY) scripts/bench_eval.py
+
+bench-step: $(STAMP)
+	$(PY) scripts/bench_train_step.py
 
 bench: $(STAMP)
 	$(PY) scripts/bench_pipeline.py

@@ -51,6 +51,18 @@ def permuted_batches(n: int, batch_size: int, generator: torch.Generator) -> lis
     return list(torch.split(perm, batch_size))
 
 
+def adam(params, lr: float, weight_decay: float = 0.0) -> torch.optim.Adam:
+    """Adam, fused into one kernel where torch has it (cpu, cuda).
+
+    Why: the models' embedding tables get dense gradients, and the per-tensor Adam update over
+    them dominates a step on a CPU: at ml-32m sizes (the two-tower's 15M parameters) 63 ms of a
+    183 ms step, against 10 ms fused (``make bench-step``; same update rule)."""
+    params = list(params)
+    device = next((p.device.type for p in params if isinstance(p, torch.Tensor)), "cpu")
+    fused = True if device in ("cpu", "cuda") else None
+    return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, fused=fused)
+
+
 class NegativeSampler:
     """Uniform negatives that exclude each user's known items.
 

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from .. import tuning
 from ..config import resolve_device
 from ..features import ScoringContext, SplitData
-from ..train import LoopConfig, NegativeSampler, count_parameters, fit_loop, permuted_batches
+from ..train import LoopConfig, NegativeSampler, adam, count_parameters, fit_loop, permuted_batches
 from . import PairwiseModule, Recommender
 
 
@@ -104,7 +104,7 @@ class MF(PairwiseModule, torch.nn.Module, Recommender):
                    + model.item_emb(neg).pow(2).sum())
             return (loss + cfg.l2 * reg) / len(u)
 
-        optimizer = torch.optim.Adam(self.parameters(), lr=cfg.lr)
+        optimizer = adam(self.parameters(), lr=cfg.lr)
         loop = LoopConfig(epochs=cfg.epochs, patience=cfg.patience, eval_every=cfg.eval_every,
                           progress=cfg.progress, log_every_epoch=cfg.verbose)
         hist = fit_loop(self, batches, loss_fn, optimizer, loop,

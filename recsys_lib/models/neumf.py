@@ -21,7 +21,7 @@ from .. import tuning
 from ..config import resolve_device
 from ..errors import ConfigError
 from ..features import ScoringContext, SplitData
-from ..train import LoopConfig, NegativeSampler, count_parameters, fit_loop, permuted_batches
+from ..train import LoopConfig, NegativeSampler, adam, count_parameters, fit_loop, permuted_batches
 from . import PairwiseModule, Recommender
 
 
@@ -118,7 +118,7 @@ class NeuMF(PairwiseModule, torch.nn.Module, Recommender):
                    + model.item_gmf(neg).pow(2).sum() + model.item_mlp(neg).pow(2).sum())
             return bpr + cfg.l2 * reg / len(u)
 
-        optimizer = torch.optim.Adam(self.parameters(), lr=cfg.lr)
+        optimizer = adam(self.parameters(), lr=cfg.lr)
         loop = LoopConfig(epochs=cfg.epochs, patience=cfg.patience, eval_every=cfg.eval_every,
                           progress=cfg.progress, log_every_epoch=cfg.verbose)
         hist = fit_loop(self, batches, loss_fn, optimizer, loop,

@@ -51,7 +51,7 @@ from torch import nn
 
 from .. import evaluate as ev
 from .. import rerank_features as rf
-from ..train import LoopConfig, fit_loop, load_checkpoint, permuted_batches, save_checkpoint
+from ..train import LoopConfig, adam, fit_loop, load_checkpoint, permuted_batches, save_checkpoint
 
 VARIANTS = ("seed", "mlp_features", "lgbm")
 RETRIEVER_ORDER = "retriever_order"
@@ -651,7 +651,7 @@ def _fit_mlp(cfg, p: _Prepared, feature_names, data, retriever, user_emb, labels
         raise ValueError(f"unknown loss {cfg.loss!r}; bpr or softmax")
     if n == 0:
         raise ValueError("no training positives inside the train users' candidates")
-    opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = adam(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     loop = LoopConfig(epochs=cfg.epochs, patience=cfg.patience, progress=progress, log_every_epoch=progress)
     hist = fit_loop(net, batches, loss_fn, opt, loop, validate=lambda: _held_out_metric(model, p, user_emb),
                     name=f"reranker[{cfg.variant}]")

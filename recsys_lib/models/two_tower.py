@@ -39,7 +39,7 @@ from .. import guard
 from ..config import resolve_device, seed_everything
 from ..errors import ConfigError
 from ..features import ScoringContext, SplitData, histories_before_rows
-from ..train import (LoopConfig, NegativeSampler, count_parameters, fit_loop, load_checkpoint,
+from ..train import (LoopConfig, NegativeSampler, adam, count_parameters, fit_loop, load_checkpoint,
                      permuted_batches, save_checkpoint)
 from . import Recommender
 
@@ -299,7 +299,7 @@ class TwoTower(Recommender):
 
     def _optimizer(self, steps_per_epoch: int):
         cfg = self.cfg
-        opt = torch.optim.Adam(self.net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        opt = adam(self.net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         step_up = max(1, int(round(steps_per_epoch * cfg.clr_half_cycle_epochs)))
         sched = torch.optim.lr_scheduler.CyclicLR(opt, base_lr=cfg.lr, max_lr=cfg.max_lr,
                                                   step_size_up=step_up, mode="triangular",
