@@ -113,6 +113,24 @@ class NegativeSampler:
         return items
 
 
+def positive_batches(data, batch_size: int, n_neg: int, seed: int, device: torch.device):
+    """Batches of (users (b,), positive items (b,), negatives (b, n_neg)) over the train period's
+    positives (rating >= 4) in a fresh random order each epoch, negatives excluding each user's
+    known train items: ``(batches(epoch), n_positives)`` for `fit_loop` (MF, NeuMF)."""
+    train = data.train
+    users = torch.from_numpy(train.user[train.positive]).long()       # (P,)
+    items = torch.from_numpy(train.item[train.positive]).long()       # (P,)
+    sampler = NegativeSampler(train.matrix(data.n_users, data.n_items), seed=seed)
+    gen = torch.Generator().manual_seed(seed)
+
+    def batches(epoch: int):
+        for idx in permuted_batches(len(users), batch_size, gen):
+            u, i = users[idx], items[idx]                                          # (b,)
+            neg = torch.from_numpy(sampler.sample(u.numpy(), n_neg))               # (b, n_neg)
+            yield u.to(device), i.to(device), neg.to(device)
+    return batches, len(users)
+
+
 def fit_loop(model: torch.nn.Module, batches: Callable[[int], Iterable[Any]],
              loss_fn: Callable[[torch.nn.Module, Any], torch.Tensor], optimizer: torch.optim.Optimizer,
              cfg: LoopConfig, validate: Callable[[], float] | None = None,

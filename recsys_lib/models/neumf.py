@@ -21,7 +21,7 @@ from .. import tuning
 from ..config import resolve_device
 from ..errors import ConfigError
 from ..features import ScoringContext, SplitData
-from ..train import LoopConfig, NegativeSampler, adam, count_parameters, fit_loop, permuted_batches
+from ..train import LoopConfig, adam, count_parameters, fit_loop, positive_batches
 from . import PairwiseModule, Recommender
 
 
@@ -90,23 +90,11 @@ class NeuMF(PairwiseModule, torch.nn.Module, Recommender):
 
     # ------------------------------------------------------------ fit
     def fit(self, data: SplitData, validate=None) -> dict:
-        train = data.train
         self.build(data.n_users, data.n_items)
         if self.cfg.verbose:
             print(f"NeuMF: {count_parameters(self):,} parameters on {self.device}", flush=True)
-        pos = train.positive
-        users = torch.from_numpy(train.user[pos]).long()               # (P,)
-        items = torch.from_numpy(train.item[pos]).long()               # (P,)
-        seed = int(self.cfg.seed or 0)
-        sampler = NegativeSampler(train.matrix(data.n_users, data.n_items), seed=seed)
-        gen = torch.Generator().manual_seed(seed)
         cfg, dev = self.cfg, self.device
-
-        def batches(epoch: int):
-            for idx in permuted_batches(len(users), cfg.batch_size, gen):
-                u, i = users[idx], items[idx]                                          # (b,)
-                neg = torch.from_numpy(sampler.sample(u.numpy(), cfg.n_neg))           # (b, n_neg)
-                yield u.to(dev), i.to(dev), neg.to(dev)
+        batches, n_positives = positive_batches(data, cfg.batch_size, cfg.n_neg, int(cfg.seed or 0), dev)
 
         def loss_fn(model: "NeuMF", batch) -> torch.Tensor:
             u, i, neg = batch
@@ -125,7 +113,7 @@ class NeuMF(PairwiseModule, torch.nn.Module, Recommender):
                         validate=(lambda: validate(self)) if validate is not None else None,
                         batch_size_of=lambda b: len(b[0]) * (1 + cfg.n_neg), name="neumf")
         self.history = hist                                            # learning curve (FitHistory)
-        return {**hist.as_dict(), "n_parameters": count_parameters(self), "n_positives": len(users)}
+        return {**hist.as_dict(), "n_parameters": count_parameters(self), "n_positives": n_positives}
 
     # ------------------------------------------------------------ score
     @torch.no_grad()

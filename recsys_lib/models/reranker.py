@@ -798,52 +798,38 @@ def tune(section: dict, cands: pd.DataFrame, X: np.ndarray | None, feature_names
     choice stays the held-out users')."""
     variants = list(section.get("variants", VARIANTS))
     base = RerankerConfig.from_params(section, variants[0], seed)
+    k = base.k_eval
     if base.folds > 1:
-        return _tune_cross(section, variants, base, cands, X, feature_names, labels, data, retriever, user_emb,
-                           seed, progress, return_all)
-    p = _prepare(cands, X, labels, base)
-    k = base.k_eval
-    rows = [{"variant": RETRIEVER_ORDER, "held_out_ndcg": ndcg_of(
-        retriever_order(p.cands.iloc[p.held_rows], p.held_users, k), p.held_labels, k), "fit_seconds": 0.0}]
-    best = None
+        parts = fold_users(labels.users, base.folds, base.seed)
+        per_user = ev.evaluate_ranking(retriever_order(cands, labels.users, k), labels, ks=(k,),
+                                       keep=k).per_user[f"ndcg@{k}"]
+        fold, mean, std = _fold_stats(per_user, labels.users, parts)
+        first = {"variant": RETRIEVER_ORDER, "held_out_ndcg": float(per_user.mean()) if len(per_user) else 0.0,
+                 "fold_ndcg_mean": mean, "fold_ndcg_std": std, "folds": base.folds}
+        fit = fit_cross
+
+        def stats(m) -> dict:
+            return {"fold_ndcg_mean": m.info["fold_ndcg_mean"], "fold_ndcg_std": m.info["fold_ndcg_std"],
+                    "folds": m.folds}
+    else:
+        p = _prepare(cands, X, labels, base)
+        first = {"variant": RETRIEVER_ORDER, "held_out_ndcg": ndcg_of(
+            retriever_order(p.cands.iloc[p.held_rows], p.held_users, k), p.held_labels, k)}
+        fit = fit_reranker
+
+        def stats(m) -> dict:
+            return {}
+    rows = [{**first, "fit_seconds": 0.0}]
     models = {}
     for v in variants:
         cfg = RerankerConfig.from_params(section, v, seed)
-        model = fit_reranker(cfg, cands, X, feature_names, labels, data, retriever, user_emb, progress)
+        model = fit(cfg, cands, X, feature_names, labels, data, retriever, user_emb, progress)
         models[v] = model
-        rows.append({"variant": v, "held_out_ndcg": model.info["held_out_ndcg"],
+        rows.append({"variant": v, "held_out_ndcg": model.info["held_out_ndcg"], **stats(model),
                      "fit_seconds": model.info["fit_seconds"],
-                     "best_epoch_or_round": model.info.get("best_epoch", model.info.get("best_iteration"))})
-        if best is None or model.info["held_out_ndcg"] > best.info["held_out_ndcg"]:
-            best = model
-    table = pd.DataFrame(rows)
-    table["chosen"] = table["variant"] == best.variant
-    return (best, table, models) if return_all else (best, table)
-
-
-def _tune_cross(section, variants, base, cands, X, feature_names, labels, data, retriever, user_emb, seed,
-                progress, return_all):
-    """`tune` with ``folds`` > 1: every variant cross-fitted on the same folds, chosen by
-    out-of-fold nDCG@k over all validation users."""
-    k = base.k_eval
-    parts = fold_users(labels.users, base.folds, base.seed)
-    per_user = ev.evaluate_ranking(retriever_order(cands, labels.users, k), labels, ks=(k,),
-                                   keep=k).per_user[f"ndcg@{k}"]
-    fold, mean, std = _fold_stats(per_user, labels.users, parts)
-    rows = [{"variant": RETRIEVER_ORDER, "held_out_ndcg": float(per_user.mean()) if len(per_user) else 0.0,
-             "fold_ndcg_mean": mean, "fold_ndcg_std": std, "folds": base.folds, "fit_seconds": 0.0}]
-    best = None
-    models = {}
-    for v in variants:
-        cfg = RerankerConfig.from_params(section, v, seed)
-        model = fit_cross(cfg, cands, X, feature_names, labels, data, retriever, user_emb, progress)
-        models[v] = model
-        rows.append({"variant": v, "held_out_ndcg": model.info["held_out_ndcg"],
-                     "fold_ndcg_mean": model.info["fold_ndcg_mean"], "fold_ndcg_std": model.info["fold_ndcg_std"],
-                     "folds": model.folds, "fit_seconds": model.info["fit_seconds"],
-                     "best_epoch_or_round": model.info["best_epoch_or_round"]})
-        if best is None or model.info["held_out_ndcg"] > best.info["held_out_ndcg"]:
-            best = model
+                     "best_epoch_or_round": model.info.get("best_epoch_or_round", model.info.get(
+                         "best_epoch", model.info.get("best_iteration")))})
+    best = max(models.values(), key=lambda m: m.info["held_out_ndcg"])   # the first on ties
     table = pd.DataFrame(rows)
     table["chosen"] = table["variant"] == best.variant
     return (best, table, models) if return_all else (best, table)

@@ -8,8 +8,8 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from recsys_lib.train import (LoopConfig, NegativeSampler, count_parameters, fit_loop, load_checkpoint,
-                              permuted_batches, save_checkpoint)
+from recsys_lib.train import (LoopConfig, NegativeSampler, adam, count_parameters, fit_loop, load_checkpoint,
+                              permuted_batches, positive_batches, save_checkpoint)
 
 torch.set_num_threads(1)
 
@@ -156,3 +156,34 @@ def test_negative_sampler_finds_the_only_unknown_item():
     known[1, 17] = 0
     neg = NegativeSampler(sp.csr_matrix(known), seed=1).sample(np.array([1] * 20), n_neg=3)
     assert (neg == 17).all()
+
+
+# ---------------------------------------------------------------- positive_batches, adam
+def test_positive_batches_cover_every_train_positive_once_per_epoch_with_unknown_negatives(toy_data):
+    batches, n = positive_batches(toy_data, batch_size=64, n_neg=3, seed=0, device=torch.device("cpu"))
+    train = toy_data.train
+    expected = sorted(zip(train.user[train.positive].tolist(), train.item[train.positive].tolist()))
+    assert n == len(expected)
+    known = train.matrix(toy_data.n_users, toy_data.n_items).toarray() > 0
+    for epoch in range(2):
+        seen = []
+        for u, i, neg in batches(epoch):
+            assert neg.shape == (len(u), 3)
+            assert not known[u.numpy()[:, None], neg.numpy()].any()            # negatives unknown
+            seen += list(zip(u.tolist(), i.tolist()))
+        assert sorted(seen) == expected
+
+
+def test_adam_is_fused_on_cpu_and_steps_like_plain_adam():
+    torch.manual_seed(0)
+    a, b = torch.nn.Linear(4, 3), torch.nn.Linear(4, 3)
+    b.load_state_dict(a.state_dict())
+    fused, plain = adam(a.parameters(), lr=0.01), torch.optim.Adam(b.parameters(), lr=0.01)
+    assert fused.defaults["fused"] is True
+    x = torch.randn(8, 4)
+    for _ in range(3):
+        for net, opt in ((a, fused), (b, plain)):
+            opt.zero_grad()
+            net(x).pow(2).sum().backward()
+            opt.step()
+    torch.testing.assert_close(a.weight, b.weight)
