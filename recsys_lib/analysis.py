@@ -28,7 +28,8 @@ def paired_table(per_user: dict[str, pd.DataFrame], target: str, metric: str = "
         if other == target:
             continue
         r = metrics.paired_bootstrap(m[target].to_numpy(), m[other].to_numpy(), n_resamples=n_bootstrap, seed=seed)
-        rows.append({"against": other, f"{target} - other": r["diff"], "95% CI lo": r["lo"],
+        rows.append({"against": other, "target": float(m[target].mean()), "other": float(m[other].mean()),
+                     f"{target} - other": r["diff"], "95% CI lo": r["lo"],
                      "95% CI hi": r["hi"], "p": r["p_value"], "better": bool(r["lo"] > 0)})
     return pd.DataFrame(rows)
 
@@ -103,3 +104,40 @@ def period_ratings(data: SplitData, period: str, users: np.ndarray):
     m = sp.csr_matrix((p.rating.astype(np.float64), (p.user, p.item)), shape=(data.n_users, data.n_items))
     m.sum_duplicates()
     return m[users]
+
+
+def is_two_stage(name: str) -> bool:
+    """Two-stage systems are recorded as ``two_stage`` and ``two_stage_<variant>``."""
+    return name == "two_stage" or name.startswith("two_stage_")
+
+
+def strongest_single_stage(records: list[dict], metric: str = "ndcg@10") -> dict | None:
+    """The single-stage model (every recorded model but the two-stage ones) with the best
+    *validation* ``metric``: the one the two-stage system must beat. Chosen on validation, so
+    the test period never decides which baseline the headline names."""
+    rows = [(r["valid"][metric], r["model"]) for r in records
+            if not is_two_stage(r["model"]) and r.get("valid") and metric in r["valid"]]
+    if not rows:
+        return None
+    score, name = max(rows)
+    return {"model": name, f"valid_{metric}": float(score)}
+
+
+def headline(paired: dict, metric: str = "ndcg@10") -> str:
+    """The study's headline, in words, from ``analysis/paired.json`` (written by 40_evaluation)."""
+    best = paired.get("strongest_single_stage")
+    if not best:
+        return "No single-stage model was scored, so there is no comparison to report."
+    row = next((r for r in paired["rows"] if r["against"] == best["model"]), None)
+    if row is None:
+        return f"The strongest single-stage model on validation is {best['model']}; it has no test scores."
+    target = paired["target"]
+    diff, lo, hi = row[f"{target} - other"], row["95% CI lo"], row["95% CI hi"]
+    verdict = ("beats it: the whole 95% CI is above zero" if lo > 0 else
+               "is worse: the whole 95% CI is below zero" if hi < 0 else
+               "does not separate from it: the 95% CI includes zero")
+    rel = f" ({100 * diff / row['other']:+.1f}%)" if row.get("other") else ""
+    return (f"The strongest single-stage model on validation is **{best['model']}** (validation {metric} "
+            f"{best[f'valid_{metric}']:.4f}). On the test period the two-stage system ({target}) scores "
+            f"{row['target']:.4f} against its {row['other']:.4f}: a paired difference of **{diff:+.4f}**{rel} "
+            f"[{lo:+.4f}, {hi:+.4f}], so the two-stage system {verdict}.")

@@ -74,6 +74,41 @@ def generate_candidates(retriever, labels_or_users: Labels | np.ndarray, ctx: Sc
     return df
 
 
+def add_sources(cands: pd.DataFrame, retriever, sources: dict, ctx: ScoringContext, k: int,
+                batch_users: int = 1024, progress: bool = False) -> pd.DataFrame:
+    """The union of the retriever's candidates and each source's top ``k`` unseen items per user.
+
+    ``sources`` maps a name to a stage-1 model (``score_all``), e.g. {"ease": ..., "ials": ...}.
+    Every row keeps ``retriever_score`` (the retriever's score of the pair, also for items only
+    another source proposed) and ``retriever_rank`` (its rank, ``k + 1`` when it did not propose
+    the item); each source adds ``<name>_rank`` (1-based, ``k + 1`` when absent), and
+    ``n_sources`` counts the lists an item came from. Rows sorted by user, retriever rank, item."""
+    users = np.unique(cands["user"].to_numpy(np.int64))
+    out = cands.copy()
+    out["retriever_rank"] = out["retriever_rank"].astype(np.int32)
+    for name, model in sources.items():
+        top = generate_candidates(model, users, ctx, k=k, batch_users=batch_users, progress=progress)
+        top = top.rename(columns={"retriever_rank": f"{name}_rank"})[["user", "item", f"{name}_rank"]]
+        out = out.merge(top, on=["user", "item"], how="outer")
+    rank_cols = ["retriever_rank"] + [f"{n}_rank" for n in sources]
+    present = out[rank_cols].notna().to_numpy()
+    out["n_sources"] = present.sum(axis=1).astype(np.int16)
+    for col in rank_cols:
+        out[col] = out[col].fillna(k + 1).astype(np.int32)
+    missing = out["retriever_score"].isna().to_numpy()
+    if missing.any():                                              # the retriever scores every pair
+        u = torch.from_numpy(out["user"].to_numpy(np.int64)[missing])
+        i = torch.from_numpy(out["item"].to_numpy(np.int64)[missing])
+        out.loc[missing, "retriever_score"] = retriever.score_pairs(u, i, ctx).float().cpu().numpy()
+    out["retriever_score"] = out["retriever_score"].astype(np.float32)
+    return out.sort_values(["user", "retriever_rank", "item"], kind="stable").reset_index(drop=True)
+
+
+def source_names(cands: pd.DataFrame) -> list[str]:
+    """The candidate sources recorded in ``cands``: "retriever", then each ``<name>_rank`` column."""
+    return ["retriever"] + [c[:-5] for c in cands.columns if c.endswith("_rank") and c != "retriever_rank"]
+
+
 def _positive_keys(positives, n_items_hint: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
     """(scored users, sorted keys user*n_items+item of positives, n_pos per scored user, n_items)."""
     if isinstance(positives, Labels):
@@ -91,17 +126,21 @@ def _positive_keys(positives, n_items_hint: int | None = None) -> tuple[np.ndarr
     return np.asarray(users, dtype=np.int64), keys, np.diff(mat.indptr), n_items
 
 
-def candidate_recall(cands: pd.DataFrame, positives, ks=DEFAULT_KS) -> dict[str, float]:
-    """Recall@K over the scored users of ``positives`` counting only candidates of rank <= K:
-    mean over users of |positives among their top-K candidates| / n_pos (users without
-    candidates count 0). On a retriever's candidates it equals that retriever's Recall@K for
-    K <= the candidate depth; for K beyond it, it is the recall of the whole candidate set.
+def candidate_recall(cands: pd.DataFrame, positives, ks=DEFAULT_KS, source: str = "retriever") -> dict[str, float]:
+    """Recall@K over the scored users of ``positives`` counting only candidates of rank <= K in
+    ``source``'s list: mean over users of |positives among their top-K candidates| / n_pos (users
+    without candidates count 0). On a retriever's candidates it equals that retriever's Recall@K
+    for K <= the candidate depth; for K beyond it, it is the recall of the whole candidate set
+    (``source="union"``: every candidate counts, whatever its rank).
 
     ``positives``: ``Labels`` or ``(users, csr)`` with csr rows aligned to ``users``."""
     users, keys, n_pos, n_items = _positive_keys(positives)
     u = cands["user"].to_numpy(np.int64)
     it = cands["item"].to_numpy(np.int64)
-    rank = cands["retriever_rank"].to_numpy(np.int64)
+    if source == "union":
+        rank = np.ones(len(cands), np.int64)
+    else:
+        rank = cands[f"{source}_rank"].to_numpy(np.int64)
     q = u * n_items + it
     if len(keys):
         at = np.searchsorted(keys, q).clip(max=len(keys) - 1)
@@ -135,3 +174,12 @@ def load_candidates(path: str | os.PathLike) -> pd.DataFrame:
     if not path.exists():
         raise FileNotFoundError(f"no candidates at {path}; run the retrieval notebook (20_two_tower) first")
     return pd.read_parquet(path)
+
+
+def source_recall(cands: pd.DataFrame, labels: Labels, ks=DEFAULT_KS) -> dict[str, dict[str, float]]:
+    """Recall@K of each candidate source (its own top K) and of the union (every candidate counts):
+    {source: {"recall@K": ...}}; the union's value is the same for every K (the whole set)."""
+    out = {name: candidate_recall(cands, labels, ks, source=name) for name in source_names(cands)}
+    if len(out) > 1:
+        out["union"] = candidate_recall(cands, labels, ks, source="union")
+    return out

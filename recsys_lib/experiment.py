@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from . import config, guard
+from . import config, guard, tuning
 from .errors import PipelineError
 from .evaluate import DEFAULT_KS, EvalResult, Evaluator
 from .features import SplitData
@@ -128,16 +128,19 @@ class Run:
         with guard.fitting(name):
             model, search = tune(self.data, self.params.get(section, {}), validate, self.device, self.seed)
         fit_seconds = time.perf_counter() - t0
+        cfg = getattr(model, "cfg", None) or getattr(model, "config", None)
+        summary = tuning.summarize(search, self.params.get(section, {}).get("grid"),
+                                   epochs=getattr(cfg, "epochs", None))
+        print(f"{name} search:\n{tuning.describe(summary)}", flush=True)
         results = self.score(model, name)
         if hasattr(model, "save"):
             model.save(self.path("models", f"{name}.pt"))
         history = getattr(model, "history", None)
         if history is not None:
             self.save_curve(name, history)
-        cfg = getattr(model, "cfg", None) or getattr(model, "config", None)
         from dataclasses import asdict, is_dataclass
         self.record(name, results, params=asdict(cfg) if is_dataclass(cfg) else self.params.get(section, {}),
-                    fit_seconds=fit_seconds, search=search)
+                    fit_seconds=fit_seconds, search=search, tuning=summary)
         return model, search, results
 
     # ------------------------------------------------------------ recording

@@ -205,11 +205,25 @@ def histories_before_rows(user: np.ndarray, item: np.ndarray, n: int,
 @dataclass
 class ScoringContext:
     """What a scorer may know about users at scoring time for ``period``: the items they rated
-    before it (masked from rankings) and their last items (for sequence models)."""
+    before it (masked from rankings), the positives among them, and their last items.
+
+    ``seen`` is what every ranking masks. A model fit on positives only builds a user's vector
+    from ``seen_positive`` (PROTOCOL.md: a model scores a user from the same kind of input it was
+    fit on); ``input_matrix`` picks the right one."""
 
     period: str
     seen: sp.csr_matrix        # (n_users, n_items) 1 where rated before the period
     history: torch.Tensor      # (n_users, H) last items before the period, item + 1, 0 pad
+    seen_positive: sp.csr_matrix | None = None  # (n_users, n_items) 1 where rated >= 4 before it
+
+    def input_matrix(self, positives_only: bool) -> sp.csr_matrix:
+        """The user rows a model fit on ``positives_only`` (or on every rated row) scores from."""
+        if not positives_only:
+            return self.seen
+        if self.seen_positive is None:
+            raise ValueError(f"this {self.period} context has no seen_positive matrix; build it with "
+                             f"SplitData.context (a positives-only model must score from positives)")
+        return self.seen_positive
 
 
 @dataclass
@@ -282,9 +296,11 @@ class SplitData:
         p = self.period(period)
         return np.unique(p.user[p.positive])
 
-    def seen_before(self, period: str) -> sp.csr_matrix:
-        """Items each user rated before ``period``: train for valid; train and valid for test."""
-        mats = [self.period(p).matrix(self.n_users, self.n_items) for p in self.before(period)]
+    def seen_before(self, period: str, positives_only: bool = False) -> sp.csr_matrix:
+        """Items each user rated (``positives_only``: rated >= 4) before ``period``: train for
+        valid; train and valid for test."""
+        mats = [self.period(p).matrix(self.n_users, self.n_items, positives_only)
+                for p in self.before(period)]
         if not mats:
             return sp.csr_matrix((self.n_users, self.n_items), dtype=np.float32)
         m = mats[0]
@@ -307,7 +323,38 @@ class SplitData:
 
     def context(self, period: str, history_len: int = 5) -> ScoringContext:
         return ScoringContext(period=period, seen=self.seen_before(period),
-                              history=self.history(period, history_len))
+                              history=self.history(period, history_len),
+                              seen_positive=self.seen_before(period, positives_only=True))
+
+    def label_window(self, share: float = 0.1) -> "SplitData":
+        """The label window (PROTOCOL.md, "Who learns from what"): a SplitData over the train rows
+        only, whose ``train`` is the rows before the window and whose ``valid`` is the window (and
+        ``test`` empty), with the same ids and item features. Under ``user_temporal`` the window is
+        each user's last max(1, floor(share n)) train rows; under ``global_temporal`` the last
+        ``share`` of the train rows by time. Stage-1 models refit on its ``train`` propose and score
+        the window's candidates; the re-ranker may learn from those lists."""
+        from fractions import Fraction
+        train = self.train
+        f = Fraction(str(share))
+        n_rows = len(train)
+        if self.split_params.get("strategy") == "user_temporal":
+            order = np.lexsort((train.item, train.timestamp, train.user))       # by user, then time
+            u = train.user[order]
+            starts = np.flatnonzero(np.r_[True, u[1:] != u[:-1]]) if n_rows else np.zeros(0, np.int64)
+            sizes = np.diff(np.r_[starts, n_rows])
+            pos = np.arange(n_rows) - np.repeat(starts, sizes)
+            n = np.repeat(sizes, sizes)
+            in_window = np.empty(n_rows, bool)
+            in_window[order] = pos >= n - np.maximum(1, (n * f.numerator) // f.denominator)
+        else:                                                                # rows are in time order
+            cut = (n_rows * (1 - f).numerator) // (1 - f).denominator
+            in_window = np.arange(n_rows) >= cut
+        take = lambda mask: Period(train.user[mask], train.item[mask], train.rating[mask], train.timestamp[mask])
+        empty = take(np.zeros(n_rows, bool))
+        return SplitData(name=f"{self.name}:window", users=self.users, items=self.items,
+                         item_features=self.item_features,
+                         _periods={"train": take(~in_window), "valid": take(in_window), "test": empty},
+                         split_params={**self.split_params, "label_window": str(share)})
 
     @cached_property
     def item_popularity(self) -> np.ndarray:

@@ -127,6 +127,25 @@ def recall_curve(curves: dict[str, dict[int, float]], ceiling_k: int | None = No
     return fig
 
 
+def source_recall(recall: dict[str, dict[str, float]], ceiling_k: int | None = None):
+    """Recall@K of each candidate source (curves, up to ``ceiling_k``) and of their union (a
+    horizontal line: the whole candidate set, the re-ranker's ceiling)."""
+    fig, (ax,) = _fig(width=6)
+    for name, curve in recall.items():
+        ks = sorted(int(k.split("@")[1]) for k in curve)
+        if ceiling_k:
+            ks = [k for k in ks if k <= ceiling_k]
+        values = [curve[f"recall@{k}"] for k in ks]
+        if name == "union":
+            ax.axhline(values[-1], color="black", ls=":", label=f"union of sources ({values[-1]:.3f})")
+        else:
+            ax.plot(ks, values, marker="o", label=name)
+    ax.set(xscale="log", xlabel="K (each source's top K)", ylabel="Recall@K",
+           title="Candidate recall by source (validation)")
+    ax.legend()
+    return fig
+
+
 def metric_with_ci(table: pd.DataFrame, metric: str = "ndcg@10", ci_col: str = "ci"):
     """Horizontal bars of a metric per model with 95% CI whiskers; ``table`` has model, metric, lo, hi."""
     fig, (ax,) = _fig(width=7, height=0.5 * len(table) + 1.5)

@@ -104,3 +104,35 @@ def readme_table(metrics_json: str | os.PathLike, period: str = "test") -> str:
                      f"{s['recall@100']:.4f} | {s['recall@500']:.4f} | {s['hit_rate@10']:.4f} | "
                      f"{s['mrr@10']:.4f} | {s['coverage@10']:.4f} | {fit:.0f} |" if fit is not None else "")
     return "\n".join(lines)
+
+
+def tuning_table(run_dir: str | os.PathLike) -> "pd.DataFrame":
+    """How each model was tuned: what was searched, what was chosen, its validation nDCG@10 and
+    whether a chosen value still sits at the edge of what was searched (or at the epoch cap).
+    Grid-searched models carry a ``tuning`` summary (recsys_lib.tuning.summarize); the retriever
+    and the re-ranker compare named variants, listed as such."""
+    import pandas as pd
+    rows = []
+    for m in collect_metrics(run_dir):
+        t, search = m.get("tuning"), m.get("search") or []
+        valid = (m.get("valid") or {}).get("ndcg@10")
+        if t and t.get("axes"):
+            searched = "; ".join(f"{k} ∈ {{{', '.join(_fmt(v) for v in a['tried'])}}}" for k, a in t["axes"].items())
+            chosen = ", ".join(f"{k}={_fmt(a['chosen'])}" for k, a in t["axes"].items())
+            edges = list(t.get("at_edge", []))
+            if t.get("epoch_cap"):
+                edges.append(f"epochs (best = cap {t['max_epochs']})")
+            rows.append({"model": m["model"], "searched": searched, "configs": t["configs"],
+                         "edge steps": t.get("edge_steps", 0), "chosen": chosen,
+                         "valid nDCG@10": valid, "at edge": ", ".join(edges) or "no"})
+        elif search and any("variant" in r or "name" in r for r in search):
+            key = "name" if "name" in search[0] else "variant"
+            chosen = [r[key] for r in search if r.get("chosen") or r.get("best")]
+            rows.append({"model": m["model"], "searched": "variants: " + ", ".join(str(r[key]) for r in search),
+                         "configs": len(search), "edge steps": 0, "chosen": ", ".join(map(str, chosen)),
+                         "valid nDCG@10": valid, "at edge": "n/a (named variants)"})
+    return pd.DataFrame(rows)
+
+
+def _fmt(value) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)

@@ -14,6 +14,8 @@ LeakageError; at test time the features are built outside any fitting context.
 
 Columns (in order; the retriever/scorer ones only when those are given):
   retriever_score, retriever_log_rank, retriever_score_z (z-score within the user's list)
+  <source>_log_rank, n_sources   with several candidate sources: each source's log rank
+                          (log(k + 1) when it did not propose the item), how many proposed it
   item_log_pop            log(1 + train rows of the item)
   item_log_pop_30d/_90d   log(1 + known rows of the item in the last 30/90 days before the
                           end of the known rows)
@@ -164,6 +166,11 @@ def build_features(cands: pd.DataFrame, data: SplitData, ctx: ScoringContext, pe
     cols["retriever_score"] = score
     cols["retriever_log_rank"] = np.log(cands["retriever_rank"].to_numpy(np.float64))
     cols["retriever_score_z"] = _z_within_user(users, score)
+    # other candidate sources (candidates.add_sources): their ranks (k + 1 = not proposed)
+    for col in [c for c in cands.columns if c.endswith("_rank") and c != "retriever_rank"]:
+        cols[f"{col[:-5]}_log_rank"] = np.log(cands[col].to_numpy(np.float64))
+    if "n_sources" in cands:
+        cols["n_sources"] = cands["n_sources"].to_numpy(np.float32)
 
     # item popularity: all train rows; recent rows known at scoring time
     known = data.rows_before(period)           # train (valid) or train + valid (test)

@@ -60,17 +60,21 @@ def expand_grid(grid: dict[str, list] | Iterable[dict] | None) -> list[dict]:
 
 def grid_search(build: Callable[[dict], Any], fit: Callable[[Any], dict],
                 grid: dict[str, list] | Iterable[dict] | None,
-                validate: Callable[[Any], float], verbose: bool = True) -> tuple[Any, dict, pd.DataFrame]:
-    """Fit ``build(params)`` for every configuration of ``grid`` and keep the best on validation.
+                validate: Callable[[Any], float], verbose: bool = True, extend: bool = True,
+                max_steps: int = 4) -> tuple[Any, dict, pd.DataFrame]:
+    """Fit ``build(params)`` for every configuration of ``grid`` and keep the best on validation;
+    then, with ``extend``, push every numeric axis whose best value sits on the grid's edge further
+    out until validation stops improving (``extend_axes``).
 
     ``fit(model) -> dict`` trains the model (it may early-stop on the same ``validate``);
     ``validate(model) -> float`` is evaluated once more after fitting (higher is better).
     Returns ``(best_model, best_params, table)``: one row per configuration with its parameters,
-    ``valid_metric``, ``fit_seconds``, ``best_epoch`` (when the fit reports one) and ``best``."""
+    ``valid_metric``, ``fit_seconds``, ``best_epoch`` (when the fit reports one), ``stage``
+    (``grid`` or ``edge``) and ``best``."""
     rows: list[dict] = []
-    best_model, best_params, best_score = None, None, float("-inf")
-    combos = expand_grid(grid)
-    for n, params in enumerate(combos):
+    state = {"model": None, "params": None, "score": float("-inf")}
+
+    def run(params: dict, stage: str, label: str) -> float:
         model = build(params)
         t0 = time.perf_counter()
         info = fit(model) or {}
@@ -79,19 +83,144 @@ def grid_search(build: Callable[[dict], Any], fit: Callable[[Any], dict],
         row = {**{k: _cell(v) for k, v in params.items()}, "valid_metric": score, "fit_seconds": fit_seconds}
         if "best_epoch" in info:
             row["best_epoch"] = info["best_epoch"]
+        row["stage"] = stage
         rows.append(row)
         if verbose:
-            print(f"config {n + 1}/{len(combos)} {params}: valid {score:.4f} ({fit_seconds:.1f}s)", flush=True)
-        if score > best_score or best_model is None:
-            best_model, best_params, best_score = model, dict(params), score
+            print(f"{label} {params}: valid {score:.4f} ({fit_seconds:.1f}s)", flush=True)
+        if score > state["score"] or state["model"] is None:
+            state.update(model=model, params=dict(params), score=score)
         else:
             del model
             gc.collect()
+        return score
+
+    combos = expand_grid(grid)
+    for n, params in enumerate(combos):
+        run(params, "grid", f"config {n + 1}/{len(combos)}")
+    if extend and isinstance(grid, dict):
+        extend_axes(grid, rows, state, run, max_steps)
     table = pd.DataFrame(rows)
     table["best"] = False
     if len(table):
         table.loc[table["valid_metric"].idxmax(), "best"] = True
-    return best_model, best_params, table
+    return state["model"], state["params"], table
+
+
+def numeric_axes(grid: dict[str, list] | None) -> list[str]:
+    """Grid axes that are searched along a numeric scale: two or more distinct positive numbers
+    (booleans, strings, None and lists are categorical: nothing lies beyond their edge)."""
+    axes = []
+    for name, values in (grid or {}).items():
+        if not isinstance(values, (list, tuple)):
+            continue
+        numeric = [v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        if len(numeric) == len(values) and len(set(numeric)) >= 2 and min(numeric) > 0:
+            axes.append(name)
+    return axes
+
+
+def step_out(values: list[float], edge: float, up: bool) -> float:
+    """The next value beyond ``edge`` on a log scale: the ratio between the edge and its nearest
+    tried neighbour, applied once more (200, 1000 -> 5000; 64, 128 -> 256). Integers stay integers
+    (and at least 1); an integer step that rounds onto the edge moves by one instead."""
+    inner = sorted(v for v in values if (v < edge if up else v > edge))
+    neighbour = inner[-1] if up else inner[0]
+    ratio = edge / neighbour if up else neighbour / edge                # > 1
+    new = edge * ratio if up else edge / ratio
+    if all(isinstance(v, int) for v in values):
+        new = int(round(new))
+        if new == edge:
+            new = edge + (1 if up else -1)
+        new = max(new, 1)
+    return new
+
+
+def extend_axes(grid: dict[str, list], rows: list[dict], state: dict,
+                run: Callable[[dict, str, str], float], max_steps: int = 4) -> None:
+    """Edge extension (PROTOCOL.md: a best value on the edge of its grid is searched further out
+    along that axis until validation stops improving). Each round looks at every numeric axis of
+    the current best configuration; where its value is the smallest or largest tried, the next value
+    out (``step_out``) is fitted with the other parameters held at the best. Rounds go on while a
+    step improves validation, at most ``max_steps`` steps per axis and direction; a best value still
+    on an edge afterwards is reported as such by ``summarize``."""
+    axes = numeric_axes(grid)
+    steps = {(a, up): 0 for a in axes for up in (False, True)}
+    improved = True
+    while improved:
+        improved = False
+        for axis in axes:
+            best = state["params"]
+            tried = sorted({r[axis] for r in rows if axis in r})
+            value = best[axis]
+            if value not in (tried[0], tried[-1]):
+                continue                                                # interior: done with this axis
+            up = value == tried[-1]
+            if steps[(axis, up)] >= max_steps:
+                continue                                                # budget cap: summarize flags it
+            steps[(axis, up)] += 1
+            new = step_out(tried, value, up)
+            before = state["score"]
+            run({**best, axis: new}, "edge", f"edge step {axis}={new}")
+            improved |= state["score"] > before
+
+
+def summarize(table: pd.DataFrame, grid: dict[str, list] | None,
+              epochs: int | None = None) -> dict:
+    """What a search tried and chose, JSON-ready: for every searched axis the values tried, the
+    chosen one, and ``at_edge`` (chosen value is the smallest or largest tried on a numeric axis);
+    ``epoch_cap`` when the chosen fit's best epoch is its last allowed epoch (still improving)."""
+    if table is None or not len(table) or "valid_metric" not in table:
+        return {}
+    best = table.loc[table["valid_metric"].idxmax()]
+    numeric = set(numeric_axes(grid))
+    axes = {}
+    for name in (grid or {}) if isinstance(grid, dict) else []:
+        if name not in table:
+            continue
+        tried = []
+        for v in table[name].tolist():
+            if _plain(v) not in tried:
+                tried.append(_plain(v))
+        tried.sort(key=_sort_key)
+        chosen = _plain(best[name])
+        axes[name] = {"tried": tried, "chosen": chosen,
+                      "at_edge": bool(name in numeric and chosen in (tried[0], tried[-1]))}
+    out = {"axes": axes, "configs": int(len(table)),
+           "edge_steps": int((table["stage"] == "edge").sum()) if "stage" in table else 0,
+           "valid_metric": float(best["valid_metric"]),
+           "at_edge": sorted(a for a, v in axes.items() if v["at_edge"])}
+    if epochs is not None and "best_epoch" in table and pd.notna(best.get("best_epoch")):
+        out["best_epoch"] = int(best["best_epoch"])
+        out["max_epochs"] = int(epochs)
+        out["epoch_cap"] = bool(int(best["best_epoch"]) >= int(epochs))
+    return out
+
+
+def describe(summary: dict) -> str:
+    """One line per searched axis: values tried, chosen, and an edge warning."""
+    if not summary:
+        return "no search"
+    lines = [f"{summary['configs']} configurations ({summary['edge_steps']} edge steps); "
+             f"best validation nDCG@10 {summary['valid_metric']:.4f}"]
+    for name, a in summary["axes"].items():
+        flag = "  <- STILL AT THE EDGE of what was searched" if a["at_edge"] else ""
+        lines.append(f"  {name}: tried {a['tried']}, chose {a['chosen']}{flag}")
+    if summary.get("epoch_cap"):
+        lines.append(f"  epochs: best epoch {summary['best_epoch']} = the cap of {summary['max_epochs']} "
+                     f"(still improving when stopped)")
+    return "\n".join(lines)
+
+
+def _plain(value: Any) -> Any:
+    """numpy scalars -> Python (JSON), tuples -> lists."""
+    if hasattr(value, "item") and not isinstance(value, (list, tuple)):
+        value = value.item()
+    return list(value) if isinstance(value, tuple) else value
+
+
+def _sort_key(value: Any):
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    return (value is None, not number, value if number else str(value))
 
 
 def _cell(value: Any) -> Any:
@@ -113,12 +242,13 @@ def make_config(config_cls, section: dict | None, **fixed) -> Any:
 
 def tune_model(model_cls, data, section: dict | None, validate: Callable[[Any], float] | None,
                device: str | None = None, seed: int | None = None, verbose: bool = True,
-               **fixed) -> tuple[Any, pd.DataFrame]:
+               extend: bool = True, **fixed) -> tuple[Any, pd.DataFrame]:
     """Grid-search ``model_cls`` (a Recommender with a ``Config`` dataclass) on validation.
 
     ``section`` is the model's params section: config defaults plus an optional ``grid``
     (``{name: [values]}`` or a list of dicts). Each configuration is seeded with ``seed`` and fit
-    inside ``guard.fitting(model_cls.name)`` with ``validate`` for early stopping. With
+    inside ``guard.fitting(model_cls.name)`` with ``validate`` for early stopping; numeric axes
+    whose best value is on the grid's edge are searched further out (``extend``). With
     ``validate=None`` the first configuration is fit without selection.
     Returns ``(best_model, table)``; the table has one row per configuration."""
     section = copy.deepcopy(section or {})
@@ -146,5 +276,5 @@ def tune_model(model_cls, data, section: dict | None, validate: Callable[[Any], 
                                **({"best_epoch": info["best_epoch"]} if "best_epoch" in info else {}),
                                "best": True}])
         return model, table
-    model, _params, table = grid_search(build, fit, grid, validate, verbose=verbose)
+    model, _params, table = grid_search(build, fit, grid, validate, verbose=verbose, extend=extend)
     return model, table

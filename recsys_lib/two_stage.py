@@ -23,7 +23,7 @@ from .models import reranker as rr
 from .rerank_features import build_features, retriever_user_table
 
 BASELINE_CLASSES = {"ease": ("ease", "EASE"), "mf": ("mf", "MF"), "neumf": ("neumf", "NeuMF"),
-                    "popularity": ("popularity", "Popularity")}
+                    "popularity": ("popularity", "Popularity"), "ials": ("ials", "IALS")}
 
 
 @dataclass
@@ -92,12 +92,88 @@ def _feature_key(run: Run, cand_path, extra: dict) -> str:
     return ";".join(f"{f.name}:{f.stat().st_mtime_ns}:{f.stat().st_size}" for f in files if f.exists())
 
 
-def fit(run: Run, valid: StageInputs, retriever, section: dict):
-    """Train every re-ranker variant on validation candidates (inside the guard: train and
-    validation rows only); returns (chosen model, table, all models)."""
+def fit(run: Run, valid: StageInputs, retriever, section: dict, window: rr.ExtraLists | None = None):
+    """Train every re-ranker variant on validation candidates (and the label window's lists, when
+    given) inside the guard: train and validation rows only; returns (chosen model, table, all
+    models)."""
     with guard.fitting("reranker", allow=("train", "valid")):
         return rr.tune(section, valid.cands, valid.X, valid.names, valid.labels, run.data, retriever,
-                       valid.user_emb, seed=run.seed, progress=True, return_all=True)
+                       valid.user_emb, seed=run.seed, progress=True, return_all=True, extra=window)
+
+
+# ---------------------------------------------------------------- the label window
+def refit(model, data, best_epoch: int | None = None):
+    """A copy of a fitted stage-1 model, fit again from scratch with the same configuration on
+    ``data.train`` (the rows before the label window). Models trained for epochs run the epoch count
+    chosen on validation (``best_epoch``) with no early stopping: nothing of the window is read."""
+    import dataclasses
+    cfg = model.cfg
+    if best_epoch and hasattr(cfg, "epochs"):
+        cfg = dataclasses.replace(cfg, epochs=int(best_epoch))
+    new = type(model)(cfg)
+    with guard.fitting(f"{model.name}@window"):
+        new.fit(data, None)
+    return new
+
+
+def build_label_window(run: Run, retriever, sources: dict, extra: dict, share: float,
+                       k: int) -> tuple[rr.ExtraLists, dict]:
+    """The label window's training lists for the re-ranker (PROTOCOL.md, "Label window").
+
+    The window is ``run.data.label_window(share)``; the retriever, every candidate source and every
+    feature scorer are refit on the rows before it (same configurations, epochs chosen on
+    validation); they propose the window users' candidates (the same union as for validation) and
+    score their features from the pre-window rows only. Labels are the window's positives.
+    Returns the lists and a summary (users, rows, recall of the candidates within the window)."""
+    t0 = time.perf_counter()
+    w = run.data.label_window(share)
+    curves = {n: (best_epoch_of(run, n)) for n in set(sources) | set(extra)}
+    r = refit(retriever, w, retriever.history.get("best_epoch"))
+    refits = {n: refit(m, w, curves.get(n)) for n, m in {**sources, **extra}.items()}
+    labels = Labels.build(w, "valid", history_len=retriever.cfg.history_len)
+    c = cand.generate_candidates(r, labels, k=k, progress=True)
+    if sources:
+        c = cand.add_sources(c, r, {n: refits[n] for n in sources}, labels.ctx, k=k)
+    user_emb = retriever_user_table(r, labels.users, labels.ctx, run.data.n_users)
+    X, names = build_features(c, w, labels.ctx, "valid", r, {n: refits[n] for n in extra}, user_emb)
+    y = rr.candidate_labels(c, labels)
+    lists = rr.ExtraLists(cands=c, X=X, y=y)
+    summary = {"share": share, "users": int(len(labels.users)), "rows": int(len(c)),
+               "window_rows": int(len(w.valid)), "pre_window_rows": int(len(w.train)),
+               "lists_with_a_positive": int(len(lists.groups(np.zeros(0, np.int64))[1])),
+               "feature_names": names, "seconds": time.perf_counter() - t0,
+               "recall": cand.source_recall(c, labels, (10, 100, k))}
+    return lists, summary
+
+
+def best_epoch_of(run: Run, name: str) -> int | None:
+    """The epoch a trained baseline kept (its curve's best epoch), or None (closed-form models)."""
+    from .experiment import read_json
+    curve = read_json(run.dir, "curves", f"{name}.json")
+    return int(curve["best_epoch"]) if curve and curve.get("best_epoch", -1) > 0 else None
+
+
+def save_label_window(run: Run, lists: rr.ExtraLists, summary: dict) -> None:
+    from . import config
+    cand.save_candidates(lists.cands, run.path("window", "candidates.parquet"))
+    tmp = run.path("window", "features.tmp.npz")
+    np.savez(tmp, X=lists.X, y=lists.y)
+    tmp.replace(run.path("window", "features.npz"))
+    config.write_json(run.path("window", "summary.json"), summary)
+
+
+def load_label_window(run: Run, names: list[str]) -> rr.ExtraLists | None:
+    """The label window's lists written by 25_label_window, or None when it has not run. Their
+    feature columns must be the validation features' ``names``."""
+    from .experiment import read_json
+    summary = read_json(run.dir, "window", "summary.json")
+    if summary is None:
+        return None
+    if summary["feature_names"] != list(names):
+        raise ValueError(f"label-window features {summary['feature_names']} differ from the validation "
+                         f"features {names}: rerun 25_label_window")
+    z = np.load(run.dir / "window" / "features.npz")
+    return rr.ExtraLists(cands=cand.load_candidates(run.dir / "window" / "candidates.parquet"), X=z["X"], y=z["y"])
 
 
 def held_out_users(valid: StageInputs, model) -> tuple[np.ndarray, np.ndarray]:

@@ -4,9 +4,11 @@ X is the binary (n_users, n_items) train matrix: every rated row, or positives o
 pick on validation). With G = X^T X + lambda I and P = G^-1, the item-item weights are
 B = I - P / diag(P), i.e. B_ij = -P_ij / P_jj off the diagonal and B_jj = 0.
 
-Scores are x_u B where x_u are the items the user rated *before the scored period*
-(``ctx.seen``): train rows for validation; train and validation rows for test (PROTOCOL.md:
-histories at scoring time include earlier periods). B itself comes from train rows only.
+Scores are x_u B where x_u is the user's row of the same kind of matrix B was learnt from, built
+from the rows *before the scored period*: every rated item (``ctx.seen``), or with
+``positives_only`` the positives only (``ctx.seen_positive``); train rows for validation, train and
+validation rows for test (PROTOCOL.md: histories at scoring time include earlier periods, and a
+model scores a user from the same kind of input it was fit on). B comes from train rows only.
 
 Memory: G, its Cholesky factor and B are dense (n_items, n_items); float64 for catalogues up to
 ``float64_max_items``, float32 above. ``max_items`` caps the dense part for large catalogues
@@ -129,8 +131,9 @@ class EASE(torch.nn.Module, Recommender):
 
     @torch.no_grad()
     def score_all(self, users: torch.Tensor, ctx: ScoringContext) -> torch.Tensor:
-        """x_u B with x_u the items rated before ``ctx.period`` (train; train + valid for test)."""
-        x = self._history(users, ctx.seen)                             # (B, n_kept)
+        """x_u B with x_u the user's row before ``ctx.period`` (train; train + valid for test), of the
+        kind B was fit on: every rated item, or positives only."""
+        x = self._history(users, ctx.input_matrix(self.cfg.positives_only))  # (B, n_kept)
         scores = (x @ self.B).float()                                  # (B, n_kept)
         if len(self.kept) == len(self.floor):
             return scores                                              # (B, n_items)

@@ -457,6 +457,29 @@ def _build_net(cfg: RerankerConfig, init: dict) -> nn.Module:
 
 # ---------------------------------------------------------------- fitting
 @dataclass
+class ExtraLists:
+    """Training lists from outside the validation period: the label window's candidates (proposed
+    and scored by stage-1 models refit on the train rows before the window), their features (same
+    columns as the validation features) and labels (window positives). The lgbm variant adds them
+    to every fit's training groups, less the lists of the users that fit is early-stopped and
+    scored on (PROTOCOL.md: held-out validation users are never in its training lists)."""
+
+    cands: pd.DataFrame          # user, item, ... sorted by user
+    X: np.ndarray                # (n_rows, F) float32
+    y: np.ndarray                # (n_rows,) 1 = a window positive
+
+    def groups(self, exclude_users: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(rows, group sizes) of the lists with a positive whose user is not in ``exclude_users``."""
+        u = self.cands["user"].to_numpy(np.int64)
+        keep = np.flatnonzero(~np.isin(u, exclude_users))
+        if not len(keep):
+            return keep, np.zeros(0, np.int64)
+        uniq, start, count = np.unique(u[keep], return_index=True, return_counts=True)
+        has_pos = np.add.reduceat(self.y[keep], start) > 0
+        return keep[np.repeat(has_pos, count)], count[has_pos]
+
+
+@dataclass
 class _Prepared:
     """Candidate rows sorted by (user, retriever rank), with labels and the user split."""
 
@@ -546,13 +569,14 @@ def _softmax_batches(p: _Prepared, cfg: RerankerConfig, gen: torch.Generator):
 def fit_reranker(cfg: RerankerConfig, cands: pd.DataFrame, X: np.ndarray | None, feature_names: list[str] | None,
                  labels: ev.Labels, data, retriever=None, user_emb: np.ndarray | None = None,
                  progress: bool = False, train_users: np.ndarray | None = None,
-                 held_users: np.ndarray | None = None) -> Reranker:
+                 held_users: np.ndarray | None = None, extra: ExtraLists | None = None) -> Reranker:
     """Fit one variant on the train users' validation candidates; early-stop on the held-out users.
 
     The users are ``cfg``'s fixed-seed split (``held_out_share``) unless ``train_users`` and
     ``held_users`` are given (cross-fitting: the other folds, and this fold).
     ``info["trained_users"]`` lists the users whose candidates the fit actually learnt from
-    (train users with a positive among their candidates).
+    (train users with a positive among their candidates). ``extra`` (the label window's lists)
+    joins the lgbm variant's training groups; the MLP variants learn from validation lists only.
 
     ``labels``: `evaluate.Labels` of "valid", built outside the fitting context. ``data``: the
     SplitData (item side features, sizes). ``retriever``: the frozen retriever (its
@@ -567,7 +591,7 @@ def fit_reranker(cfg: RerankerConfig, cands: pd.DataFrame, X: np.ndarray | None,
     torch.manual_seed(cfg.seed)
     p = _prepare(cands, X, labels, cfg, train_users, held_users)
     if cfg.variant == "lgbm":
-        model = _fit_lgbm(cfg, p, feature_names)
+        model = _fit_lgbm(cfg, p, feature_names, extra)
     else:
         model = _fit_mlp(cfg, p, feature_names, data, retriever, user_emb, labels, progress)
     model.info.update(held_out_ndcg=_held_out_metric(model, p, model.info.pop("_user_emb", None)),
@@ -662,7 +686,7 @@ def _fit_mlp(cfg, p: _Prepared, feature_names, data, retriever, user_emb, labels
     return model
 
 
-def _fit_lgbm(cfg: RerankerConfig, p: _Prepared, feature_names) -> Reranker:
+def _fit_lgbm(cfg: RerankerConfig, p: _Prepared, feature_names, extra: ExtraLists | None = None) -> Reranker:
     import lightgbm as lgb
     if p.X is None:
         raise ValueError("lgbm needs the feature matrix X")
@@ -686,7 +710,14 @@ def _fit_lgbm(cfg: RerankerConfig, p: _Prepared, feature_names) -> Reranker:
     params = dict(objective="lambdarank", metric="None", learning_rate=cfg.learning_rate,
                   num_leaves=cfg.num_leaves, min_data_in_leaf=cfg.min_child_samples, seed=cfg.seed,
                   deterministic=True, force_row_wise=True, num_threads=cfg.num_threads, verbose=-1)
-    train_set = lgb.Dataset(p.X[tr], label=p.y[tr].astype(np.int32), group=group,
+    X_train, y_train, n_extra = p.X[tr], p.y[tr], 0
+    if extra is not None:                             # label-window lists, less the held-out users'
+        rows, sizes = extra.groups(p.held_users)
+        X_train = np.concatenate([X_train, extra.X[rows]])
+        y_train = np.concatenate([y_train, extra.y[rows]])
+        group = np.concatenate([group, sizes])
+        n_extra = len(sizes)
+    train_set = lgb.Dataset(X_train, label=y_train.astype(np.int32), group=group,
                             feature_name=list(feature_names) if feature_names else "auto", free_raw_data=False)
     valid_set = lgb.Dataset(p.X[ho], label=p.y[ho].astype(np.int32), group=ho_count, reference=train_set)
     booster = lgb.train(params, train_set, num_boost_round=cfg.n_estimators, valid_sets=[valid_set],
@@ -694,7 +725,8 @@ def _fit_lgbm(cfg: RerankerConfig, p: _Prepared, feature_names) -> Reranker:
                         callbacks=[lgb.early_stopping(cfg.early_stopping_rounds, verbose=False)])
     best = int(booster.best_iteration or booster.current_iteration())
     model = Reranker(cfg, feature_names, booster_str=booster.model_to_string(num_iteration=best))
-    model.info.update(best_iteration=best, trained_users=[int(x) for x in uniq[has_pos]])
+    model.info.update(best_iteration=best, trained_users=[int(x) for x in uniq[has_pos]],
+                      extra_lists=int(n_extra))
     return model
 
 
@@ -752,7 +784,7 @@ def _fold_stats(per_user: np.ndarray, users: np.ndarray, parts: list[np.ndarray]
 
 def fit_cross(cfg: RerankerConfig, cands: pd.DataFrame, X: np.ndarray | None, feature_names: list[str] | None,
               labels: ev.Labels, data, retriever=None, user_emb: np.ndarray | None = None,
-              progress: bool = False) -> RerankerEnsemble:
+              progress: bool = False, extra: ExtraLists | None = None) -> RerankerEnsemble:
     """Cross-fit one variant: ``cfg.folds`` fixed-seed folds of the validation users; member k
     trains on the other folds' users and early-stops on fold k's. ``info["held_out_ndcg"]`` is
     the protocol nDCG@k_eval of the out-of-fold rankings over *all* validation users (full
@@ -768,7 +800,7 @@ def fit_cross(cfg: RerankerConfig, cands: pd.DataFrame, X: np.ndarray | None, fe
             print(f"reranker[{cfg.variant}]: fold {k + 1}/{K} ({len(train)} train users, {len(held)} held out)",
                   flush=True)
         m = fit_reranker(cfg, cands, X, feature_names, labels, data, retriever, user_emb, progress,
-                         train_users=train, held_users=held)
+                         train_users=train, held_users=held, extra=extra)
         m.info["fold"] = k
         members.append(m)
     ens = RerankerEnsemble(replace(cfg, held_out_share=1.0 / K), members, parts)
@@ -781,13 +813,14 @@ def fit_cross(cfg: RerankerConfig, cands: pd.DataFrame, X: np.ndarray | None, fe
                     fit_seconds=float(sum(m.info["fit_seconds"] for m in members)),
                     best_epoch_or_round=[m.info.get("best_epoch", m.info.get("best_iteration")) for m in members],
                     held_out_users=int(len(labels.users)),
-                    train_users=[m.info["train_users"] for m in members])
+                    train_users=[m.info["train_users"] for m in members],
+                    extra_lists=[m.info.get("extra_lists", 0) for m in members])
     return ens
 
 
 def tune(section: dict, cands: pd.DataFrame, X: np.ndarray | None, feature_names: list[str] | None,
          labels: ev.Labels, data, retriever=None, user_emb: np.ndarray | None = None, seed: int = 42,
-         progress: bool = False, return_all: bool = False):
+         progress: bool = False, return_all: bool = False, extra: ExtraLists | None = None):
     """Fit every variant of ``section["variants"]`` (the params ``reranker:`` section) on the same
     user split; keep the best by held-out nDCG@k. With ``folds`` > 1 every variant is cross-fitted
     on the same folds (`fit_cross`), models are `RerankerEnsemble`, ``held_out_ndcg`` is the
@@ -823,10 +856,11 @@ def tune(section: dict, cands: pd.DataFrame, X: np.ndarray | None, feature_names
     models = {}
     for v in variants:
         cfg = RerankerConfig.from_params(section, v, seed)
-        model = fit(cfg, cands, X, feature_names, labels, data, retriever, user_emb, progress)
+        model = fit(cfg, cands, X, feature_names, labels, data, retriever, user_emb, progress, extra=extra)
         models[v] = model
         rows.append({"variant": v, "held_out_ndcg": model.info["held_out_ndcg"], **stats(model),
                      "fit_seconds": model.info["fit_seconds"],
+                     "window_lists": model.info.get("extra_lists", 0),
                      "best_epoch_or_round": model.info.get("best_epoch_or_round", model.info.get(
                          "best_epoch", model.info.get("best_iteration")))})
     best = max(models.values(), key=lambda m: m.info["held_out_ndcg"])   # the first on ties

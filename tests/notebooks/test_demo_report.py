@@ -9,7 +9,7 @@ import pytest
 
 from recsys_lib import pipeline
 
-BASELINES = ["popularity", "mf", "neumf", "ease", "two_tower"]
+BASELINES = ["popularity", "mf", "neumf", "ease", "ials", "two_tower"]
 
 
 @pytest.mark.demo

@@ -8,7 +8,7 @@ import pytest
 from recsys_lib import pipeline
 from recsys_lib.errors import PipelineError
 
-MODELS = ["popularity", "mf", "neumf", "ease", "two_tower", "two_stage"]
+MODELS = ["popularity", "mf", "neumf", "ease", "ials", "two_tower", "two_stage"]
 
 
 @pytest.fixture(scope="module")
@@ -31,6 +31,7 @@ def test_every_notebook_ran_and_the_report_renders(report):
         assert (out / "notebooks" / f"{name}.html").exists(), name
     html = report.read_text()
     assert "Results on the test period" in html and "two_stage" in html
+    assert "How each model was tuned" in html and "strongest single-stage model on validation" in html
     assert "<script src=\"http" not in html and "cdnjs" not in html, "the report must open offline"
 
 
@@ -54,6 +55,24 @@ def test_metrics_json_holds_every_model_in_bounds(report):
         assert test[name] > test["popularity"], test
     users = {m["models"][n]["test"]["users"] for n in MODELS}
     assert len(users) == 1, "every model is scored on the same test users"
+    # every grid-searched baseline records what it searched and whether a choice is at an edge
+    for name in ("mf", "neumf", "ease", "ials"):
+        t = m["models"][name]["tuning"]
+        assert t["configs"] >= 2 and t["axes"] and isinstance(t["at_edge"], list), name
+    paired = json.loads((report.parent.parent.parent / "data" / "runs" / "synthetic-tiny" / "quick"
+                         / "analysis" / "paired.json").read_text())
+    # the label window's lists reached the LightGBM re-ranker (quick profile: label_window 0.1)
+    run_dir = report.parent.parent.parent / "data" / "runs" / "synthetic-tiny" / "quick"
+    window = json.loads((run_dir / "window" / "summary.json").read_text())
+    assert window["users"] > 0 and window["lists_with_a_positive"] > 0
+    search = {r["variant"]: r for r in m["models"]["two_stage"]["search"]}
+    assert min(search["lgbm"]["window_lists"]) > 0 and max(search["seed"]["window_lists"]) == 0
+    recall = json.loads((run_dir / "candidates" / "recall.json").read_text())["valid"]
+    assert set(recall) == {"retriever", "ease", "ials", "union"}
+    assert recall["union"]["recall@100"] >= max(recall[s]["recall@100"] for s in ("retriever", "ease", "ials"))
+    best = paired["strongest_single_stage"]
+    valid = {n: r["valid"]["ndcg@10"] for n, r in m["models"].items() if not n.startswith("two_stage")}
+    assert best["model"] == max(valid, key=valid.get)
 
 
 @pytest.mark.slow

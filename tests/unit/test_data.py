@@ -78,7 +78,7 @@ def test_mirror_ml_latest_small_counts_and_noop(data_dir, monkeypatch):
     assert path == data_dir / "raw" / "ml-latest-small"
     marker = data.read_marker(path)
     assert marker["verified_against"] == "registry md5"
-    assert marker["checksums"]["ratings.csv"] == "3368dd46cc2af83119cef132d9c7b54a"
+    assert marker["checksums"]["ratings.csv"] == "ac0cf1d26aed3a5b6777a295231976ad"
     # a second fetch does nothing: no hashing, no copying
     monkeypatch.setattr(data, "md5_file", lambda p: pytest.fail("second fetch hashed a file"))
     monkeypatch.setattr(data.shutil, "copyfile", lambda *a: pytest.fail("second fetch copied"))
@@ -101,12 +101,12 @@ def test_mirror_ml_latest_small_counts_and_noop(data_dir, monkeypatch):
 
 @needs_mirror
 def test_mirror_ml_latest_small_official_counts():
-    """README of ml-latest-small: 100,836 ratings by 610 users, 9,742 movies, 3,683 tags.
-    (The shared mirror's ratings.csv carries one extra row for an unknown movie; the loader drops
-    rows whose movie is not in movies.csv, with a warning, so the official counts come back.)"""
+    """README of ml-latest-small: 100,836 ratings by 610 users, 9,742 movies, 3,683 tags. The
+    official file has no rating of an unknown movie, so nothing is dropped and nothing warns."""
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", data.DataIntegrityWarning)
+        warnings.simplefilter("error", data.DataIntegrityWarning)
         ds = data.load_dataset("ml-latest-small", mirror=MIRROR)
+    assert ds.dropped_rows == 0
     assert len(ds.interactions) == 100_836
     assert ds.interactions["user_id"].nunique() == 610
     assert len(ds.items) == 9_742
@@ -122,7 +122,7 @@ def test_corrupted_mirror_file_is_rejected(tmp_path, data_dir):
     raw = bytearray((bad / "ratings.csv").read_bytes())
     raw[5000] = ord("9") if raw[5000] != ord("9") else ord("8")
     (bad / "ratings.csv").write_bytes(bytes(raw))
-    with pytest.raises(DataError, match=r"ratings\.csv.*expected md5 3368dd46cc2af83119cef132d9c7b54a, got"):
+    with pytest.raises(DataError, match=r"ratings\.csv.*expected md5 ac0cf1d26aed3a5b6777a295231976ad, got"):
         data.fetch("ml-latest-small", mirror=mirror)
     assert not (data_dir / "raw" / "ml-latest-small").exists()
     assert not leftovers(data_dir / "raw")

@@ -123,3 +123,32 @@ def test_run_clear_records_removes_only_the_family(tmp_path):
     assert sorted(removed) == sorted(["two_stage.json", "two_stage_lgbm.json", "two_stage-test.parquet",
                                       "two_stage_lgbm-test.parquet"])
     assert (tmp_path / "metrics" / "ease.json").exists() and (tmp_path / "per_user" / "ease-test.parquet").exists()
+
+
+def test_label_window_user_temporal(toy_data):
+    """Each user's last max(1, floor(0.1 n)) train rows form the window; the rest is its train."""
+    w = toy_data.label_window(0.1)
+    train = toy_data.train
+    assert len(w.train) + len(w.valid) == len(train) and len(w.test) == 0
+    assert w.n_users == toy_data.n_users and w.n_items == toy_data.n_items
+    n = np.bincount(train.user, minlength=toy_data.n_users)
+    per_user = np.bincount(w.valid.user, minlength=toy_data.n_users)
+    np.testing.assert_array_equal(per_user[n > 0], np.maximum(1, n[n > 0] // 10))
+    # the window holds each user's latest rows
+    last_pre = np.full(toy_data.n_users, -1)
+    np.maximum.at(last_pre, w.train.user, w.train.timestamp)
+    first_win = np.full(toy_data.n_users, np.iinfo(np.int64).max)
+    np.minimum.at(first_win, w.valid.user, w.valid.timestamp)
+    assert (last_pre <= first_win).all()
+    # its "valid" scoring context is built from the pre-window rows only
+    ctx = w.context("valid")
+    assert ctx.seen.nnz == len(np.unique(w.train.user * w.n_items + w.train.item))
+
+
+def test_label_window_global_temporal(toy_data):
+    import dataclasses
+    g = dataclasses.replace(toy_data, split_params={**toy_data.split_params, "strategy": "global_temporal"})
+    w = g.label_window(0.1)
+    n = len(toy_data.train)
+    assert len(w.valid) == n - (n * 9) // 10
+    assert w.train.timestamp.max() <= w.valid.timestamp.min()

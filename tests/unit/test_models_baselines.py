@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -216,6 +217,25 @@ def test_ease_positives_only_uses_fewer_rows(toy_data):
     assert pos_rows["nnz"] < all_rows["nnz"] == len(toy_data.train)
 
 
+def test_ease_positives_only_scores_from_positives(toy_data):
+    """Score as fitted: a positives-only EASE builds x_u from the user's positives before the period
+    (train for valid, train + valid for test), never from every rated item."""
+    model, _ = _fit(EASE(EASEConfig(reg=100.0, positives_only=True, device="cpu")), toy_data)
+    users = torch.arange(toy_data.n_users)
+    for period in ("valid", "test"):
+        ctx = toy_data.context(period)
+        pos = toy_data.seen_before(period, positives_only=True)
+        assert (ctx.seen_positive != pos).nnz == 0
+        assert ctx.seen_positive.nnz < ctx.seen.nnz                     # the toy has ratings < 4
+        from_pos = torch.from_numpy(pos.toarray()).double() @ model.B.double()
+        from_all = torch.from_numpy(ctx.seen.toarray()).double() @ model.B.double()
+        got = model.score_all(users, ctx).double()
+        torch.testing.assert_close(got, from_pos, rtol=1e-5, atol=1e-6)
+        assert not torch.allclose(got, from_all, rtol=1e-3, atol=1e-4)
+    # test-time positives include the validation positives
+    assert toy_data.seen_before("test", True).nnz > toy_data.seen_before("valid", True).nnz
+
+
 # ---------------------------------------------------------------- save / load
 @pytest.mark.parametrize("which", ["popularity", "mf", "neumf", "ease"])
 def test_save_load_round_trip(which, toy_data, fitted_mf, fitted_neumf, fitted_ease, tmp_path):
@@ -292,13 +312,59 @@ def test_grid_search_tries_every_combination_and_keeps_best():
     best, params, table = tuning.grid_search(build, fit, {"a": [1, 2, 3], "b": [0, 1]}, score, verbose=False)
     assert len(built) == 6 and len(table) == 6
     assert params == {"a": 2, "b": 1} and best == params
-    assert list(table.columns) == ["a", "b", "valid_metric", "fit_seconds", "best_epoch", "best"]
+    assert list(table.columns) == ["a", "b", "valid_metric", "fit_seconds", "best_epoch", "stage", "best"]
+    assert (table["stage"] == "grid").all()                      # a = 2 is interior, b has 0: no steps
     assert table["best"].sum() == 1
     assert table.loc[table["best"], "valid_metric"].item() == pytest.approx(0.1)
     assert (table["fit_seconds"] >= 0).all()
     # a list of dicts is tried as given
     _, params, table = tuning.grid_search(build, fit, [{"a": 3, "b": 0}, {"a": 1, "b": 1}], score, verbose=False)
     assert params == {"a": 1, "b": 1} and len(table) == 2
+
+
+def test_grid_search_extends_an_edge_until_validation_stops_improving():
+    """The optimum (reg = 5000) lies far above the first grid (10, 50): the search steps out on a log
+    scale (x5: 250, 1250, 6250, then 31250 is worse) and ends with the chosen value interior."""
+    score = lambda m: -abs(np.log(m["reg"] / 5000.0)) + (0.01 if m["pos"] else 0.0)
+    build = lambda params: dict(params)
+    best, params, table = tuning.grid_search(build, lambda m: {}, {"reg": [10.0, 50.0], "pos": [False, True]},
+                                             score, verbose=False)
+    assert params == {"reg": 6250.0, "pos": True}
+    edge = table[table["stage"] == "edge"]
+    assert edge["reg"].tolist() == [250.0, 1250.0, 6250.0, 31250.0]
+    summary = tuning.summarize(table, {"reg": [10.0, 50.0], "pos": [False, True]})
+    assert summary["axes"]["reg"] == {"tried": [10.0, 50.0, 250.0, 1250.0, 6250.0, 31250.0],
+                                      "chosen": 6250.0, "at_edge": False}
+    assert summary["axes"]["pos"]["at_edge"] is False               # categorical: never an edge
+    assert summary["at_edge"] == [] and summary["edge_steps"] == 4
+    # downwards, integers, and a step budget that runs out: still at the edge, and said so
+    score = lambda m: -m["dim"]                                       # smaller is always better
+    _, params, table = tuning.grid_search(build, lambda m: {}, {"dim": [64, 128]}, score, verbose=False,
+                                          max_steps=2)
+    assert params == {"dim": 16} and table["dim"].tolist() == [64, 128, 32, 16]
+    summary = tuning.summarize(table, {"dim": [64, 128]})
+    assert summary["at_edge"] == ["dim"] and "STILL AT THE EDGE" in tuning.describe(summary)
+    # extend=False keeps the grid as given
+    _, params, table = tuning.grid_search(build, lambda m: {}, {"dim": [64, 128]}, score, verbose=False,
+                                          extend=False)
+    assert params == {"dim": 64} and len(table) == 2
+
+
+def test_step_out_and_numeric_axes():
+    assert tuning.step_out([200.0, 1000.0], 1000.0, up=True) == 5000.0
+    assert tuning.step_out([200.0, 1000.0], 200.0, up=False) == 40.0
+    assert tuning.step_out([1, 2], 1, up=False) == 1 or tuning.step_out([2, 3], 2, up=False) == 1
+    assert tuning.step_out([4, 5], 5, up=True) == 6
+    assert tuning.numeric_axes({"a": [1, 2], "b": [True, False], "c": [None, 30], "d": [0.0, 1.0],
+                                "e": [3], "f": [[1], [2]]}) == ["a"]
+
+
+def test_summarize_flags_an_epoch_cap():
+    table = pd.DataFrame({"lr": [0.1, 0.3], "valid_metric": [0.2, 0.3], "best_epoch": [3, 5],
+                          "stage": ["grid", "grid"]})
+    summary = tuning.summarize(table, {"lr": [0.1, 0.3]}, epochs=5)
+    assert summary["epoch_cap"] and summary["at_edge"] == ["lr"]
+    assert not tuning.summarize(table, {"lr": [0.1, 0.3]}, epochs=8)["epoch_cap"]
 
 
 def test_make_config_rejects_unknown_keys():
@@ -317,8 +383,9 @@ def test_tune_from_params_section(toy_data, validate):
     assert isinstance(model, Popularity) and len(table) == 2
     assert table["valid_metric"].max() == pytest.approx(validate(model))
     model, table = ease.tune(toy_data, params["ease"], validate, device="cpu", verbose=False)
-    assert isinstance(model, EASE) and len(table) == 2
+    assert isinstance(model, EASE) and len(table) >= 2
     assert model.cfg.reg == table.loc[table["best"], "reg"].item()
+    assert tuning.summarize(table, params["ease"]["grid"])["at_edge"] == []   # edge steps made it interior
 
 
 def test_tune_quick_mf_and_neumf_sections(toy_data, validate):

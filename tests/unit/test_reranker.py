@@ -387,7 +387,8 @@ def test_cross_fit_inside_guard_never_touches_test(setup):
 def test_folds_one_is_the_single_split(setup, tuned):
     best, table = tuned                                          # SECTION has no folds key
     assert isinstance(best, R.Reranker)
-    assert list(table.columns) == ["variant", "held_out_ndcg", "fit_seconds", "best_epoch_or_round", "chosen"]
+    assert list(table.columns) == ["variant", "held_out_ndcg", "fit_seconds", "window_lists", "best_epoch_or_round",
+                                   "chosen"]
     lg = {"variants": ["lgbm"], "lgbm": SECTION["lgbm"]}
     with guard.fitting("reranker", allow=("train", "valid")):
         a, ta = R.tune(lg, setup["cands"], setup["X"], setup["names"], setup["labels"], setup["data"], seed=42)
@@ -435,3 +436,41 @@ def test_stage_features_are_cached_and_invalidated(tmp_path, toy_data, monkeypat
     os.utime(cpath, ns=(1, 1))                       # new candidates -> rebuilt
     two_stage.stage_inputs(run, retriever, "valid", {})
     assert calls == ["valid", "valid"]
+
+
+# ---------------------------------------------------------------- the label window
+def test_label_window_lists_train_lgbm_less_the_held_out_users(setup, monkeypatch):
+    """Window lists join the LightGBM training groups, except those of the users the fit is
+    early-stopped on; the lists come from stage-1 models refit on the pre-window rows."""
+    data, labels = setup["data"], setup["labels"]
+    w = data.label_window(0.1)
+    wlabels = evaluate.Labels.build(w, "valid")
+    r = SVDRetriever(w)                                         # refit on the pre-window rows
+    wc = make_candidates(r, wlabels)
+    X, names = rf.build_features(wc, w, wlabels.ctx, "valid", retriever=r,
+                                 extra_scorers={"pos_mf": SVDRetriever(w, d=4, positives_only=True)})
+    assert names == setup["names"]
+    extra = R.ExtraLists(cands=wc, X=X, y=R.candidate_labels(wc, wlabels))
+    held = labels.users[::5]
+    rows, sizes = extra.groups(held)
+    assert sizes.sum() == len(rows) and not np.isin(wc["user"].to_numpy()[rows], held).any()
+    assert len(sizes) > 0 and (np.add.reduceat(extra.y[rows], np.r_[0, np.cumsum(sizes)[:-1]]) > 0).all()
+    seen = {}
+    import lightgbm as lgb
+    real = lgb.Dataset
+
+    def spy(X, label=None, group=None, **kw):
+        if "reference" not in kw:
+            seen["rows"], seen["groups"] = len(X), len(group)
+        return real(X, label=label, group=group, **kw)
+    monkeypatch.setattr(lgb, "Dataset", spy)
+    cfg = R.RerankerConfig.from_params(SECTION, "lgbm", seed=0)
+    train = np.setdiff1d(labels.users, held)
+    with guard.fitting("reranker", allow=("train", "valid")):
+        plain = R.fit_reranker(cfg, setup["cands"], setup["X"], names, labels, data,
+                               train_users=train, held_users=held)
+        base_rows, base_groups = seen["rows"], seen["groups"]
+        with_window = R.fit_reranker(cfg, setup["cands"], setup["X"], names, labels, data,
+                                     train_users=train, held_users=held, extra=extra)
+    assert seen["groups"] == base_groups + len(sizes) and seen["rows"] == base_rows + len(rows)
+    assert with_window.info["extra_lists"] == len(sizes) and plain.info["extra_lists"] == 0

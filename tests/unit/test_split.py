@@ -364,7 +364,8 @@ def test_load_split_missing_folder_names_it(tmp_path):
 # ---------------------------------------------------------------- real data (optional)
 @pytest.mark.slow
 def test_real_ml_latest_small(monkeypatch, tmp_path):
-    mirror = Path(os.environ.get("MOVIELENS_MIRROR", "/work/shared/movielens"))
+    from recsys_lib.config import PROJECT_ROOT
+    mirror = Path(os.environ.get("MOVIELENS_MIRROR", PROJECT_ROOT.parent / "shared" / "movielens"))
     if not (mirror / "ml-latest-small").exists() and not (mirror / "ml-latest-small.zip").exists():
         pytest.skip(f"no ml-latest-small in mirror {mirror}")
     try:

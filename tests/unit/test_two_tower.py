@@ -144,6 +144,45 @@ def test_candidates(fitted, toy_data, period):
     assert candidate_recall(cands, (labels.users, labels.positives), ks=ks) == rec
 
 
+def test_candidates_from_several_sources(fitted, toy_data):
+    """The union of the retriever's list and another source's: every proposed item once, each
+    source's rank (k + 1 where it did not propose the item), the retriever's score for every pair,
+    and the union's recall at least each source's."""
+    from recsys_lib.candidates import add_sources, source_names
+    from recsys_lib.models.ease import EASE, EASEConfig
+    model, _ = fitted["softmax"]
+    labels = Labels.build(toy_data, "valid")
+    ease = EASE(EASEConfig(reg=100.0, device="cpu"))
+    ease.fit(toy_data)
+    k = 30
+    own = generate_candidates(model, labels, k=k)
+    union = add_sources(own, model, {"ease": ease}, labels.ctx, k=k)
+    assert source_names(union) == ["retriever", "ease"]
+    assert not union.duplicated(["user", "item"]).any()
+    ease_top = generate_candidates(ease, labels, k=k)
+    keys = lambda df: set(zip(df["user"], df["item"]))
+    assert keys(union) == keys(own) | keys(ease_top)
+    both = union[(union["retriever_rank"] <= k) & (union["ease_rank"] <= k)]
+    assert (union["n_sources"] == 2).sum() == len(both) and len(both) > 0
+    only_ease = union[union["retriever_rank"] == k + 1]
+    assert len(only_ease) and (only_ease["ease_rank"] <= k).all()
+    expected = model.score_pairs(torch.tensor(only_ease["user"].to_numpy()),
+                                 torch.tensor(only_ease["item"].to_numpy()), labels.ctx)
+    np.testing.assert_allclose(only_ease["retriever_score"].to_numpy(), expected.numpy(), rtol=1e-6)
+    merged = ease_top.rename(columns={"retriever_rank": "r"}).merge(union, on=["user", "item"])
+    assert (merged["r"] == merged["ease_rank"]).all()
+    r_own = candidate_recall(union, labels, ks=(k,))[f"recall@{k}"]
+    r_ease = candidate_recall(union, labels, ks=(k,), source="ease")[f"recall@{k}"]
+    r_union = candidate_recall(union, labels, ks=(k,), source="union")[f"recall@{k}"]
+    assert r_own == pytest.approx(candidate_recall(own, labels, ks=(k,))[f"recall@{k}"])
+    assert r_union >= max(r_own, r_ease) and r_union > min(r_own, r_ease)
+    # the re-ranker sees each source's rank and the number of sources
+    from recsys_lib.rerank_features import build_features
+    X, names = build_features(union, toy_data, labels.ctx, "valid")
+    assert {"ease_log_rank", "n_sources"} <= set(names)
+    np.testing.assert_allclose(X[:, names.index("ease_log_rank")], np.log(union["ease_rank"].to_numpy()), rtol=1e-6)
+
+
 def test_candidates_save_load(fitted, toy_data, tmp_path):
     labels = Labels.build(toy_data, "valid")
     cands = generate_candidates(fitted["seed"][0], labels.users[:20], labels.ctx, k=30)
