@@ -178,7 +178,8 @@ def load_candidates(path: str | os.PathLike) -> pd.DataFrame:
 
 def source_recall(cands: pd.DataFrame, labels: Labels, ks=DEFAULT_KS) -> dict[str, dict[str, float]]:
     """Recall@K of each candidate source (its own top K) and of the union (every candidate counts):
-    {source: {"recall@K": ...}}; the union's value is the same for every K (the whole set)."""
+    {source: {"recall@K": ...}}; the union's value is the same for every K (the whole set). Give
+    ``ks`` up to the candidate depth: beyond it, a source's "rank k + 1" (not proposed) would count."""
     out = {name: candidate_recall(cands, labels, ks, source=name) for name in source_names(cands)}
     if len(out) > 1:
         out["union"] = candidate_recall(cands, labels, ks, source="union")

@@ -122,6 +122,7 @@ def tuning_table(run_dir: str | os.PathLike) -> "pd.DataFrame":
             edges = list(t.get("at_edge", []))
             if t.get("epoch_cap"):
                 edges.append(f"epochs (best = cap {t['max_epochs']})")
+            edges += [f"{a} not searched" for a in t.get("fixed", [])]
             rows.append({"model": m["model"], "searched": searched, "configs": t["configs"],
                          "edge steps": t.get("edge_steps", 0), "chosen": chosen,
                          "valid nDCG@10": valid, "at edge": ", ".join(edges) or "no"})

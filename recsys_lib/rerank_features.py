@@ -20,6 +20,10 @@ Columns (in order; the retriever/scorer ones only when those are given):
   item_log_pop_30d/_90d   log(1 + known rows of the item in the last 30/90 days before the
                           end of the known rows)
   item_age, item_year_missing   reference year (end of known rows) - release year (NaN -> median age)
+  item_age_at_user, item_log_pop_user_30d/_365d, item_pop_share_user_30d/_365d,
+  item_pop_trend_user, user_recent_mean_rating, user_recent_span_log_days
+                          time features at the user's own time (their last known rating):
+                          see ``time_features``
   user_log_activity       log(1 + the user's known rows)
   user_genre_dot, user_genre_cos   the user's genre distribution over known positive rows
                           against the item's genre multi-hot
@@ -43,6 +47,7 @@ from .features import POSITIVE_RATING, ScoringContext, SplitData
 DAY = 86_400
 RECENT_DAYS = (30, 90)
 CHUNK_ROWS = 65_536        # rows per chunk for the embedding features (bounded memory)
+FEATURES_VERSION = 2       # part of the feature cache key: bump when a feature changes
 
 
 # ---------------------------------------------------------------- helpers
@@ -75,6 +80,59 @@ def recent_item_counts(rows, n_items: int, days: int) -> np.ndarray:
     end = int(rows.timestamp.max())
     keep = rows.timestamp > end - days * DAY
     return np.bincount(rows.item[keep], minlength=n_items)
+
+
+def item_counts_before(rows, items: np.ndarray, at: np.ndarray, days: float) -> np.ndarray:
+    """(n,) rows of item ``items[r]`` with a timestamp in (at[r] - days, at[r]]: each candidate's
+    popularity in the ``days`` before a time of its own (e.g. its user's last known rating), from
+    ``rows`` (the rows known at scoring time); never counts a row after ``at[r]``."""
+    if len(rows) == 0:
+        return np.zeros(len(items), np.int64)
+    span = int(rows.timestamp.max()) - int(rows.timestamp.min()) + int(days * DAY) + 2
+    base = int(rows.timestamp.min()) - int(days * DAY) - 1
+    keys = np.sort(rows.item.astype(np.int64) * span + (rows.timestamp - base))   # (item, time) order
+    hi = items.astype(np.int64) * span + np.clip(at - base, 0, span - 1)
+    lo = items.astype(np.int64) * span + np.clip(at - base - int(days * DAY), 0, span - 1)
+    return np.searchsorted(keys, hi, side="right") - np.searchsorted(keys, lo, side="right")
+
+
+def time_features(rows, users: np.ndarray, items: np.ndarray, years: np.ndarray,
+                  n_users: int) -> dict[str, np.ndarray]:
+    """Time features at each user's own time (their last known rating, ``rows``: the rows known
+    at scoring time): the item's age then, its popularity in the 30 and 365 days before it (log
+    counts, share of all ratings in that window, and the trend between the two windows), and the
+    user's recent rating mean and count. Under a per-user split users live at different times, so
+    "popular now" must mean popular at the user's time, not at the end of the data."""
+    last = np.full(n_users, np.iinfo(np.int64).min)
+    np.maximum.at(last, rows.user, rows.timestamp)
+    has = last > np.iinfo(np.int64).min
+    last = np.where(has, last, int(rows.timestamp.max()) if len(rows) else 0)
+    at = last[users]                                                       # (n,) user's time
+    out: dict[str, np.ndarray] = {}
+    at_year = 1970 + at / (365.2425 * DAY)
+    age = at_year - years[items]
+    out["item_age_at_user"] = np.where(np.isnan(age), np.nanmedian(age) if np.isfinite(age).any() else 0.0, age)
+    order = np.argsort(rows.timestamp, kind="stable")
+    ts_sorted = rows.timestamp[order]
+    for days in (30, 365):
+        c = item_counts_before(rows, items, at, days)
+        total = np.searchsorted(ts_sorted, at, side="right") - np.searchsorted(ts_sorted, at - days * DAY, side="right")
+        out[f"item_log_pop_user_{days}d"] = np.log1p(c)
+        out[f"item_pop_share_user_{days}d"] = c / np.maximum(total, 1)
+    out["item_pop_trend_user"] = (np.log1p(out["item_pop_share_user_30d"] * 1e4)
+                                  - np.log1p(out["item_pop_share_user_365d"] * 1e4))
+    # the user's last 10 ratings: mean rating and their time span (a proxy for session pace)
+    u_order = np.lexsort((rows.timestamp, rows.user))
+    uu, rr_, tt = rows.user[u_order], rows.rating[u_order], rows.timestamp[u_order]
+    ends = np.searchsorted(uu, np.arange(n_users), side="right")
+    starts = np.maximum(np.searchsorted(uu, np.arange(n_users), side="left"), ends - 10)
+    csum = np.r_[0.0, np.cumsum(rr_.astype(np.float64))]
+    n_recent = ends - starts
+    mean_recent = np.where(n_recent > 0, (csum[ends] - csum[starts]) / np.maximum(n_recent, 1), 0.0)
+    span_days = np.where(n_recent > 1, (tt[np.maximum(ends - 1, 0)] - tt[np.minimum(starts, len(tt) - 1)]) / DAY, 0.0)
+    out["user_recent_mean_rating"] = mean_recent[users]
+    out["user_recent_span_log_days"] = np.log1p(np.maximum(span_days, 0.0))[users]
+    return out
 
 
 def item_genre_matrix(data: SplitData) -> sp.csr_matrix:
@@ -186,6 +244,7 @@ def build_features(cands: pd.DataFrame, data: SplitData, ctx: ScoringContext, pe
     fill = float(np.nanmedian(age)) if np.isfinite(age).any() else 0.0
     cols["item_age"] = np.where(np.isnan(age), fill, age)[items]
     cols["item_year_missing"] = np.isnan(years)[items].astype(np.float32)
+    cols.update(time_features(known, users, items, years, data.n_users))
 
     # user activity and genre taste from known rows
     cols["user_log_activity"] = np.log1p(np.bincount(known.user, minlength=data.n_users))[users]

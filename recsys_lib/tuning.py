@@ -185,10 +185,13 @@ def summarize(table: pd.DataFrame, grid: dict[str, list] | None,
         chosen = _plain(best[name])
         axes[name] = {"tried": tried, "chosen": chosen,
                       "at_edge": bool(name in numeric and chosen in (tried[0], tried[-1]))}
+        if len(tried) == 1:
+            axes[name]["fixed"] = True                                  # one value: not searched
     out = {"axes": axes, "configs": int(len(table)),
            "edge_steps": int((table["stage"] == "edge").sum()) if "stage" in table else 0,
            "valid_metric": float(best["valid_metric"]),
-           "at_edge": sorted(a for a, v in axes.items() if v["at_edge"])}
+           "at_edge": sorted(a for a, v in axes.items() if v["at_edge"]),
+           "fixed": sorted(a for a, v in axes.items() if v.get("fixed"))}
     if epochs is not None and "best_epoch" in table and pd.notna(best.get("best_epoch")):
         out["best_epoch"] = int(best["best_epoch"])
         out["max_epochs"] = int(epochs)
@@ -203,7 +206,8 @@ def describe(summary: dict) -> str:
     lines = [f"{summary['configs']} configurations ({summary['edge_steps']} edge steps); "
              f"best validation nDCG@10 {summary['valid_metric']:.4f}"]
     for name, a in summary["axes"].items():
-        flag = "  <- STILL AT THE EDGE of what was searched" if a["at_edge"] else ""
+        flag = ("  <- STILL AT THE EDGE of what was searched" if a["at_edge"] else
+                "  <- one value: NOT SEARCHED (a budget cap)" if a.get("fixed") else "")
         lines.append(f"  {name}: tried {a['tried']}, chose {a['chosen']}{flag}")
     if summary.get("epoch_cap"):
         lines.append(f"  epochs: best epoch {summary['best_epoch']} = the cap of {summary['max_epochs']} "

@@ -88,8 +88,9 @@ def stage_inputs(run: Run, retriever, period: str, extra: dict, cache: bool = Tr
 
 def _feature_key(run: Run, cand_path, extra: dict) -> str:
     """What the features depend on: candidates, retriever and extra scorers' files (mtime, size)."""
+    from .rerank_features import FEATURES_VERSION
     files = [cand_path, run.dir / "models" / "two_tower.pt"] + [run.dir / "models" / f"{n}.pt" for n in sorted(extra)]
-    return ";".join(f"{f.name}:{f.stat().st_mtime_ns}:{f.stat().st_size}" for f in files if f.exists())
+    return f"v{FEATURES_VERSION};" + ";".join(f"{f.name}:{f.stat().st_mtime_ns}:{f.stat().st_size}" for f in files if f.exists())
 
 
 def fit(run: Run, valid: StageInputs, retriever, section: dict, window: rr.ExtraLists | None = None):

@@ -60,6 +60,7 @@ RETRIEVER_ORDER = "retriever_order"
 @dataclass
 class RerankerConfig:
     variant: str = "lgbm"            # seed | mlp_features | lgbm
+    name: str = ""                   # the variant's label in tables and file names ("" = variant)
     held_out_share: float = 0.2      # share of validation users kept out of training (early stopping, choice)
     folds: int = 1                   # > 1: K-fold cross-fitting over validation users (tune; held_out_share unused)
     seed: int = 42                   # user split, initialisation, negative sampling, LightGBM
@@ -84,13 +85,25 @@ class RerankerConfig:
     early_stopping_rounds: int = 30  # rounds without held-out improvement
     num_threads: int = 2             # LightGBM threads (deterministic=True)
 
+    @property
+    def label(self) -> str:
+        return self.name or self.variant
+
     @classmethod
-    def from_params(cls, section: dict, variant: str, seed: int | None = None) -> "RerankerConfig":
+    def from_params(cls, section: dict, variant: "str | dict", seed: int | None = None) -> "RerankerConfig":
         """Config of ``variant`` from the params ``reranker:`` section (common keys, then the
-        variant's own sub-section)."""
+        variant's own sub-section). ``variant`` is a kind (``lgbm``) or a dict naming a
+        configuration of a kind: ``{name: lgbm_leaves15, variant: lgbm, num_leaves: 15}`` (the
+        kind's sub-section, then these overrides)."""
+        spec = {"variant": variant} if isinstance(variant, str) else dict(variant)
+        variant = spec.pop("variant")
         names = {f.name for f in fields(cls)}
+        unknown = sorted(set(spec) - names)
+        if unknown:
+            raise ValueError(f"re-ranker variant {spec.get('name', variant)!r}: unknown parameter(s) {unknown}")
         kw = {k: v for k, v in (section or {}).items() if k in names}
         kw.update({k: v for k, v in ((section or {}).get(variant) or {}).items() if k in names})
+        kw.update(spec)
         kw["variant"] = variant
         if seed is not None:
             kw["seed"] = seed
@@ -268,6 +281,10 @@ class Reranker:
         return self.cfg.variant
 
     @property
+    def label(self) -> str:
+        return self.cfg.label
+
+    @property
     def needs_user_emb(self) -> bool:
         return self.variant == "mlp_features" and self.init.get("user_dim", 0) > 0
 
@@ -388,6 +405,10 @@ class RerankerEnsemble:
     @property
     def variant(self) -> str:
         return self.cfg.variant
+
+    @property
+    def label(self) -> str:
+        return self.cfg.label
 
     @property
     def feature_names(self) -> list[str]:
@@ -857,13 +878,13 @@ def tune(section: dict, cands: pd.DataFrame, X: np.ndarray | None, feature_names
     for v in variants:
         cfg = RerankerConfig.from_params(section, v, seed)
         model = fit(cfg, cands, X, feature_names, labels, data, retriever, user_emb, progress, extra=extra)
-        models[v] = model
-        rows.append({"variant": v, "held_out_ndcg": model.info["held_out_ndcg"], **stats(model),
+        models[cfg.label] = model
+        rows.append({"variant": cfg.label, "held_out_ndcg": model.info["held_out_ndcg"], **stats(model),
                      "fit_seconds": model.info["fit_seconds"],
                      "window_lists": model.info.get("extra_lists", 0),
                      "best_epoch_or_round": model.info.get("best_epoch_or_round", model.info.get(
                          "best_epoch", model.info.get("best_iteration")))})
     best = max(models.values(), key=lambda m: m.info["held_out_ndcg"])   # the first on ties
     table = pd.DataFrame(rows)
-    table["chosen"] = table["variant"] == best.variant
+    table["chosen"] = table["variant"] == best.label
     return (best, table, models) if return_all else (best, table)

@@ -365,6 +365,8 @@ def test_summarize_flags_an_epoch_cap():
     summary = tuning.summarize(table, {"lr": [0.1, 0.3]}, epochs=5)
     assert summary["epoch_cap"] and summary["at_edge"] == ["lr"]
     assert not tuning.summarize(table, {"lr": [0.1, 0.3]}, epochs=8)["epoch_cap"]
+    one = tuning.summarize(table.iloc[[1]], {"lr": [0.3]})
+    assert one["fixed"] == ["lr"] and one["at_edge"] == [] and "NOT SEARCHED" in tuning.describe(one)
 
 
 def test_make_config_rejects_unknown_keys():

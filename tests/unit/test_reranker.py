@@ -474,3 +474,42 @@ def test_label_window_lists_train_lgbm_less_the_held_out_users(setup, monkeypatc
                                      train_users=train, held_users=held, extra=extra)
     assert seen["groups"] == base_groups + len(sizes) and seen["rows"] == base_rows + len(rows)
     assert with_window.info["extra_lists"] == len(sizes) and plain.info["extra_lists"] == 0
+
+
+def test_time_features_count_only_rows_before_the_users_time():
+    from recsys_lib.features import Period
+    day = rf.DAY
+    # item 0 rated at days 1, 5, 40; item 1 at day 39; user 0 lives at day 41, user 1 at day 6
+    rows = Period(user=np.array([2, 2, 0, 3, 1, 0]), item=np.array([0, 0, 1, 0, 1, 1]),
+                  rating=np.array([4, 3, 5, 2, 4, 3], np.float32),
+                  timestamp=np.array([1, 5, 39, 40, 6, 41]) * day)
+    got = rf.item_counts_before(rows, np.array([0, 0, 1, 1]), np.array([41, 6, 41, 6]) * day, 30)
+    np.testing.assert_array_equal(got, [1, 2, 2, 1])      # day 40 | days 1, 5 | days 39, 41 | day 6
+    later = rf.item_counts_before(rows, np.array([0]), np.array([4]) * day, 30)
+    assert later.tolist() == [1]                           # days 5 and 40 are after day 4
+    years = np.array([1970.0, np.nan])
+    f = rf.time_features(rows, np.array([0, 1]), np.array([0, 0]), years, n_users=4)
+    assert f["item_age_at_user"][0] == pytest.approx(41 / 365.2425, rel=1e-6)
+    assert f["item_age_at_user"][1] == pytest.approx(6 / 365.2425, rel=1e-6)
+    np.testing.assert_allclose(f["item_log_pop_user_30d"], np.log1p([1, 2]))
+    np.testing.assert_allclose(f["user_recent_mean_rating"], [4.0, 4.0])   # user 0: 5, 3; user 1: 4
+
+
+def test_named_variants_configure_a_kind():
+    section = {"lgbm": {"num_leaves": 31, "learning_rate": 0.05}}
+    cfg = R.RerankerConfig.from_params(section, {"name": "lgbm_leaves7", "variant": "lgbm", "num_leaves": 7})
+    assert (cfg.variant, cfg.label, cfg.num_leaves, cfg.learning_rate) == ("lgbm", "lgbm_leaves7", 7, 0.05)
+    assert R.RerankerConfig.from_params(section, "lgbm").label == "lgbm"
+    with pytest.raises(ValueError, match="num_leafs"):
+        R.RerankerConfig.from_params(section, {"name": "x", "variant": "lgbm", "num_leafs": 7})
+
+
+def test_tune_compares_named_lgbm_configurations(setup):
+    section = {"variants": ["lgbm", {"name": "lgbm_leaves3", "variant": "lgbm", "num_leaves": 3}],
+               "held_out_share": 0.2, "lgbm": SECTION["lgbm"]}
+    with guard.fitting("reranker", allow=("train", "valid")):
+        best, table, models = R.tune(section, setup["cands"], setup["X"], setup["names"], setup["labels"],
+                                     setup["data"], return_all=True)
+    assert set(models) == {"lgbm", "lgbm_leaves3"} and models["lgbm_leaves3"].cfg.num_leaves == 3
+    assert table["variant"].tolist() == [R.RETRIEVER_ORDER, "lgbm", "lgbm_leaves3"]
+    assert table.loc[table["chosen"], "variant"].item() == best.label
