@@ -28,6 +28,7 @@ from .config import seed_everything
 from .errors import ConfigError
 
 HEADLINE = "ndcg@10"
+SEARCH_KEYS = ("grid", "max_edge_steps")     # params keys that steer the search, not the model
 
 
 def validator(evaluator, metric: str = HEADLINE) -> Callable[[Any], float]:
@@ -119,19 +120,22 @@ def numeric_axes(grid: dict[str, list] | None) -> list[str]:
     return axes
 
 
-def step_out(values: list[float], edge: float, up: bool) -> float:
+def step_out(values: list[float], edge: float, up: bool) -> float | None:
     """The next value beyond ``edge`` on a log scale: the ratio between the edge and its nearest
     tried neighbour, applied once more (200, 1000 -> 5000; 64, 128 -> 256). Integers stay integers
-    (and at least 1); an integer step that rounds onto the edge moves by one instead."""
+    (and at least 1); an integer step that rounds onto the edge moves by one instead; None when
+    no value lies beyond (an integer axis at 1)."""
     inner = sorted(v for v in values if (v < edge if up else v > edge))
     neighbour = inner[-1] if up else inner[0]
     ratio = edge / neighbour if up else neighbour / edge                # > 1
-    new = edge * ratio if up else edge / ratio
+    new = float(f"{edge * ratio if up else edge / ratio:.6g}")          # 0.009, not 0.009000000000000001
     if all(isinstance(v, int) for v in values):
         new = int(round(new))
         if new == edge:
             new = edge + (1 if up else -1)
         new = max(new, 1)
+        if new == edge:
+            return None                                                 # integers stop at 1
     return new
 
 
@@ -159,6 +163,8 @@ def extend_axes(grid: dict[str, list], rows: list[dict], state: dict,
                 continue                                                # budget cap: summarize flags it
             steps[(axis, up)] += 1
             new = step_out(tried, value, up)
+            if new is None:
+                continue
             before = state["score"]
             run({**best, axis: new}, "edge", f"edge step {axis}={new}")
             improved |= state["score"] > before
@@ -235,7 +241,7 @@ def _cell(value: Any) -> Any:
 def make_config(config_cls, section: dict | None, **fixed) -> Any:
     """A config dataclass from a params section (its ``grid`` key removed) plus ``fixed`` values.
     Unknown keys raise ConfigError naming the valid ones (a typo in params/*.yaml fails loudly)."""
-    section = {k: v for k, v in (section or {}).items() if k != "grid"}
+    section = {k: v for k, v in (section or {}).items() if k not in SEARCH_KEYS}
     section.update({k: v for k, v in fixed.items() if v is not None})
     names = {f.name for f in dataclasses.fields(config_cls)}
     unknown = sorted(set(section) - names)
@@ -252,7 +258,8 @@ def tune_model(model_cls, data, section: dict | None, validate: Callable[[Any], 
     ``section`` is the model's params section: config defaults plus an optional ``grid``
     (``{name: [values]}`` or a list of dicts). Each configuration is seeded with ``seed`` and fit
     inside ``guard.fitting(model_cls.name)`` with ``validate`` for early stopping; numeric axes
-    whose best value is on the grid's edge are searched further out (``extend``). With
+    whose best value is on the grid's edge are searched further out (``extend``; at most
+    ``section["max_edge_steps"]`` steps per axis and direction, 4 by default). With
     ``validate=None`` the first configuration is fit without selection.
     Returns ``(best_model, table)``; the table has one row per configuration."""
     section = copy.deepcopy(section or {})
@@ -280,5 +287,6 @@ def tune_model(model_cls, data, section: dict | None, validate: Callable[[Any], 
                                **({"best_epoch": info["best_epoch"]} if "best_epoch" in info else {}),
                                "best": True}])
         return model, table
-    model, _params, table = grid_search(build, fit, grid, validate, verbose=verbose, extend=extend)
+    model, _params, table = grid_search(build, fit, grid, validate, verbose=verbose, extend=extend,
+                                        max_steps=int(section.get("max_edge_steps", 4)))
     return model, table

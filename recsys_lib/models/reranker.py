@@ -659,7 +659,7 @@ def _fit_mlp(cfg, p: _Prepared, feature_names, data, retriever, user_emb, labels
             net.user_scale.fill_(float(np.std(user_emb[p.train_users])) or 1.0)
     model = Reranker(cfg, feature_names, net=net, init=init)
     n_params = sum(q.numel() for q in net.parameters() if q.requires_grad)
-    print(f"reranker[{cfg.variant}]: {n_params:,} parameters", flush=True)
+    print(f"reranker[{cfg.label}]: {n_params:,} parameters", flush=True)
 
     Xt = torch.from_numpy(p.X) if p.X is not None else None
     U = torch.from_numpy(np.array(p.cands["user"], dtype=np.int64))
@@ -699,7 +699,7 @@ def _fit_mlp(cfg, p: _Prepared, feature_names, data, retriever, user_emb, labels
     opt = adam(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     loop = LoopConfig(epochs=cfg.epochs, patience=cfg.patience, progress=progress, log_every_epoch=progress)
     hist = fit_loop(net, batches, loss_fn, opt, loop, validate=lambda: _held_out_metric(model, p, user_emb),
-                    name=f"reranker[{cfg.variant}]")
+                    name=f"reranker[{cfg.label}]")
     model.info.update(best_epoch=hist.best_epoch, epochs_run=len(hist.records), _user_emb=user_emb,
                       trained_users=[int(x) for x in trained],
                       loss_history=[r["loss"] for r in hist.records],
@@ -818,7 +818,7 @@ def fit_cross(cfg: RerankerConfig, cands: pd.DataFrame, X: np.ndarray | None, fe
     for k, held in enumerate(parts):
         train = np.sort(np.concatenate([f for j, f in enumerate(parts) if j != k]))
         if progress:
-            print(f"reranker[{cfg.variant}]: fold {k + 1}/{K} ({len(train)} train users, {len(held)} held out)",
+            print(f"reranker[{cfg.label}]: fold {k + 1}/{K} ({len(train)} train users, {len(held)} held out)",
                   flush=True)
         m = fit_reranker(cfg, cands, X, feature_names, labels, data, retriever, user_emb, progress,
                          train_users=train, held_users=held, extra=extra)

@@ -353,7 +353,9 @@ def test_grid_search_extends_an_edge_until_validation_stops_improving():
 def test_step_out_and_numeric_axes():
     assert tuning.step_out([200.0, 1000.0], 1000.0, up=True) == 5000.0
     assert tuning.step_out([200.0, 1000.0], 200.0, up=False) == 40.0
-    assert tuning.step_out([1, 2], 1, up=False) == 1 or tuning.step_out([2, 3], 2, up=False) == 1
+    assert tuning.step_out([1, 2], 1, up=False) is None                # nothing below 1
+    assert tuning.step_out([2, 3], 2, up=False) == 1
+    assert tuning.step_out([0.001, 0.003], 0.003, up=True) == 0.009
     assert tuning.step_out([4, 5], 5, up=True) == 6
     assert tuning.numeric_axes({"a": [1, 2], "b": [True, False], "c": [None, 30], "d": [0.0, 1.0],
                                 "e": [3], "f": [[1], [2]]}) == ["a"]
