@@ -225,6 +225,8 @@ def _plain(value: Any) -> Any:
     """numpy scalars -> Python (JSON), tuples -> lists."""
     if hasattr(value, "item") and not isinstance(value, (list, tuple)):
         value = value.item()
+    if isinstance(value, float) and value != value:
+        return None                                                     # a table's NaN was a None
     return list(value) if isinstance(value, tuple) else value
 
 

@@ -367,6 +367,10 @@ def test_summarize_flags_an_epoch_cap():
     summary = tuning.summarize(table, {"lr": [0.1, 0.3]}, epochs=5)
     assert summary["epoch_cap"] and summary["at_edge"] == ["lr"]
     assert not tuning.summarize(table, {"lr": [0.1, 0.3]}, epochs=8)["epoch_cap"]
+    none = pd.DataFrame({"window_days": [None, 30, None, 30], "pos": [False, False, True, True],
+                         "valid_metric": [0.1, 0.2, 0.3, 0.1], "stage": ["grid"] * 4})
+    axes = tuning.summarize(none, {"window_days": [None, 30], "pos": [False, True]})["axes"]
+    assert axes["window_days"] == {"tried": [30, None], "chosen": None, "at_edge": False}
     one = tuning.summarize(table.iloc[[1]], {"lr": [0.3]})
     assert one["fixed"] == ["lr"] and one["at_edge"] == [] and "NOT SEARCHED" in tuning.describe(one)
 
