@@ -139,7 +139,8 @@ def build_label_window(run: Run, retriever, sources: dict, extra: dict, share: f
     X, names = build_features(c, w, labels.ctx, "valid", r, {n: refits[n] for n in extra}, user_emb)
     y = rr.candidate_labels(c, labels)
     lists = rr.ExtraLists(cands=c, X=X, y=y)
-    summary = {"share": share, "users": int(len(labels.users)), "rows": int(len(c)),
+    summary = {"share": share, "models": sorted(set(sources) | set(extra)),
+               "users": int(len(labels.users)), "rows": int(len(c)),
                "window_rows": int(len(w.valid)), "pre_window_rows": int(len(w.train)),
                "lists_with_a_positive": int(len(lists.groups(np.zeros(0, np.int64))[1])),
                "feature_names": names, "seconds": time.perf_counter() - t0,
@@ -154,8 +155,17 @@ def best_epoch_of(run: Run, name: str) -> int | None:
     return int(curve["best_epoch"]) if curve and curve.get("best_epoch", -1) > 0 else None
 
 
+def _window_key(run: Run, models: list[str]) -> str:
+    """What the window's lists depend on: the retriever's and the listed models' checkpoints."""
+    files = [run.dir / "models" / "two_tower.pt"] + [run.dir / "models" / f"{n}.pt" for n in sorted(models)]
+    return ";".join(f"{f.name}:{f.stat().st_mtime_ns}:{f.stat().st_size}" for f in files if f.exists())
+
+
 def save_label_window(run: Run, lists: rr.ExtraLists, summary: dict) -> None:
+    """Write the window's lists; the summary records the models they came from (``models``) and
+    their checkpoints' key, so a later re-fit of any of them makes the lists stale."""
     from . import config
+    summary = {**summary, "key": _window_key(run, summary.get("models", []))}
     cand.save_candidates(lists.cands, run.path("window", "candidates.parquet"))
     tmp = run.path("window", "features.tmp.npz")
     np.savez(tmp, X=lists.X, y=lists.y)
@@ -170,6 +180,9 @@ def load_label_window(run: Run, names: list[str]) -> rr.ExtraLists | None:
     summary = read_json(run.dir, "window", "summary.json")
     if summary is None:
         return None
+    if summary.get("key") != _window_key(run, summary.get("models", [])):
+        raise ValueError("the label window's lists were built from other stage-1 checkpoints than the "
+                         "current ones: rerun 25_label_window")
     if summary["feature_names"] != list(names):
         raise ValueError(f"label-window features {summary['feature_names']} differ from the validation "
                          f"features {names}: rerun 25_label_window")

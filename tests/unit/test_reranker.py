@@ -513,3 +513,24 @@ def test_tune_compares_named_lgbm_configurations(setup):
     assert set(models) == {"lgbm", "lgbm_leaves3"} and models["lgbm_leaves3"].cfg.num_leaves == 3
     assert table["variant"].tolist() == [R.RETRIEVER_ORDER, "lgbm", "lgbm_leaves3"]
     assert table.loc[table["chosen"], "variant"].item() == best.label
+
+
+def test_label_window_lists_are_refused_when_stale(tmp_path, toy_data):
+    """save/load_label_window round-trips, and a re-fit stage-1 checkpoint makes the lists stale."""
+    import os
+    from recsys_lib import two_stage
+    from recsys_lib.experiment import Run
+    run = Run.open("synthetic-tiny", "quick", tmp_path)
+    for name in ("two_tower", "ease"):
+        run.path("models", f"{name}.pt").write_bytes(b"x")
+    cands = pd.DataFrame({"user": [0, 0], "item": [1, 2], "retriever_score": np.float32([1, 0]),
+                          "retriever_rank": np.int16([1, 2])})
+    lists = R.ExtraLists(cands=cands, X=np.ones((2, 2), np.float32), y=np.float32([1, 0]))
+    two_stage.save_label_window(run, lists, {"models": ["ease"], "feature_names": ["a", "b"]})
+    back = two_stage.load_label_window(run, ["a", "b"])
+    assert np.array_equal(back.X, lists.X) and np.array_equal(back.y, lists.y)
+    with pytest.raises(ValueError, match="differ"):
+        two_stage.load_label_window(run, ["a", "c"])
+    os.utime(run.dir / "models" / "ease.pt", ns=(1, 1))             # ease was re-fit
+    with pytest.raises(ValueError, match="rerun 25_label_window"):
+        two_stage.load_label_window(run, ["a", "b"])
