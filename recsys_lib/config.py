@@ -11,9 +11,10 @@ import os
 import platform
 import random
 import subprocess
+from contextlib import contextmanager
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import yaml
@@ -161,14 +162,34 @@ def package_versions() -> dict[str, str]:
     return out
 
 
-def write_json(path: str | os.PathLike, obj: Any) -> Path:
-    """Write JSON atomically (temporary name, then rename), so a crash leaves no half file."""
+@contextmanager
+def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``path`` to write to; on success it is renamed onto ``path``.
+
+    Why: a reader (the next notebook, a cache check) must never see a half-written file, and a
+    writer that raises must leave neither a partial ``path`` nor its temporary file behind. The
+    temporary name keeps the suffix (``np.savez`` appends ``.npz`` to a name without it) and sits
+    in the same folder (``os.replace`` is atomic only within one file system)::
+
+        with atomic_write(path) as tmp:
+            df.to_parquet(tmp)
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=_json_default))
-    tmp.replace(path)
-    return path
+    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> Path:
+    """Write JSON atomically (`atomic_write`), so a crash leaves no half file."""
+    with atomic_write(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, default=_json_default))
+    return Path(path)
 
 
 def replace_dir(tmp: Path, target: Path) -> None:

@@ -399,12 +399,9 @@ def _ratings_table(path: Path, cache: bool) -> pa.Table:
         table = table.rename_columns(names)
         _check_ratings(table, path)
         if cfile is not None:
-            cfile.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cfile.with_name(f".{cfile.name}.tmp-{os.getpid()}")
-            with pa.OSFile(str(tmp), "wb") as sink, \
+            with config.atomic_write(cfile) as tmp, pa.OSFile(str(tmp), "wb") as sink, \
                     pa.ipc.new_file(sink, table.schema.with_metadata(fp)) as writer:
                 writer.write_table(table, max_chunksize=1 << 22)
-            os.replace(tmp, cfile)
         return table
     _check_ratings(table, path)
     return table

@@ -33,9 +33,8 @@ def render_notebook(ipynb: str | os.PathLike, html: str | os.PathLike, include_c
     body, _ = exporter.from_notebook_node(nb)
     html = Path(html)
     html.parent.mkdir(parents=True, exist_ok=True)
-    tmp = html.with_name(html.name + ".tmp")
-    tmp.write_text(body, encoding="utf-8")
-    tmp.replace(html)
+    with config.atomic_write(html) as tmp:
+        tmp.write_text(body, encoding="utf-8")
     return html
 
 

@@ -19,6 +19,8 @@ import scipy.sparse as sp
 import torch
 from tqdm.auto import tqdm
 
+from .config import atomic_write
+
 
 @dataclass
 class LoopConfig:
@@ -195,13 +197,10 @@ def fit_loop(model: torch.nn.Module, batches: Callable[[int], Iterable[Any]],
 
 def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, config: Any, **extra: Any) -> Path:
     """state dict + config (a dataclass or dict) + extras, written atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     cfg = asdict(config) if is_dataclass(config) else dict(config)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save({"state_dict": model.state_dict(), "config": cfg, **extra}, tmp)
-    tmp.replace(path)
-    return path
+    with atomic_write(path) as tmp:
+        torch.save({"state_dict": model.state_dict(), "config": cfg, **extra}, tmp)
+    return Path(path)
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:

@@ -59,6 +59,30 @@ def test_write_json_is_atomic_and_handles_numpy(tmp_path):
     assert not list(tmp_path.glob("a/*.tmp"))
 
 
+def test_atomic_write_leaves_no_partial_file_when_the_writer_raises(tmp_path):
+    path = tmp_path / "sub" / "features.npz"
+    with pytest.raises(RuntimeError):
+        with config.atomic_write(path) as tmp:
+            tmp.write_bytes(b"half a fil")
+            raise RuntimeError("writer died")
+    assert not path.exists() and list(path.parent.iterdir()) == []       # nor its temporary file
+    path.write_bytes(b"old")
+    with pytest.raises(RuntimeError):
+        with config.atomic_write(path) as tmp:
+            tmp.write_bytes(b"new, half")
+            raise RuntimeError("writer died")
+    assert path.read_bytes() == b"old" and list(path.parent.iterdir()) == [path]   # old file kept
+
+
+def test_atomic_write_replaces_and_keeps_the_suffix(tmp_path):
+    import numpy as np
+    path = tmp_path / "features.npz"
+    with config.atomic_write(path) as tmp:
+        assert tmp.parent == path.parent and tmp.suffix == ".npz"      # np.savez adds no 2nd suffix
+        np.savez(tmp, x=np.arange(3))
+    assert np.load(path)["x"].tolist() == [0, 1, 2] and list(tmp_path.iterdir()) == [path]
+
+
 def test_notebooks_have_parameters_kernelspec_and_no_outputs():
     import nbformat
     nbs = sorted((ROOT / "notebooks").glob("*.ipynb"))
