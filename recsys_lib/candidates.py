@@ -10,40 +10,16 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Callable
-
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 import torch
-from tqdm.auto import tqdm
 
-from .evaluate import DEFAULT_KS, Labels, _mask_seen
+from .config import atomic_write
+from .evaluate import DEFAULT_KS, Labels, rank_topk
 from .features import ScoringContext
 
 COLUMNS = ("user", "item", "retriever_score", "retriever_rank")
-
-
-@torch.no_grad()
-def topk_with_scores(scorer, users: np.ndarray, ctx: ScoringContext, k: int, n_items: int | None = None,
-                     batch_users: int = 1024, progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """Top-``k`` unseen items per user, best first, and their scores: ((U, k) int64, (U, k) float32).
-    Same masking and ordering as ``evaluate.rank_topk``; a slot beyond a user's unseen items
-    (a user who has seen all but fewer than ``k`` items) has score ``-inf``."""
-    score: Callable = scorer.score_all if hasattr(scorer, "score_all") else scorer
-    users = np.asarray(users, dtype=np.int64)
-    n_items = n_items if n_items is not None else ctx.seen.shape[1]
-    k = min(k, n_items)
-    items = np.empty((len(users), k), dtype=np.int64)
-    scores = np.empty((len(users), k), dtype=np.float32)
-    for start in tqdm(range(0, len(users), batch_users), desc="candidates", disable=not progress, leave=False):
-        batch = users[start:start + batch_users]
-        s = score(torch.from_numpy(batch), ctx).float()              # (B, n_items)
-        _mask_seen(s, ctx.seen, batch)
-        top = torch.topk(s, k, dim=1)                                  # (B, k)
-        items[start:start + len(batch)] = top.indices.cpu().numpy()
-        scores[start:start + len(batch)] = top.values.cpu().numpy()
-    return items, scores
 
 
 def generate_candidates(retriever, labels_or_users: Labels | np.ndarray, ctx: ScoringContext | None = None,
@@ -59,7 +35,8 @@ def generate_candidates(retriever, labels_or_users: Labels | np.ndarray, ctx: Sc
         users = np.asarray(labels_or_users, dtype=np.int64)
         if ctx is None:
             raise ValueError("generate_candidates: pass a ScoringContext with an array of users")
-    items, scores = topk_with_scores(retriever, users, ctx, k, batch_users=batch_users, progress=progress)
+    items, scores = rank_topk(retriever, users, ctx, k, batch_users=batch_users, progress=progress,
+                              desc="candidates", with_scores=True)
     kk = items.shape[1]
     rank_dtype = np.int16 if kk < np.iinfo(np.int16).max else np.int32
     df = pd.DataFrame({
@@ -160,13 +137,10 @@ def candidate_recall(cands: pd.DataFrame, positives, ks=DEFAULT_KS, source: str 
 
 
 def save_candidates(df: pd.DataFrame, path: str | os.PathLike) -> Path:
-    """Write candidates to parquet atomically (temporary name, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    df.to_parquet(tmp, index=False)
-    tmp.replace(path)
-    return path
+    """Write candidates to parquet atomically (`config.atomic_write`)."""
+    with atomic_write(path) as tmp:
+        df.to_parquet(tmp, index=False)
+    return Path(path)
 
 
 def load_candidates(path: str | os.PathLike) -> pd.DataFrame:

@@ -101,20 +101,29 @@ def _mask_seen(scores: torch.Tensor, seen: sp.csr_matrix, users: np.ndarray) -> 
 
 @torch.no_grad()
 def rank_topk(scorer: Scorer | Callable, users: np.ndarray, ctx: ScoringContext, k: int,
-              n_items: int, batch_users: int = 1024, progress: bool = False,
-              desc: str = "ranking") -> np.ndarray:
-    """Top-``k`` unseen items for each user, best first: (U, k) int64. Never builds U x items."""
+              n_items: int | None = None, batch_users: int = 1024, progress: bool = False,
+              desc: str = "ranking", with_scores: bool = False):
+    """Top-``k`` unseen items for each user, best first: (U, k) int64. Never builds U x items.
+
+    The one batched top-K loop of the library (evaluation, candidate generation). With
+    ``with_scores`` also their scores, ((U, k) int64, (U, k) float32): a slot beyond a user's
+    unseen items (a user who has seen all but fewer than ``k`` items) has score ``-inf``."""
     score = scorer.score_all if hasattr(scorer, "score_all") else scorer
+    users = np.asarray(users, dtype=np.int64)
+    n_items = n_items if n_items is not None else ctx.seen.shape[1]
     k = min(k, n_items)
     out = np.empty((len(users), k), dtype=np.int64)
+    values = np.empty((len(users), k), dtype=np.float32) if with_scores else None
     starts = range(0, len(users), batch_users)
     for start in tqdm(starts, desc=desc, disable=not progress, leave=False):
         batch = users[start:start + batch_users]
         scores = score(torch.from_numpy(batch), ctx).float()        # (B, n_items)
         _mask_seen(scores, ctx.seen, batch)
-        top = torch.topk(scores, k, dim=1).indices                    # (B, k)
-        out[start:start + len(batch)] = top.cpu().numpy()
-    return out
+        top = torch.topk(scores, k, dim=1)                            # (B, k)
+        out[start:start + len(batch)] = top.indices.cpu().numpy()
+        if with_scores:
+            values[start:start + len(batch)] = top.values.cpu().numpy()
+    return (out, values) if with_scores else out
 
 
 def metrics_from_ranking(topk: np.ndarray, labels: Labels, ks=DEFAULT_KS) -> tuple[dict, dict]:

@@ -20,6 +20,7 @@ import torch
 from . import guard
 
 POSITIVE_RATING = 4.0
+CHUNK_ROWS = 65_536        # rows (pairs, items) per chunk where a whole table would not fit in memory
 PERIODS = ("train", "valid", "test")
 
 

@@ -40,11 +40,11 @@ import pandas as pd
 
 from . import config
 from .errors import ConfigError, DataError
+from .features import POSITIVE_RATING   # PROTOCOL.md: a positive is a row with rating >= 4.0
 
 #: bump when the splitting code changes in a way that changes its output: old folders are then
 #: not reused (the version is part of the split id's hash).
 SPLIT_VERSION = 1
-POSITIVE_THRESHOLD = 4.0          # PROTOCOL.md: a positive is a row with rating >= 4.0
 REQUIRED_COLUMNS = ("user_id", "item_id", "rating", "timestamp")
 PERIODS = ("train", "valid", "test")
 SORT_KEYS = ["timestamp", "user_id", "item_id"]
@@ -141,7 +141,7 @@ def _iso_date(ts: int | None) -> str | None:
 
 def period_stats(df: pd.DataFrame) -> dict:
     """rows, users, items, positives (rating >= 4), users scored (>= 1 positive), first/last date."""
-    pos = df["rating"].to_numpy() >= POSITIVE_THRESHOLD
+    pos = df["rating"].to_numpy() >= POSITIVE_RATING
     ts = df["timestamp"].to_numpy()
     first = int(ts.min()) if len(ts) else None
     last = int(ts.max()) if len(ts) else None

@@ -26,8 +26,8 @@ import pandas as pd
 from . import guard
 from .config import seed_everything
 from .errors import ConfigError
+from .evaluate import HEADLINE
 
-HEADLINE = "ndcg@10"
 SEARCH_KEYS = ("grid", "max_edge_steps")     # params keys that steer the search, not the model
 
 
@@ -205,12 +205,13 @@ def summarize(table: pd.DataFrame, grid: dict[str, list] | None,
     return out
 
 
-def describe(summary: dict) -> str:
+def describe(summary: dict, metric: str = HEADLINE) -> str:
     """One line per searched axis: values tried, chosen, and an edge warning."""
     if not summary:
         return "no search"
+    name = metric.replace("ndcg", "nDCG").replace("recall", "Recall")
     lines = [f"{summary['configs']} configurations ({summary['edge_steps']} edge steps); "
-             f"best validation nDCG@10 {summary['valid_metric']:.4f}"]
+             f"best validation {name} {summary['valid_metric']:.4f}"]
     for name, a in summary["axes"].items():
         flag = ("  <- STILL AT THE EDGE of what was searched" if a["at_edge"] else
                 "  <- one value: NOT SEARCHED (a budget cap)" if a.get("fixed") else "")

@@ -38,10 +38,12 @@ import torch.nn.functional as F
 from .. import guard
 from ..config import resolve_device, seed_everything
 from ..errors import ConfigError
-from ..features import ScoringContext, SplitData, histories_before_rows
+from ..evaluate import DEFAULT_KS
+from ..features import CHUNK_ROWS, ScoringContext, SplitData, histories_before_rows
 from ..train import (LoopConfig, NegativeSampler, adam, count_parameters, fit_loop, load_checkpoint,
                      permuted_batches, save_checkpoint)
 from . import Recommender
+from .layers import mlp
 
 VARIANTS = ("seed", "softmax")
 
@@ -83,17 +85,6 @@ class TwoTowerConfig:
         self.item_hidden = list(self.item_hidden)
 
 
-def _mlp(sizes: list[int], dropout: float) -> nn.Sequential:
-    layers: list[nn.Module] = []
-    for k, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
-        layers.append(nn.Linear(a, b))
-        if k < len(sizes) - 2:
-            layers.append(nn.ReLU())
-            if dropout > 0:
-                layers.append(nn.Dropout(dropout))
-    return nn.Sequential(*layers)
-
-
 def _masked_mean(emb: nn.Embedding, idx: torch.Tensor) -> torch.Tensor:
     """Mean of the embeddings of the nonzero indices of each row; zeros for an all-padding row."""
     vec = emb(idx)                                                   # (N, K, d), padding rows are 0
@@ -117,8 +108,8 @@ class TwoTowerNet(nn.Module):
         self.year_emb = nn.Embedding(n_years + 1, s, padding_idx=0)
         self.tag_emb = nn.Embedding(n_tags + 1, s, padding_idx=0)
         self.lstm = nn.LSTMCell(d, cfg.lstm_hidden)
-        self.user_mlp = _mlp([d + cfg.lstm_hidden, *cfg.user_hidden, d], cfg.dropout)
-        self.item_mlp = _mlp([d + 3 * s, *cfg.item_hidden, d], cfg.dropout)
+        self.user_mlp = mlp([d + cfg.lstm_hidden, *cfg.user_hidden, d], cfg.dropout)
+        self.item_mlp = mlp([d + 3 * s, *cfg.item_hidden, d], cfg.dropout)
         for emb in (self.user_emb, self.item_emb, self.genre_emb, self.year_emb, self.tag_emb):
             nn.init.normal_(emb.weight, std=0.05)
             if emb.padding_idx is not None:
@@ -175,7 +166,7 @@ class TwoTowerNet(nn.Module):
         if self._item_cache is None:
             with torch.no_grad():
                 chunks = [self.item_tower(idx) for idx in
-                          torch.arange(self.n_items, device=self.log_pop.device).split(65536)]
+                          torch.arange(self.n_items, device=self.log_pop.device).split(CHUNK_ROWS)]
             self._item_cache = torch.cat(chunks).float()
         return self._item_cache
 
@@ -366,7 +357,7 @@ class TwoTower(Recommender):
 
     @torch.no_grad()
     def score_pairs(self, users: torch.Tensor, items: torch.Tensor, ctx: ScoringContext,
-                    batch_users: int = 65536) -> torch.Tensor:
+                    batch_users: int = CHUNK_ROWS) -> torch.Tensor:
         """Dot products of (user, item) pairs: (N,) float32 on the CPU."""
         users = torch.as_tensor(users, dtype=torch.long)
         items = torch.as_tensor(items, dtype=torch.long)
@@ -437,7 +428,7 @@ def history_len_needed(params_section: dict) -> int:
     return max(cfg.history_len for _, cfg in _variant_configs(params_section, None, None))
 
 
-def selection_metric(candidate_k: int, n_items: int, available=(10, 50, 100, 200, 500, 1000)) -> str:
+def selection_metric(candidate_k: int, n_items: int, available=DEFAULT_KS) -> str:
     """``recall@candidate_k`` (the re-ranker's ceiling); when the catalogue has no more than
     ``candidate_k`` items that recall is always 1, so the largest available K below ``n_items``."""
     if candidate_k < n_items:
@@ -460,6 +451,7 @@ def tune(data: SplitData, params_section: dict, validate_recall: Callable[[Any],
     attribute (recsys_lib.tuning.validator) the evaluator is called once after fitting for the
     table's Recall@50/500 and nDCG@10. Returns ``(best_model, table)``: one row per variant."""
     k = int(params_section.get("candidate_k", 500))
+    device = str(device) if device is not None else None          # a torch.device is fine too
     metric = metric or selection_metric(k, data.n_items)
     if metric != f"recall@{k}":
         warnings.warn(f"two_tower.tune: selecting on {metric} (recall@{k} is 1 with {data.n_items} items)")
