@@ -42,12 +42,13 @@ import scipy.sparse as sp
 import torch
 
 from . import guard
-from .features import POSITIVE_RATING, ScoringContext, SplitData
+from .features import CHUNK_ROWS, POSITIVE_RATING, ScoringContext, SplitData
+from .ranking import per_user_zscore
 
 DAY = 86_400
 RECENT_DAYS = (30, 90)
-CHUNK_ROWS = 65_536        # rows per chunk for the embedding features (bounded memory)
-FEATURES_VERSION = 2       # part of the feature cache key: bump when a feature changes
+FEATURES_VERSION = 3       # part of the feature cache key: bump when a feature changes
+                           # (3: the *_z columns use ranking.per_user_zscore, same values to float32)
 
 
 # ---------------------------------------------------------------- helpers
@@ -55,17 +56,6 @@ def _as_np(x) -> np.ndarray:
     if isinstance(x, torch.Tensor):
         return x.detach().cpu().float().numpy() if x.is_floating_point() else x.detach().cpu().numpy()
     return np.asarray(x)
-
-
-def _z_within_user(user: np.ndarray, values: np.ndarray) -> np.ndarray:
-    """(value - user's mean) / user's std over the user's candidate rows (0 when constant)."""
-    codes, inv = np.unique(user, return_inverse=True)
-    n = np.bincount(inv, minlength=len(codes)).astype(np.float64)
-    v = values.astype(np.float64)
-    mean = np.bincount(inv, weights=v, minlength=len(codes)) / n
-    var = np.bincount(inv, weights=v * v, minlength=len(codes)) / n - mean ** 2
-    std = np.sqrt(np.maximum(var, 0.0))
-    return np.where(std[inv] > 1e-12, (v - mean[inv]) / np.where(std[inv] > 1e-12, std[inv], 1.0), 0.0)
 
 
 def _normalise_rows(m: np.ndarray) -> np.ndarray:
@@ -223,7 +213,7 @@ def build_features(cands: pd.DataFrame, data: SplitData, ctx: ScoringContext, pe
     score = cands["retriever_score"].to_numpy(np.float32)
     cols["retriever_score"] = score
     cols["retriever_log_rank"] = np.log(cands["retriever_rank"].to_numpy(np.float64))
-    cols["retriever_score_z"] = _z_within_user(users, score)
+    cols["retriever_score_z"] = per_user_zscore(users, score)
     # other candidate sources (candidates.add_sources): their ranks (k + 1 = not proposed)
     for col in [c for c in cands.columns if c.endswith("_rank") and c != "retriever_rank"]:
         cols[f"{col[:-5]}_log_rank"] = np.log(cands[col].to_numpy(np.float64))
@@ -275,7 +265,7 @@ def build_features(cands: pd.DataFrame, data: SplitData, ctx: ScoringContext, pe
     for name, scorer in (extra_scorers or {}).items():
         s = _pair_scores(scorer, users, items, ctx)
         cols[f"{name}_score"] = s
-        cols[f"{name}_score_z"] = _z_within_user(users, s)
+        cols[f"{name}_score_z"] = per_user_zscore(users, s)
 
     names = list(cols)
     X = np.empty((len(users), len(names)), dtype=np.float32)

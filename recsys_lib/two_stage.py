@@ -10,33 +10,21 @@ positive the retriever missed counts as a miss (lists are the re-ranked candidat
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 
 from . import candidates as cand
-from . import guard
-from .evaluate import EvalResult, Labels, evaluate_ranking
+from . import config, guard
+from .evaluate import DEFAULT_KS, EvalResult, Labels, evaluate_ranking
 from .experiment import Run
 from .models import reranker as rr
+from .models.reranker import StageInputs
+from .ranking import candidate_labels, split_users, subset_labels
 from .rerank_features import build_features, retriever_user_table
 
 BASELINE_CLASSES = {"ease": ("ease", "EASE"), "mf": ("mf", "MF"), "neumf": ("neumf", "NeuMF"),
                     "popularity": ("popularity", "Popularity"), "ials": ("ials", "IALS")}
-
-
-@dataclass
-class StageInputs:
-    """Everything the re-ranker sees for one period."""
-
-    period: str
-    labels: Labels
-    cands: pd.DataFrame
-    X: np.ndarray
-    names: list[str]
-    user_emb: np.ndarray
-    seconds: float            # features + retriever user embeddings
 
 
 def load_retriever(run: Run):
@@ -59,6 +47,32 @@ def load_baselines(run: Run, names: list[str]) -> dict:
     return out
 
 
+def write_candidates(run: Run, retriever, sources: dict) -> dict:
+    """Write ``candidates/{valid,test}.parquet``: the retriever's top ``two_tower.candidate_k``
+    unseen items per user, joined (union) by each of ``sources``' own top ``candidate_k`` (stage-1
+    models fit on train, like the retriever). Validation candidates come from histories up to the
+    validation period, test candidates from histories that include the validation rows.
+    Also writes ``candidates/timing.json`` and ``candidates/recall.json`` (validation and test
+    Recall@K of each source and of the union); returns the recall."""
+    from .models.two_tower import history_len_needed
+    section = run.params["two_tower"]
+    k, history_len = int(section["candidate_k"]), history_len_needed(section)
+    timing, recall = {}, {}
+    for period in ("valid", "test"):
+        labels = run.evaluator(period, history_len=history_len).labels
+        t0 = time.perf_counter()
+        c = cand.generate_candidates(retriever, labels, k=k, progress=True)
+        c = cand.add_sources(c, retriever, sources, labels.ctx, k=k) if sources else c
+        timing[period] = time.perf_counter() - t0
+        cand.save_candidates(c, run.path("candidates", f"{period}.parquet"))
+        recall[period] = cand.source_recall(c, labels, [x for x in run.params["eval"]["ks"] if x <= k])
+        print(f"{period}: {c['user'].nunique()} users, {len(c):,} candidates ({len(c) / c['user'].nunique():.0f} "
+              f"a user) from {cand.source_names(c)} in {timing[period]:.1f}s")
+    config.write_json(run.path("candidates", "timing.json"), timing)
+    config.write_json(run.path("candidates", "recall.json"), recall)
+    return recall
+
+
 def stage_inputs(run: Run, retriever, period: str, extra: dict, cache: bool = True) -> StageInputs:
     """Candidates of ``period`` (from 20_two_tower) with their features.
 
@@ -73,17 +87,15 @@ def stage_inputs(run: Run, retriever, period: str, extra: dict, cache: bool = Tr
     if cache and cached.exists():
         z = np.load(cached, allow_pickle=False)
         if str(z["key"]) == key:
-            return StageInputs(period, labels, cands, z["X"], z["names"].tolist(), z["user_emb"],
-                               float(z["seconds"]))
+            return StageInputs(labels, cands, z["X"], z["names"].tolist(), z["user_emb"], float(z["seconds"]))
     t0 = time.perf_counter()
     user_emb = retriever_user_table(retriever, labels.users, labels.ctx, run.data.n_users)
     X, names = build_features(cands, run.data, labels.ctx, period, retriever, extra, user_emb)
     seconds = time.perf_counter() - t0
     if cache:
-        tmp = run.path("features", f"{period}.tmp.npz")
-        np.savez(tmp, X=X, names=np.array(names), user_emb=user_emb, seconds=seconds, key=key)
-        tmp.replace(cached)
-    return StageInputs(period, labels, cands, X, names, user_emb, seconds)
+        with config.atomic_write(cached) as tmp:
+            np.savez(tmp, X=X, names=np.array(names), user_emb=user_emb, seconds=seconds, key=key)
+    return StageInputs(labels, cands, X, names, user_emb, seconds)
 
 
 def _feature_key(run: Run, cand_path, extra: dict) -> str:
@@ -98,8 +110,32 @@ def fit(run: Run, valid: StageInputs, retriever, section: dict, window: rr.Extra
     given) inside the guard: train and validation rows only; returns (chosen model, table, all
     models)."""
     with guard.fitting("reranker", allow=("train", "valid")):
-        return rr.tune(section, valid.cands, valid.X, valid.names, valid.labels, run.data, retriever,
-                       valid.user_emb, seed=run.seed, progress=True, return_all=True, extra=window)
+        return rr.tune(section, valid, run.data, retriever, seed=run.seed, extra=window, progress=True)
+
+
+def record_variants(run: Run, chosen: rr.Reranker, search, models: dict[str, rr.Reranker],
+                    valid: StageInputs, test: StageInputs) -> None:
+    """Save every fitted variant (``models/reranker_<label>.pt``) and record it: the chosen one as
+    ``two_stage`` (with the search table), the others as ``two_stage_<label>``. Validation is the
+    out-of-fold score (`out_of_fold_ranked`); test re-ranks the test candidates, and its scoring
+    time includes generating them (20_two_tower's ``candidates/timing.json``). Earlier runs'
+    records and re-ranker files are removed first, so no stale variant lingers."""
+    import json
+    from dataclasses import asdict
+    cand_timing = json.loads(run.require("candidates", "timing.json", stage="20_two_tower").read_text())
+    folds = getattr(chosen, "folds", 1)
+    note = (f"valid = all validation users, each ranked by the fold model ({folds} folds) that never trained on them"
+            if folds > 1 else "valid = held-out validation users only")
+    run.clear_records("two_stage")
+    for old in (run.dir / "models").glob("reranker_*.pt"):
+        old.unlink()
+    for name, m in models.items():
+        m.save(run.path("models", f"reranker_{name}.pt"))
+        res = {"valid": out_of_fold_ranked(m, valid), "test": ranked(m, test)}
+        res["test"].seconds += cand_timing["test"]
+        label = "two_stage" if m is chosen else f"two_stage_{name}"
+        run.record(label, res, params={**asdict(m.cfg), "reranker": name, "folds": folds},
+                   fit_seconds=m.info["fit_seconds"], search=search if m is chosen else None, notes=note)
 
 
 # ---------------------------------------------------------------- the label window
@@ -137,7 +173,7 @@ def build_label_window(run: Run, retriever, sources: dict, extra: dict, share: f
         c = cand.add_sources(c, r, {n: refits[n] for n in sources}, labels.ctx, k=k)
     user_emb = retriever_user_table(r, labels.users, labels.ctx, run.data.n_users)
     X, names = build_features(c, w, labels.ctx, "valid", r, {n: refits[n] for n in extra}, user_emb)
-    y = rr.candidate_labels(c, labels)
+    y = candidate_labels(c, labels)
     lists = rr.ExtraLists(cands=c, X=X, y=y)
     summary = {"share": share, "models": sorted(set(sources) | set(extra)),
                "users": int(len(labels.users)), "rows": int(len(c)),
@@ -164,12 +200,10 @@ def _window_key(run: Run, models: list[str]) -> str:
 def save_label_window(run: Run, lists: rr.ExtraLists, summary: dict) -> None:
     """Write the window's lists; the summary records the models they came from (``models``) and
     their checkpoints' key, so a later re-fit of any of them makes the lists stale."""
-    from . import config
     summary = {**summary, "key": _window_key(run, summary.get("models", []))}
     cand.save_candidates(lists.cands, run.path("window", "candidates.parquet"))
-    tmp = run.path("window", "features.tmp.npz")
-    np.savez(tmp, X=lists.X, y=lists.y)
-    tmp.replace(run.path("window", "features.npz"))
+    with config.atomic_write(run.path("window", "features.npz")) as tmp:
+        np.savez(tmp, X=lists.X, y=lists.y)
     config.write_json(run.path("window", "summary.json"), summary)
 
 
@@ -190,17 +224,30 @@ def load_label_window(run: Run, names: list[str]) -> rr.ExtraLists | None:
     return rr.ExtraLists(cands=cand.load_candidates(run.dir / "window" / "candidates.parquet"), X=z["X"], y=z["y"])
 
 
-def held_out_users(valid: StageInputs, model) -> tuple[np.ndarray, np.ndarray]:
+def held_out_users(valid: StageInputs, model: rr.Reranker) -> tuple[np.ndarray, np.ndarray]:
     """(train users, held-out users) of the re-ranker's validation split (the same fixed seed).
     Single-split models only (``folds: 1``); a cross-fitted ensemble has no single held-out set:
     use `out_of_fold_ranked` / `in_fold_ranked`."""
     if isinstance(model, rr.RerankerEnsemble):
         raise ValueError("a cross-fitted re-ranker has no single held-out split; use "
                          "two_stage.out_of_fold_ranked / in_fold_ranked")
-    return rr.split_users(valid.labels.users, model.cfg.held_out_share, model.cfg.seed)
+    return split_users(valid.labels.users, model.cfg.held_out_share, model.cfg.seed)
 
 
-def _fold_ranked(model, valid: StageInputs, out_of_fold: bool, k_keep: int, ks) -> EvalResult:
+# ---------------------------------------------------------------- scored rankings
+# Each `*_ranked` is the protocol's EvalResult of the matching `reranker.*_topk` lists.
+def ranked(model: rr.Reranker, inputs: StageInputs, users: np.ndarray | None = None, k_keep: int = 1000,
+           ks=DEFAULT_KS) -> EvalResult:
+    """`reranker.topk` of ``inputs``' candidates, scored under the protocol (for ``users``, a
+    subset of the period's scored users, or all of them)."""
+    labels = inputs.labels if users is None else subset_labels(inputs.labels, users)
+    t0 = time.perf_counter()
+    top = rr.topk(model, inputs, labels.users, k_keep)
+    seconds = time.perf_counter() - t0 + inputs.seconds * len(labels.users) / max(len(inputs.labels.users), 1)
+    return evaluate_ranking(top, labels, ks, seconds=seconds)
+
+
+def _fold_ranked(model: rr.Reranker, valid: StageInputs, out_of_fold: bool, k_keep: int, ks) -> EvalResult:
     if not isinstance(model, rr.RerankerEnsemble):          # folds: 1 -> the single split
         trained_on, held = held_out_users(valid, model)
         return ranked(model, valid, held if out_of_fold else trained_on, k_keep, ks)
@@ -208,31 +255,18 @@ def _fold_ranked(model, valid: StageInputs, out_of_fold: bool, k_keep: int, ks) 
         raise ValueError(f"out-of-fold / in-fold rankings exist for the validation users only, not {valid.period!r}")
     fn = rr.out_of_fold_topk if out_of_fold else rr.in_fold_topk
     t0 = time.perf_counter()
-    top = fn(model, valid.cands, valid.X, valid.labels.users, k_keep, valid.user_emb)
+    top = fn(model, valid, valid.labels.users, k_keep)
     return evaluate_ranking(top, valid.labels, ks, seconds=time.perf_counter() - t0 + valid.seconds)
 
 
-def out_of_fold_ranked(model, valid: StageInputs, k_keep: int = 1000,
-                       ks=(10, 50, 100, 200, 500, 1000)) -> EvalResult:
-    """The two-stage system's honest validation score: every validation user ranked by the fold
-    model that never trained on them (all validation users). For a single-split model
-    (``folds: 1``): its held-out users only, as before."""
+def out_of_fold_ranked(model: rr.Reranker, valid: StageInputs, k_keep: int = 1000, ks=DEFAULT_KS) -> EvalResult:
+    """`reranker.out_of_fold_topk` scored: the two-stage system's honest validation score, every
+    validation user ranked by the fold model that never trained on them. For a single-split
+    model (``folds: 1``): its held-out users only."""
     return _fold_ranked(model, valid, True, k_keep, ks)
 
 
-def in_fold_ranked(model, valid: StageInputs, k_keep: int = 1000,
-                   ks=(10, 50, 100, 200, 500, 1000)) -> EvalResult:
-    """The leaky "seed protocol" number: every validation user ranked by the fold models that
-    trained on them (single split: the train users by the model)."""
+def in_fold_ranked(model: rr.Reranker, valid: StageInputs, k_keep: int = 1000, ks=DEFAULT_KS) -> EvalResult:
+    """`reranker.in_fold_topk` scored: the leaky "seed protocol" number, every validation user
+    ranked by the fold models that trained on them (single split: the train users by the model)."""
     return _fold_ranked(model, valid, False, k_keep, ks)
-
-
-def ranked(model, inputs: StageInputs, users: np.ndarray | None = None, k_keep: int = 1000,
-           ks=(10, 50, 100, 200, 500, 1000)) -> EvalResult:
-    """Re-rank ``inputs``' candidates and score the lists under the protocol (for ``users``, a
-    subset of the period's scored users, or all of them)."""
-    labels = inputs.labels if users is None else rr.subset_labels(inputs.labels, users)
-    t0 = time.perf_counter()
-    top = rr.rerank(model, inputs.cands, inputs.X, labels.users, k_keep=k_keep, user_emb=inputs.user_emb)
-    seconds = time.perf_counter() - t0 + inputs.seconds * len(labels.users) / max(len(inputs.labels.users), 1)
-    return evaluate_ranking(top, labels, ks, seconds=seconds)

@@ -66,7 +66,7 @@ def test_metrics_json_holds_every_model_in_bounds(report):
     window = json.loads((run_dir / "window" / "summary.json").read_text())
     assert window["users"] > 0 and window["lists_with_a_positive"] > 0
     search = {r["variant"]: r for r in m["models"]["two_stage"]["search"]}
-    assert min(search["lgbm"]["window_lists"]) > 0 and max(search["seed"]["window_lists"]) == 0
+    assert min(search["lgbm"]["window_lists"]) > 0 and max(search["id_mlp"]["window_lists"]) == 0
     recall = json.loads((run_dir / "candidates" / "recall.json").read_text())["valid"]
     assert set(recall) == {"retriever", "ease", "ials", "union"}
     assert recall["union"]["recall@100"] >= max(recall[s]["recall@100"] for s in ("retriever", "ease", "ials"))

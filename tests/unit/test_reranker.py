@@ -13,6 +13,7 @@ import scipy.sparse as sp
 import torch
 
 from recsys_lib import evaluate, guard
+from recsys_lib import ranking as rk
 from recsys_lib import rerank_features as rf
 from recsys_lib.errors import LeakageError
 from recsys_lib.models import reranker as R
@@ -63,13 +64,15 @@ def setup(toy_data):
     cands = make_candidates(retriever, labels)
     extra = {"pos_mf": SVDRetriever(data, d=4, positives_only=True)}
     X, names = rf.build_features(cands, data, labels.ctx, "valid", retriever=retriever, extra_scorers=extra)
-    return dict(data=data, labels=labels, retriever=retriever, cands=cands, X=X, names=names)
+    ue = rf.retriever_user_table(retriever, labels.users, labels.ctx, data.n_users)
+    inputs = R.StageInputs(labels, cands, X, names, user_emb=ue)
+    return dict(data=data, labels=labels, retriever=retriever, cands=cands, X=X, names=names, inputs=inputs)
 
 
 SECTION = {  # small and fast; the real sizes live in params/
-    "variants": ["seed", "mlp_features", "lgbm"],
+    "variants": ["id_mlp", "mlp_features", "lgbm"],
     "held_out_share": 0.2,
-    "seed": {"epochs": 4, "patience": 2, "negatives": 4, "batch_size": 256},
+    "id_mlp": {"epochs": 4, "patience": 2, "negatives": 4, "batch_size": 256},
     "mlp_features": {"epochs": 6, "patience": 3, "loss": "softmax", "users_per_batch": 16},
     "lgbm": {"n_estimators": 100, "num_leaves": 7, "early_stopping_rounds": 20},
 }
@@ -138,7 +141,7 @@ def test_fit_inside_guard_and_test_features_raise(setup):
     test_cands = make_candidates(setup["retriever"], test_labels)
     cfg = R.RerankerConfig(variant="lgbm", n_estimators=20, early_stopping_rounds=10)
     with guard.fitting("reranker", allow=("train", "valid")):
-        model = R.fit_reranker(cfg, setup["cands"], setup["X"], setup["names"], labels, data)
+        model = R.fit_reranker(cfg, setup["inputs"], data)
         with pytest.raises(LeakageError):
             rf.build_features(test_cands, data, test_labels.ctx, "test", retriever=setup["retriever"])
         with pytest.raises(LeakageError):
@@ -147,21 +150,20 @@ def test_fit_inside_guard_and_test_features_raise(setup):
     Xt, names = rf.build_features(test_cands, data, test_labels.ctx, "test", retriever=setup["retriever"],
                                   extra_scorers={"pos_mf": SVDRetriever(data, d=4, positives_only=True)})
     assert names == setup["names"]
-    top = R.rerank(model, test_cands, Xt, test_labels.users)
+    top = R.topk(model, R.StageInputs(test_labels, test_cands, Xt, names))
     assert top.shape == (len(test_labels.users), 10)
 
 
 # ---------------------------------------------------------------- variants vs baselines
 def _random_order_ndcg(cands, users, labels, n=20):
-    return float(np.mean([R.ndcg_of(R.order_topk(cands, np.random.default_rng(s).random(len(cands)), users),
-                                    labels) for s in range(n)]))
+    return float(np.mean([rk.ndcg_of(rk.order_topk(cands, np.random.default_rng(s).random(len(cands)), users),
+                                     labels) for s in range(n)]))
 
 
 @pytest.fixture(scope="module")
 def tuned(setup):
     with guard.fitting("reranker", allow=("train", "valid")):
-        best, table = R.tune(SECTION, setup["cands"], setup["X"], setup["names"], setup["labels"],
-                             setup["data"], retriever=setup["retriever"], seed=42)
+        best, table, _ = R.tune(SECTION, setup["inputs"], setup["data"], setup["retriever"], seed=42)
     return best, table
 
 
@@ -171,34 +173,35 @@ def test_variants_against_retriever_and_random_order(setup, tuned):
       retriever's own ordering of the same candidates on held-out users;
     - lgbm clearly beats a random ordering, and is within noise of the retriever order or above
       (about 58 held-out users with ~2.9 positives each: differences of 0.02 are noise);
-    - seed: its user-id embedding is untrained for held-out users, so on them it reduces to one
+    - id_mlp: its user-id embedding is untrained for held-out users, so on them it reduces to one
       user-independent item ordering and sits near random order. We only check that it learns
       (in-sample, on its train users, it beats random order clearly) - the seed design's limit,
       not a bug.
     """
     best, table = tuned
     print("\n" + table.to_string())
-    p = R._prepare(setup["cands"], setup["X"], setup["labels"], R.RerankerConfig())
-    held = p.cands.iloc[p.held_rows]
+    p = R._prepare(setup["inputs"], R.RerankerConfig())
+    held = p.held.cands
     rand = _random_order_ndcg(held, p.held_users, p.held_labels)
     score = dict(zip(table["variant"], table["held_out_ndcg"]))
     print(f"random order on held-out users: {rand:.4f}")
-    assert score["mlp_features"] > score[R.RETRIEVER_ORDER]
+    assert score["mlp_features"] > score[rk.RETRIEVER_ORDER]
     assert score["lgbm"] > rand + 0.1
-    assert score["lgbm"] > score[R.RETRIEVER_ORDER] - 0.03
-    assert best.info["held_out_ndcg"] == max(v for k, v in score.items() if k != R.RETRIEVER_ORDER)
+    assert score["lgbm"] > score[rk.RETRIEVER_ORDER] - 0.03
+    assert best.info["held_out_ndcg"] == max(v for k, v in score.items() if k != rk.RETRIEVER_ORDER)
     assert table["chosen"].sum() == 1
 
 
-def test_seed_variant_trains(setup):
-    """The seed design learns (its BPR loss falls) but on held-out users it stays near random
+def test_id_mlp_variant_trains(setup):
+    """The seed design (``id_mlp``) learns (its BPR loss falls) but on held-out users it stays near random
     order on toy data: see the test above. Only the training itself is asserted here."""
-    cfg = R.RerankerConfig.from_params({**SECTION, "seed": {**SECTION["seed"], "patience": 0}}, "seed", seed=42)
+    cfg = R.RerankerConfig.from_params({**SECTION, "id_mlp": {**SECTION["id_mlp"], "patience": 0}}, "id_mlp",
+                                       seed=42)
+    no_features = R.StageInputs(setup["labels"], setup["cands"], None, [])
     with guard.fitting("reranker", allow=("train", "valid")):
-        model = R.fit_reranker(cfg, setup["cands"], None, None, setup["labels"], setup["data"],
-                               retriever=setup["retriever"])
+        model = R.fit_reranker(cfg, no_features, setup["data"], retriever=setup["retriever"])
     losses = model.info["loss_history"]
-    print(f"\nseed losses {np.round(losses, 4)}, held-out {np.round(model.info['held_out_history'], 4)}")
+    print(f"\nid_mlp losses {np.round(losses, 4)}, held-out {np.round(model.info['held_out_history'], 4)}")
     assert len(losses) == cfg.epochs and losses[-1] < losses[0]
     assert 0.0 <= model.info["held_out_ndcg"] <= 1.0
 
@@ -209,37 +212,62 @@ def test_rerank_order_and_padding():
                           "retriever_score": np.zeros(5, np.float32), "retriever_rank": np.array([1, 2, 3, 1, 2])})
     scores = np.array([0.1, 0.9, 0.5, 0.2, 0.3])
     users = np.array([2, 5, 9])                                 # 9 has no candidates
-    top = R.order_topk(cands, scores, users, k_keep=4)
+    top = rk.order_topk(cands, scores, users, k_keep=4)
     np.testing.assert_array_equal(top, [[4, 3, -1, -1], [11, 12, 10, -1], [-1, -1, -1, -1]])
-    np.testing.assert_array_equal(R.retriever_order(cands, users, 2), [[3, 4], [10, 11], [-1, -1]])
+    np.testing.assert_array_equal(rk.retriever_order(cands, users, 2), [[3, 4], [10, 11], [-1, -1]])
     # ties fall back to the retriever's order
-    np.testing.assert_array_equal(R.order_topk(cands, np.zeros(5), np.array([5]), 3), [[10, 11, 12]])
+    np.testing.assert_array_equal(rk.order_topk(cands, np.zeros(5), np.array([5]), 3), [[10, 11, 12]])
     # -1 padding never hits, even when the last catalogue item (index -1) is a positive
     n_items = 20
     pos = sp.csr_matrix((np.ones(3), ([0, 1, 2], [n_items - 1, n_items - 1, n_items - 1])), shape=(3, n_items))
     labels = evaluate.Labels(period="valid", users=users, positives=pos, ctx=None, n_items=n_items)
     res = evaluate.evaluate_ranking(np.pad(top, ((0, 0), (0, 6)), constant_values=-1), labels, ks=(10,))
     np.testing.assert_array_equal(res.per_user["ndcg@10"], 0.0)
-    assert R.ndcg_of(np.full((3, 10), -1), labels) == 0.0
+    assert rk.ndcg_of(np.full((3, 10), -1), labels) == 0.0
 
 
-@pytest.mark.parametrize("variant", ["seed", "mlp_features", "lgbm"])
-def test_save_load_round_trip(setup, tmp_path, variant):
+@pytest.mark.parametrize("variant, cls", [("id_mlp", R.IdMLPReranker), ("mlp_features", R.FeatureMLPReranker),
+                                          ("lgbm", R.LGBMReranker)])
+def test_save_load_round_trip_dispatches_on_the_recorded_kind(setup, tmp_path, variant, cls):
     cfg = R.RerankerConfig.from_params({**SECTION, variant: {**SECTION[variant], "epochs": 1,
                                                              "n_estimators": 5}}, variant, seed=0)
+    inputs = setup["inputs"]
     with guard.fitting("reranker", allow=("train", "valid")):
-        model = R.fit_reranker(cfg, setup["cands"], setup["X"], setup["names"], setup["labels"],
-                               setup["data"], retriever=setup["retriever"])
-    ue = rf.retriever_user_table(setup["retriever"], setup["labels"].users, setup["labels"].ctx,
-                                 setup["data"].n_users)
-    before = model.score(setup["cands"], setup["X"], ue)
-    path = model.save(tmp_path / f"reranker_{variant}.ckpt")
-    loaded = R.Reranker.load(path)
-    assert loaded.variant == variant and loaded.feature_names == model.feature_names
-    np.testing.assert_allclose(loaded.score(setup["cands"], setup["X"], ue), before, rtol=1e-6, atol=1e-6)
-    users = setup["labels"].users
-    np.testing.assert_array_equal(R.rerank(loaded, setup["cands"], setup["X"], users, user_emb=ue),
-                                  R.rerank(model, setup["cands"], setup["X"], users, user_emb=ue))
+        model = R.fit_reranker(cfg, inputs, setup["data"], retriever=setup["retriever"])
+    assert type(model) is cls and model.kind == variant
+    before = model.score(inputs)
+    path = model.save(tmp_path / f"reranker_{variant}.pt")
+    assert torch.load(path, weights_only=False)["kind"] == variant       # the kind is in the file
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]            # no temporary file left
+    for loaded in (R.load(path), R.Reranker.load(path), cls.load(path)):
+        assert type(loaded) is cls and loaded.variant == variant and loaded.feature_names == model.feature_names
+        np.testing.assert_array_equal(loaded.score(inputs), before)
+        np.testing.assert_array_equal(R.topk(loaded, inputs), R.topk(model, inputs))
+    other = R.LGBMReranker if cls is not R.LGBMReranker else R.IdMLPReranker
+    with pytest.raises(ValueError, match="not a"):
+        other.load(path)
+
+
+def test_load_refuses_a_file_without_a_known_kind(tmp_path):
+    path = tmp_path / "reranker_old.pt"
+    torch.save({"kind": "reranker_mlp", "config": {}}, path)            # a file of the old format
+    with pytest.raises(ValueError, match="known kind"):
+        R.load(path)
+
+
+def test_variant_seed_is_now_id_mlp(setup):
+    """The re-ranker kind once called ``seed`` is ``id_mlp`` (``seed`` is also the random seed of
+    the same config); the params name it so, and the old name is refused with a pointer."""
+    from recsys_lib import config
+    for profile in ("quick", "full"):
+        section = config.load_params(profile, "synthetic")["reranker"]
+        names = [v if isinstance(v, str) else v["variant"] for v in section["variants"]]
+        assert "id_mlp" in names and "seed" not in names and "id_mlp" in section
+    assert R.VARIANTS == ("id_mlp", "mlp_features", "lgbm")
+    cfg = R.RerankerConfig.from_params({"id_mlp": {"emb_dim": 4}}, "id_mlp", seed=7)
+    assert (cfg.variant, cfg.emb_dim, cfg.seed) == ("id_mlp", 4, 7)
+    with pytest.raises(ValueError, match="now id_mlp"):
+        R.fit_reranker(R.RerankerConfig(variant="seed"), setup["inputs"], setup["data"])
 
 
 # ---------------------------------------------------------------- cross-fitting (folds > 1)
@@ -255,18 +283,17 @@ def _user_table(setup):
 @pytest.fixture(scope="module")
 def crossed(setup):
     with guard.fitting("reranker", allow=("train", "valid")):
-        best, table, models = R.tune(SECTION_CV, setup["cands"], setup["X"], setup["names"], setup["labels"],
-                                     setup["data"], retriever=setup["retriever"], seed=42, return_all=True)
+        best, table, models = R.tune(SECTION_CV, setup["inputs"], setup["data"], setup["retriever"], seed=42)
     return best, table, models
 
 
 def test_fold_users_partition_validation_users(setup, crossed):
     users = setup["labels"].users
-    parts = R.fold_users(users, 2, 42)
+    parts = rk.fold_users(users, 2, 42)
     assert len(parts) == 2 and abs(len(parts[0]) - len(parts[1])) <= 1
     np.testing.assert_array_equal(np.sort(np.concatenate(parts)), np.sort(users))
     assert not np.isin(parts[0], parts[1]).any()
-    for a, b in zip(parts, R.fold_users(users, 2, 42)):       # fixed seed
+    for a, b in zip(parts, rk.fold_users(users, 2, 42)):       # fixed seed
         np.testing.assert_array_equal(a, b)
     _, _, models = crossed
     for m in models.values():
@@ -291,12 +318,12 @@ def test_no_member_trains_on_its_own_fold(crossed):
 def test_out_of_fold_ndcg_is_mean_over_users_of_per_fold_evaluations(setup, crossed):
     best, table, models = crossed
     print("\n" + table.to_string())
-    labels, ue = setup["labels"], _user_table(setup)
+    labels, inputs = setup["labels"], setup["inputs"]
     for v, m in models.items():
         per_user, fold_means = [], []
         for k, member in enumerate(m.members):
-            lab = R.subset_labels(labels, m.fold_users[k])
-            top = R.rerank(member, setup["cands"], setup["X"], lab.users, user_emb=ue)
+            lab = rk.subset_labels(labels, m.fold_users[k])
+            top = R.topk(member, inputs, lab.users)
             res = evaluate.evaluate_ranking(top, lab, ks=(10,))
             per_user.append(res.per_user["ndcg@10"])
             fold_means.append(res.per_user["ndcg@10"].mean())
@@ -310,8 +337,8 @@ def test_out_of_fold_ndcg_is_mean_over_users_of_per_fold_evaluations(setup, cros
         assert row["fold_ndcg_mean"] == pytest.approx(np.mean(fold_means))
         assert m.info["fit_seconds"] == pytest.approx(sum(x.info["fit_seconds"] for x in m.members))
     # the retriever's own order, over all validation users, is in the table too
-    ret = R.ndcg_of(R.retriever_order(setup["cands"], labels.users), labels)
-    assert table.set_index("variant").loc[R.RETRIEVER_ORDER, "held_out_ndcg"] == pytest.approx(ret)
+    ret = rk.ndcg_of(rk.retriever_order(setup["cands"], labels.users), labels)
+    assert table.set_index("variant").loc[rk.RETRIEVER_ORDER, "held_out_ndcg"] == pytest.approx(ret)
     scores = {v: m.info["held_out_ndcg"] for v, m in models.items()}
     assert best.variant == max(scores, key=scores.get) and table["chosen"].sum() == 1
 
@@ -319,8 +346,7 @@ def test_out_of_fold_ndcg_is_mean_over_users_of_per_fold_evaluations(setup, cros
 def test_two_stage_out_of_fold_and_in_fold_ranked(setup, crossed):
     from recsys_lib import two_stage
     _, _, models = crossed
-    valid = two_stage.StageInputs("valid", setup["labels"], setup["cands"], setup["X"], setup["names"],
-                                  _user_table(setup), 0.0)
+    valid = two_stage.StageInputs(setup["labels"], setup["cands"], setup["X"], setup["names"], _user_table(setup))
     for m in models.values():
         oof = two_stage.out_of_fold_ranked(m, valid)
         np.testing.assert_array_equal(oof.users, setup["labels"].users)          # all validation users
@@ -328,8 +354,8 @@ def test_two_stage_out_of_fold_and_in_fold_ranked(setup, crossed):
         ins = two_stage.in_fold_ranked(m, valid)
         print(f"\n{m.variant}: out-of-fold {oof.means()['ndcg@10']:.4f}, in-fold {ins.means()['ndcg@10']:.4f}")
         # with 2 folds, in-fold = the other member: the same lists as ranking fold k with member 1 - k
-        k0 = R.subset_labels(setup["labels"], m.fold_users[0])
-        top = R.rerank(m.members[1], setup["cands"], setup["X"], k0.users, k_keep=1000, user_emb=valid.user_emb)
+        k0 = rk.subset_labels(setup["labels"], m.fold_users[0])
+        top = R.topk(m.members[1], valid, k0.users, k_keep=1000)
         in_k0 = np.isin(setup["labels"].users, k0.users)            # labels.users is sorted, as k0.users
         np.testing.assert_array_equal(ins.topk[in_k0], top[:, :10])
         with pytest.raises(ValueError):
@@ -338,23 +364,23 @@ def test_two_stage_out_of_fold_and_in_fold_ranked(setup, crossed):
 
 def test_ensemble_scores_average_per_user_zscores(setup, crossed):
     _, _, models = crossed
-    m, cands, X, ue = models["lgbm"], setup["cands"], setup["X"], _user_table(setup)
+    m, cands, inputs = models["lgbm"], setup["cands"], setup["inputs"]
     u = cands["user"].to_numpy()
-    z = [R.per_user_zscore(u, mem.score(cands, X, ue)) for mem in m.members]
-    np.testing.assert_allclose(m.score(cands, X, ue), np.mean(z, axis=0))
+    z = [rk.per_user_zscore(u, mem.score(inputs)) for mem in m.members]
+    np.testing.assert_allclose(m.score(inputs), np.mean(z, axis=0))
     for zk in z:                                     # per user: mean 0, std 1 (or a constant list)
         g = pd.DataFrame({"u": u, "z": zk}).groupby("u")["z"]
         assert np.abs(g.mean()).max() < 1e-9
         assert np.all((np.abs(g.std(ddof=0) - 1) < 1e-9) | (g.std(ddof=0) < 1e-9))
     # one member alone keeps its own order
     users = setup["labels"].users
-    np.testing.assert_array_equal(R.order_topk(cands, m.score(cands, X, ue, members=[0]), users),
-                                  R.rerank(m.members[0], cands, X, users, user_emb=ue))
+    np.testing.assert_array_equal(rk.order_topk(cands, m.score(inputs, members=[0]), users),
+                                  R.topk(m.members[0], inputs, users))
 
 
 def test_ensemble_save_load_round_trip(setup, crossed, tmp_path):
     _, _, models = crossed
-    cands, X, ue, users = setup["cands"], setup["X"], _user_table(setup), setup["labels"].users
+    inputs, users = setup["inputs"], setup["labels"].users
     for v, m in models.items():
         path = m.save(tmp_path / f"reranker_{v}.pt")
         assert path.exists() and len(list(tmp_path.glob(f"reranker_{v}*"))) == 1      # one file
@@ -364,11 +390,11 @@ def test_ensemble_save_load_round_trip(setup, crossed, tmp_path):
             assert loaded.cfg == m.cfg and loaded.info["held_out_ndcg"] == m.info["held_out_ndcg"]
             for a, b in zip(loaded.fold_users, m.fold_users):
                 np.testing.assert_array_equal(a, b)
-            np.testing.assert_array_equal(loaded.score(cands, X, ue), m.score(cands, X, ue))
-            np.testing.assert_array_equal(R.rerank(loaded, cands, X, users, user_emb=ue),
-                                          R.rerank(m, cands, X, users, user_emb=ue))
-            np.testing.assert_array_equal(R.out_of_fold_topk(loaded, cands, X, users, 10, ue),
-                                          R.out_of_fold_topk(m, cands, X, users, 10, ue))
+            np.testing.assert_array_equal(loaded.score(inputs), m.score(inputs))
+            np.testing.assert_array_equal(R.topk(loaded, inputs, users), R.topk(m, inputs, users))
+            np.testing.assert_array_equal(R.out_of_fold_topk(loaded, inputs, users, 10),
+                                          R.out_of_fold_topk(m, inputs, users, 10))
+        assert torch.load(path, weights_only=False)["kind"] == "ensemble"
 
 
 def test_cross_fit_inside_guard_never_touches_test(setup):
@@ -376,37 +402,37 @@ def test_cross_fit_inside_guard_never_touches_test(setup):
     test_labels = evaluate.Labels.build(data, "test")          # built outside, as the pipeline does
     cfg = R.RerankerConfig(variant="lgbm", folds=2, n_estimators=10, early_stopping_rounds=5)
     with guard.fitting("reranker", allow=("train", "valid")):
-        ens = R.fit_cross(cfg, setup["cands"], setup["X"], setup["names"], labels, data)
+        ens = R.fit_cross(cfg, setup["inputs"], data)
         with pytest.raises(LeakageError):
             _ = data.test
         with pytest.raises(ValueError):                          # never fit on test labels
-            R.fit_cross(cfg, setup["cands"], setup["X"], setup["names"], test_labels, data)
+            R.fit_cross(cfg, R.StageInputs(test_labels, setup["cands"], setup["X"], setup["names"]), data)
     assert isinstance(ens, R.RerankerEnsemble) and ens.cfg.held_out_share == 0.5
 
 
 def test_folds_one_is_the_single_split(setup, tuned):
     best, table = tuned                                          # SECTION has no folds key
-    assert isinstance(best, R.Reranker)
+    assert not isinstance(best, R.RerankerEnsemble)
     assert list(table.columns) == ["variant", "held_out_ndcg", "fit_seconds", "window_lists", "best_epoch_or_round",
                                    "chosen"]
     lg = {"variants": ["lgbm"], "lgbm": SECTION["lgbm"]}
     with guard.fitting("reranker", allow=("train", "valid")):
-        a, ta = R.tune(lg, setup["cands"], setup["X"], setup["names"], setup["labels"], setup["data"], seed=42)
-        b, tb = R.tune({**lg, "folds": 1}, setup["cands"], setup["X"], setup["names"], setup["labels"],
-                       setup["data"], seed=42)
-    assert isinstance(b, R.Reranker) and a.info["held_out_ndcg"] == b.info["held_out_ndcg"]
+        a, ta, _ = R.tune(lg, setup["inputs"], setup["data"], seed=42)
+        b, tb, _ = R.tune({**lg, "folds": 1}, setup["inputs"], setup["data"], seed=42)
+    assert not isinstance(b, R.RerankerEnsemble) and a.info["held_out_ndcg"] == b.info["held_out_ndcg"]
     assert table.set_index("variant").loc["lgbm", "held_out_ndcg"] == pytest.approx(a.info["held_out_ndcg"])
     pd.testing.assert_frame_equal(ta.drop(columns="fit_seconds"), tb.drop(columns="fit_seconds"))
 
 
-def test_seed_variant_ensemble_round_trip(setup, tmp_path):
-    cfg = R.RerankerConfig.from_params({**SECTION, "folds": 2, "seed": {**SECTION["seed"], "epochs": 1}}, "seed",
-                                       seed=0)
+def test_id_mlp_variant_ensemble_round_trip(setup, tmp_path):
+    cfg = R.RerankerConfig.from_params({**SECTION, "folds": 2, "id_mlp": {**SECTION["id_mlp"], "epochs": 1}},
+                                       "id_mlp", seed=0)
+    no_features = R.StageInputs(setup["labels"], setup["cands"], None, [])
     with guard.fitting("reranker", allow=("train", "valid")):
-        ens = R.fit_cross(cfg, setup["cands"], None, None, setup["labels"], setup["data"],
-                          retriever=setup["retriever"])
-    loaded = R.load(ens.save(tmp_path / "reranker_seed.pt"))
-    np.testing.assert_array_equal(loaded.score(setup["cands"]), ens.score(setup["cands"]))
+        ens = R.fit_cross(cfg, no_features, setup["data"], retriever=setup["retriever"])
+    loaded = R.load(ens.save(tmp_path / "reranker_id_mlp.pt"))
+    assert all(type(m) is R.IdMLPReranker for m in loaded.members)
+    np.testing.assert_array_equal(loaded.score(no_features), ens.score(no_features))
     assert len(ens.info["best_epoch_or_round"]) == 2 and 0.0 <= ens.info["held_out_ndcg"] <= 1.0
 
 
@@ -450,7 +476,7 @@ def test_label_window_lists_train_lgbm_less_the_held_out_users(setup, monkeypatc
     X, names = rf.build_features(wc, w, wlabels.ctx, "valid", retriever=r,
                                  extra_scorers={"pos_mf": SVDRetriever(w, d=4, positives_only=True)})
     assert names == setup["names"]
-    extra = R.ExtraLists(cands=wc, X=X, y=R.candidate_labels(wc, wlabels))
+    extra = R.ExtraLists(cands=wc, X=X, y=rk.candidate_labels(wc, wlabels))
     held = labels.users[::5]
     rows, sizes = extra.groups(held)
     assert sizes.sum() == len(rows) and not np.isin(wc["user"].to_numpy()[rows], held).any()
@@ -467,11 +493,9 @@ def test_label_window_lists_train_lgbm_less_the_held_out_users(setup, monkeypatc
     cfg = R.RerankerConfig.from_params(SECTION, "lgbm", seed=0)
     train = np.setdiff1d(labels.users, held)
     with guard.fitting("reranker", allow=("train", "valid")):
-        plain = R.fit_reranker(cfg, setup["cands"], setup["X"], names, labels, data,
-                               train_users=train, held_users=held)
+        plain = R.fit_reranker(cfg, setup["inputs"], data, train_users=train, held_users=held)
         base_rows, base_groups = seen["rows"], seen["groups"]
-        with_window = R.fit_reranker(cfg, setup["cands"], setup["X"], names, labels, data,
-                                     train_users=train, held_users=held, extra=extra)
+        with_window = R.fit_reranker(cfg, setup["inputs"], data, train_users=train, held_users=held, extra=extra)
     assert seen["groups"] == base_groups + len(sizes) and seen["rows"] == base_rows + len(rows)
     assert with_window.info["extra_lists"] == len(sizes) and plain.info["extra_lists"] == 0
 
@@ -508,10 +532,9 @@ def test_tune_compares_named_lgbm_configurations(setup):
     section = {"variants": ["lgbm", {"name": "lgbm_leaves3", "variant": "lgbm", "num_leaves": 3}],
                "held_out_share": 0.2, "lgbm": SECTION["lgbm"]}
     with guard.fitting("reranker", allow=("train", "valid")):
-        best, table, models = R.tune(section, setup["cands"], setup["X"], setup["names"], setup["labels"],
-                                     setup["data"], return_all=True)
+        best, table, models = R.tune(section, setup["inputs"], setup["data"])
     assert set(models) == {"lgbm", "lgbm_leaves3"} and models["lgbm_leaves3"].cfg.num_leaves == 3
-    assert table["variant"].tolist() == [R.RETRIEVER_ORDER, "lgbm", "lgbm_leaves3"]
+    assert table["variant"].tolist() == [rk.RETRIEVER_ORDER, "lgbm", "lgbm_leaves3"]
     assert table.loc[table["chosen"], "variant"].item() == best.label
 
 
