@@ -27,7 +27,7 @@ import torch
 
 from . import config, guard, tuning
 from .errors import PipelineError
-from .evaluate import DEFAULT_KS, EvalResult, Evaluator
+from .evaluate import DEFAULT_KS, HEADLINE, EvalResult, Evaluator
 from .features import SplitData
 
 
@@ -77,9 +77,8 @@ class Run:
 
     # ------------------------------------------------------------ data
     def save_data(self, data: SplitData, info: dict) -> None:
-        tmp = self.path("data.pt.tmp")
-        torch.save(data, tmp)
-        tmp.replace(self.path("data.pt"))
+        with config.atomic_write(self.path("data.pt")) as tmp:
+            torch.save(data, tmp)
         config.write_json(self.path("run.json"), {"dataset": self.dataset, "profile": self.profile,
                                                   "params": self.params, **info})
         self._data = data
@@ -107,23 +106,31 @@ class Run:
                                               max_users=max_users, seed=self.seed)
         return self._evaluators[key]
 
-    def early_stopping_metric(self, max_users: int | None = None):
-        """A callback ``validate(scorer) -> float``: validation nDCG@10 (optionally on a user sample)."""
-        ev = self.evaluator("valid", max_users)
-        return lambda scorer: float(ev(scorer).per_user["ndcg@10"].mean())
+    def early_stopping_metric(self, max_users: int | None = None, metric: str = HEADLINE,
+                              history_len: int | None = None):
+        """A callback ``validate(scorer) -> float``: validation ``metric`` (nDCG@10 unless told;
+        optionally on a user sample, with histories of ``history_len`` items)."""
+        return tuning.validator(self.evaluator("valid", max_users, history_len), metric)
 
-    def score(self, model: Any, name: str, periods=("valid", "test")) -> dict[str, EvalResult]:
+    def score(self, model: Any, name: str, periods=("valid", "test"),
+              history_len: int | None = None) -> dict[str, EvalResult]:
         """Evaluate a fitted model on each period (full catalogue, seen items masked)."""
-        return {p: self.evaluator(p)(model, progress=True) for p in periods}
+        return {p: self.evaluator(p, history_len=history_len)(model, progress=True) for p in periods}
 
     def fit_model(self, name: str, tune: Any, section: str | None = None,
-                  early_stopping_users: int | None = None) -> tuple[Any, pd.DataFrame, dict[str, EvalResult]]:
+                  early_stopping_users: int | None = None, metric: str = HEADLINE,
+                  history_len: int | None = None, **extra: Any) -> tuple[Any, pd.DataFrame, dict[str, EvalResult]]:
         """Tune and fit a model on train (validation for selection and early stopping only), score
         it on validation and test, save its checkpoint and metrics. ``tune(data, params_section,
         validate, device, seed) -> (model, search_table)`` runs inside the leakage guard: it may
-        read the train period only (the validation callback's labels are built here, before)."""
+        read the train period only (the validation callback's labels are built here, before).
+
+        ``validate(model) -> float`` is validation ``metric`` (nDCG@10 for every baseline; the
+        retriever passes its Recall@candidate_k) over histories of ``history_len`` items (the
+        params' ``history_len`` unless given; the evaluations on validation and test use the same).
+        ``extra`` keys are written into the metrics JSON."""
         section = section or name
-        validate = self.early_stopping_metric(early_stopping_users)
+        validate = self.early_stopping_metric(early_stopping_users, metric, history_len)
         t0 = time.perf_counter()
         with guard.fitting(name):
             model, search = tune(self.data, self.params.get(section, {}), validate, self.device, self.seed)
@@ -131,8 +138,8 @@ class Run:
         cfg = getattr(model, "cfg", None) or getattr(model, "config", None)
         summary = tuning.summarize(search, self.params.get(section, {}).get("grid"),
                                    epochs=getattr(cfg, "epochs", None))
-        print(f"{name} search:\n{tuning.describe(summary)}", flush=True)
-        results = self.score(model, name)
+        print(f"{name} search:\n{tuning.describe(summary, metric)}", flush=True)
+        results = self.score(model, name, history_len=history_len)
         if hasattr(model, "save"):
             model.save(self.path("models", f"{name}.pt"))
         history = getattr(model, "history", None)
@@ -140,7 +147,7 @@ class Run:
             self.save_curve(name, history)
         from dataclasses import asdict, is_dataclass
         self.record(name, results, params=asdict(cfg) if is_dataclass(cfg) else self.params.get(section, {}),
-                    fit_seconds=fit_seconds, search=search, tuning=summary)
+                    fit_seconds=fit_seconds, search=search, tuning=summary, **extra)
         return model, search, results
 
     # ------------------------------------------------------------ recording
@@ -161,9 +168,8 @@ class Run:
             frame = res.to_frame()
             for j in range(res.topk.shape[1]):
                 frame[f"top_{j}"] = res.topk[:, j]
-            tmp = self.path("per_user", f"{name}-{period}.parquet.tmp")
-            frame.to_parquet(tmp, index=False)
-            tmp.replace(self.path("per_user", f"{name}-{period}.parquet"))
+            with config.atomic_write(self.path("per_user", f"{name}-{period}.parquet")) as tmp:
+                frame.to_parquet(tmp, index=False)
         config.write_json(self.path("metrics", f"{name}.json"), out)
         return out
 
