@@ -449,7 +449,11 @@ def tune(data: SplitData, params_section: dict, validate_recall: Callable[[Any],
     metric itself). Early stopping and selection use ``metric`` (default: ``selection_metric``
     of the section's ``candidate_k``). When it returns a float and carries an ``evaluator``
     attribute (recsys_lib.tuning.validator) the evaluator is called once after fitting for the
-    table's Recall@50/500 and nDCG@10. Returns ``(best_model, table)``: one row per variant."""
+    table's Recall@50/500 and nDCG@10. Returns ``(best_model, table)``: one row per variant.
+
+    This is the tuning contract of every model (`Run.fit_model`), so 20_two_tower calls
+    ``run.fit_model("two_tower", tune, metric=selection_metric(K, n_items), history_len=H)``: the
+    validation callback is then `tuning.validator` of that metric, a float."""
     k = int(params_section.get("candidate_k", 500))
     device = str(device) if device is not None else None          # a torch.device is fine too
     metric = metric or selection_metric(k, data.n_items)
