@@ -382,9 +382,8 @@ def main(argv: list[str] | None = None) -> int:
         bench["goals"] = goals(bench, bench["complete"])
         clean = _clean(bench)
         config.write_json(out / "bench.json", clean)
-        tmp = out / "index.html.tmp"
-        tmp.write_text(render_html(clean))
-        tmp.replace(out / "index.html")
+        with config.atomic_write(out / "index.html") as tmp:
+            tmp.write_text(render_html(clean))
 
     failed = False
     try:
