@@ -164,3 +164,13 @@ def segment_bars(frame: pd.DataFrame, segment: str, value: str = "ndcg@10", hue:
     ax.set(title=f"{value} by {segment}")
     ax.legend(fontsize=8, ncols=2)
     return fig
+
+
+def feature_importance(share: pd.Series, top: int = 20, title: str = "re-ranker"):
+    """Horizontal bars of the ``top`` features by share of the trees' split gain."""
+    s = share.sort_values(ascending=False).head(top)[::-1]
+    fig, (ax,) = _fig(width=7, height=0.28 * len(s) + 1.2)
+    ax.barh(np.arange(len(s)), s.to_numpy(), color="steelblue")
+    ax.set_yticks(np.arange(len(s)), s.index)
+    ax.set(xlabel="share of total split gain", title=f"What the {title} uses (top {len(s)} features)")
+    return fig

@@ -136,6 +136,20 @@ def record_variants(run: Run, chosen: rr.Reranker, search, models: dict[str, rr.
         label = "two_stage" if m is chosen else f"two_stage_{name}"
         run.record(label, res, params={**asdict(m.cfg), "reranker": name, "folds": folds},
                    fit_seconds=m.info["fit_seconds"], search=search if m is chosen else None, notes=note)
+    imp = feature_importance(models)
+    config.write_json(run.path("analysis", "feature_importance.json"),
+                      {"chosen": chosen.label, "share_of_gain": {c: imp[c].to_dict() for c in imp}})
+
+
+def feature_importance(models: dict[str, rr.Reranker]) -> pd.DataFrame:
+    """Each tree variant's share of the total split gain per feature column (columns: variants;
+    ensembles average their fold models). MLP variants have no such measure and are left out."""
+    shares = {}
+    for name, m in models.items():
+        gain = m.importance() if hasattr(m, "importance") else None
+        if gain is not None and gain.sum() > 0:
+            shares[name] = gain / gain.sum()
+    return pd.DataFrame(shares)
 
 
 # ---------------------------------------------------------------- the label window

@@ -111,6 +111,7 @@ class RerankerConfig:
     min_child_samples: int = 20
     early_stopping_rounds: int = 30  # rounds without held-out improvement
     num_threads: int = 2             # LightGBM threads (deterministic=True)
+    drop_features: list[str] = field(default_factory=list)  # lgbm: columns or groups left out (ablations)
 
     @property
     def label(self) -> str:
@@ -573,12 +574,25 @@ class LGBMReranker(Reranker):
         self.booster_str = booster_str
         self._booster = None
 
+    @property
+    def used(self) -> list[int]:
+        """Positions of the feature columns the booster reads (all but ``cfg.drop_features``)."""
+        return rf.kept_columns(self.feature_names, self.cfg.drop_features)
+
     def score(self, inputs: StageInputs) -> np.ndarray:
-        X = self._features(inputs)
+        X = self._features(inputs)[:, self.used]
         if self._booster is None:
             import lightgbm as lgb
             self._booster = lgb.Booster(model_str=self.booster_str)
         return self._booster.predict(X, num_threads=self.cfg.num_threads).astype(np.float64)
+
+    def importance(self) -> pd.Series:
+        """Total gain of each feature column over the booster's splits (0 for dropped columns)."""
+        import lightgbm as lgb
+        gain = lgb.Booster(model_str=self.booster_str).feature_importance(importance_type="gain")
+        out = pd.Series(0.0, index=self.feature_names)
+        out.iloc[self.used] = gain
+        return out
 
     def _state(self) -> dict:
         return {"model_str": self.booster_str}
@@ -594,9 +608,11 @@ class LGBMReranker(Reranker):
         window's lists, less the held-out users'); early-stopped on the held-out users' protocol
         nDCG@k_eval."""
         import lightgbm as lgb
-        X, names = p.inputs.X, p.inputs.names
+        X, all_names = p.inputs.X, p.inputs.names
         if X is None:
             raise ValueError("lgbm needs the feature matrix X")
+        used = rf.kept_columns(all_names, cfg.drop_features)
+        X, names = X[:, used], [all_names[j] for j in used]
         u = p.inputs.cands["user"].to_numpy(np.int64)
         tr = p.train_rows
         uniq, start, count = np.unique(u[tr], return_index=True, return_counts=True)
@@ -619,7 +635,7 @@ class LGBMReranker(Reranker):
         X_train, y_train, n_extra = X[tr], p.y[tr], 0
         if extra is not None:                             # label-window lists, less the held-out users'
             rows, sizes = extra.groups(p.held_users)
-            X_train = np.concatenate([X_train, extra.X[rows]])
+            X_train = np.concatenate([X_train, extra.X[rows][:, used]])
             y_train = np.concatenate([y_train, extra.y[rows]])
             group = np.concatenate([group, sizes])
             n_extra = len(sizes)
@@ -630,7 +646,7 @@ class LGBMReranker(Reranker):
                             valid_names=["held_out"], feval=protocol_ndcg,
                             callbacks=[lgb.early_stopping(cfg.early_stopping_rounds, verbose=False)])
         best = int(booster.best_iteration or booster.current_iteration())
-        model = cls(cfg, names, booster.model_to_string(num_iteration=best))
+        model = cls(cfg, all_names, booster.model_to_string(num_iteration=best))
         model.info.update(best_iteration=best, trained_users=[int(x) for x in uniq[has_pos]],
                           extra_lists=int(n_extra))
         return model
@@ -674,6 +690,12 @@ class RerankerEnsemble(Reranker):
         for j in idx:
             out += per_user_zscore(users, self.members[j].score(inputs))
         return out / max(len(idx), 1)
+
+    def importance(self) -> pd.Series | None:
+        """The members' mean feature importance (gain), or None when the members have none (MLPs)."""
+        if not all(hasattr(m, "importance") for m in self.members):
+            return None
+        return pd.concat([m.importance() for m in self.members], axis=1).mean(axis=1)
 
     def fold_of(self, users: np.ndarray) -> np.ndarray:
         """The fold index of each user (-1: in no fold, i.e. not a validation user it was fit on)."""

@@ -12,7 +12,7 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from recsys_lib import evaluate, guard
+from recsys_lib import evaluate, guard, two_stage
 from recsys_lib import ranking as rk
 from recsys_lib import rerank_features as rf
 from recsys_lib.errors import LeakageError
@@ -557,3 +557,40 @@ def test_label_window_lists_are_refused_when_stale(tmp_path, toy_data):
     os.utime(run.dir / "models" / "ease.pt", ns=(1, 1))             # ease was re-fit
     with pytest.raises(ValueError, match="rerun 25_label_window"):
         two_stage.load_label_window(run, ["a", "b"])
+
+
+def test_sequence_features_count_what_others_rated_next():
+    from recsys_lib.features import Period
+    # user 0 rates 1, 2, 3 in time order; user 1 rates 1 then 3; user 2 (scored) last rated item 1
+    rows = Period(user=np.array([0, 1, 0, 1, 0]), item=np.array([1, 1, 2, 3, 3]),
+                  rating=np.full(5, 4.0, np.float32), timestamp=np.array([1, 2, 3, 4, 5]))
+    keys, counts = rf.transition_counts(rows, n_items=5, window=1)
+    assert dict(zip(keys.tolist(), counts.tolist())) == {1 * 5 + 2: 1, 2 * 5 + 3: 1, 1 * 5 + 3: 1}
+    keys2, counts2 = rf.transition_counts(rows, n_items=5, window=2)
+    assert dict(zip(keys2.tolist(), counts2.tolist()))[1 * 5 + 3] == 2      # 1 -> 3 two apart, too
+    history = torch.tensor([[0, 0], [0, 0], [0, 2]])                        # user 2: item 1 (+1)
+    users, items = np.array([2, 2, 2, 0]), np.array([3, 2, 4, 3])
+    f = rf.sequence_features(rows, users, items, history, n_items=5, window=1)
+    np.testing.assert_allclose(f["seq_count_log"], np.log1p([1, 1, 0, 0]))
+    np.testing.assert_allclose(f["seq_last_log"], np.log1p([1, 1, 0, 0]))
+    np.testing.assert_allclose(f["seq_prob_max"], [0.5, 0.5, 0, 0])          # item 1 has 2 successors
+    np.testing.assert_allclose(f["seq_lift_max"], [1 / 2, 1 / np.sqrt(2), 0, 0], rtol=1e-6)  # in-degree 3: 2, 2: 1
+    assert f["seq_prob_mean"][3] == 0                                         # no history -> 0
+
+
+def test_lgbm_drop_features_ablates_a_group_and_importance_says_so(setup, tmp_path):
+    assert set(rf.FEATURE_GROUPS["sequence"]) <= set(setup["names"])      # the features exist
+    cfg = R.RerankerConfig(variant="lgbm", name="lgbm_no_sequence", n_estimators=20, early_stopping_rounds=10,
+                           num_leaves=7, drop_features=["sequence", "user_genre_cos"])
+    with guard.fitting("reranker", allow=("train", "valid")):
+        model = R.fit_reranker(cfg, setup["inputs"], setup["data"])
+    imp = model.importance()
+    assert list(imp.index) == setup["names"]
+    dropped = list(rf.FEATURE_GROUPS["sequence"]) + ["user_genre_cos"]
+    assert (imp[dropped] == 0).all() and imp.drop(dropped).sum() > 0
+    loaded = R.load(model.save(tmp_path / "r.pt"))
+    np.testing.assert_array_equal(loaded.score(setup["inputs"]), model.score(setup["inputs"]))
+    share = two_stage.feature_importance({"a": model})
+    assert share["a"].sum() == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="neither a feature"):
+        rf.kept_columns(setup["names"], ["no_such_feature"])
