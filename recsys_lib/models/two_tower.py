@@ -54,6 +54,9 @@ class TwoTowerConfig:
     dim: int = 128                    # item-id / user-id embedding size and output size of both towers
     side_dim: int = 32                # genre, year and tag embedding size
     lstm_hidden: int = 64             # LSTM state size over the history
+    user_encoder: str = "lstm"        # "lstm" (the seed design) or "attention" (SASRec-style, causal)
+    attn_layers: int = 2              # attention: transformer blocks over the history
+    attn_heads: int = 2               # attention: heads per block
     history_len: int = 5              # last items fed to the user tower
     user_hidden: list[int] = field(default_factory=lambda: [256, 128])  # user MLP hidden layers (then -> dim)
     item_hidden: list[int] = field(default_factory=lambda: [128])       # item MLP hidden layers (then -> dim)
@@ -79,6 +82,8 @@ class TwoTowerConfig:
     def __post_init__(self):
         if self.variant not in VARIANTS:
             raise ConfigError(f"two_tower variant {self.variant!r}; one of {VARIANTS}")
+        if self.user_encoder not in ("lstm", "attention"):
+            raise ConfigError(f"two_tower user_encoder {self.user_encoder!r}; lstm or attention")
         if self.normalize is None:
             self.normalize = self.variant == "softmax"
         self.user_hidden = list(self.user_hidden)
@@ -107,8 +112,16 @@ class TwoTowerNet(nn.Module):
         self.genre_emb = nn.Embedding(n_genres + 1, s, padding_idx=0)
         self.year_emb = nn.Embedding(n_years + 1, s, padding_idx=0)
         self.tag_emb = nn.Embedding(n_tags + 1, s, padding_idx=0)
-        self.lstm = nn.LSTMCell(d, cfg.lstm_hidden)
-        self.user_mlp = mlp([d + cfg.lstm_hidden, *cfg.user_hidden, d], cfg.dropout)
+        if cfg.user_encoder == "attention":
+            self.pos_emb = nn.Embedding(cfg.history_len, d)              # position from the most recent
+            block = nn.TransformerEncoderLayer(d, cfg.attn_heads, dim_feedforward=d, dropout=cfg.dropout,
+                                               batch_first=True, norm_first=True)
+            self.encoder = nn.TransformerEncoder(block, cfg.attn_layers, enable_nested_tensor=False)
+            state = d
+        else:
+            self.lstm = nn.LSTMCell(d, cfg.lstm_hidden)
+            state = cfg.lstm_hidden
+        self.user_mlp = mlp([d + state, *cfg.user_hidden, d], cfg.dropout)
         self.item_mlp = mlp([d + 3 * s, *cfg.item_hidden, d], cfg.dropout)
         for emb in (self.user_emb, self.item_emb, self.genre_emb, self.year_emb, self.tag_emb):
             nn.init.normal_(emb.weight, std=0.05)
@@ -132,6 +145,28 @@ class TwoTowerNet(nn.Module):
 
     # --------------------------------------------------------------- towers
     def history_state(self, hist: torch.Tensor) -> torch.Tensor:
+        """Left-padded histories (B, L) -> one state per user (the LSTM's or the attention's)."""
+        if self.cfg.user_encoder == "attention":
+            return self.attention_state(hist)
+        return self.lstm_state(hist)
+
+    def attention_state(self, hist: torch.Tensor) -> torch.Tensor:
+        """SASRec-style: causal self-attention over the item embeddings of left-padded histories
+        (B, L), each position seeing itself and earlier items only; the output at the last
+        position (the most recent item) is the state (B, D). A user with no history gets zeros."""
+        L = hist.shape[1]
+        pos = torch.arange(L - 1, -1, -1, device=hist.device)               # (L,) 0 = most recent
+        real = hist > 0                                                      # (B, L)
+        x = (self.item_emb(hist) + self.pos_emb(pos)) * real.unsqueeze(2)    # (B, L, D)
+        # allowed keys of each query: real items at or before it, and itself (so a padding query
+        # has one key and no empty softmax; a real query never sees padding)
+        earlier = torch.tril(torch.ones(L, L, dtype=torch.bool, device=hist.device))   # (L, L)
+        allowed = (earlier & real.unsqueeze(1)) | torch.eye(L, dtype=torch.bool, device=hist.device)
+        mask = ~allowed.repeat_interleave(self.cfg.attn_heads, dim=0)      # (B * heads, L, L)
+        out = self.encoder(x, mask=mask)                                     # (B, L, D)
+        return out[:, -1] * real.any(dim=1, keepdim=True)                    # (B, D)
+
+    def lstm_state(self, hist: torch.Tensor) -> torch.Tensor:
         """LSTM over left-padded histories (B, L) -> last state (B, H); padding steps are skipped."""
         x = self.item_emb(hist)                                          # (B, L, D)
         h = x.new_zeros(hist.shape[0], self.cfg.lstm_hidden)             # (B, H)

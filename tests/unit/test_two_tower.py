@@ -233,3 +233,29 @@ def test_params_sections_are_valid():
 def test_measure_throughput(toy_data):
     rate = measure_throughput(toy_data, TwoTowerConfig(**{**SMALL, "batch_size": 256}), n_batches=2, warmup=1)
     assert rate > 0
+
+
+def test_attention_user_encoder_learns_and_ignores_padding(toy_data, valid_eval, random_recall):
+    """The SASRec-style user tower: it trains (beats random recall), its state depends only on the
+    real items (not on how much padding is before them, nor on any later position), an empty
+    history gives a zero state, and the order of the items matters (positions)."""
+    cfg = TwoTowerConfig(variant="softmax", temperature=0.1, user_encoder="attention", history_len=8,
+                         **{**SMALL, "epochs": 3})
+    model = TwoTower(cfg)
+    with guard.fitting("two_tower"):
+        info = model.fit(toy_data, lambda m: valid_eval(m).means()["recall@50"])
+    assert valid_eval(model).means()["recall@50"] > random_recall["recall@50"] + 0.1
+    net = model.net
+    users = torch.tensor([3])
+    with torch.no_grad():
+        a = net.user_tower(users, torch.tensor([[0, 0, 0, 0, 0, 7, 8, 9]]))
+        b = net.user_tower(users, torch.tensor([[0, 0, 7, 8, 9]]))              # shorter padding
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+        empty = net.history_state(torch.zeros(2, 8, dtype=torch.long))
+        assert torch.equal(empty, torch.zeros(2, 32)) and torch.isfinite(empty).all()
+        c = net.user_tower(users, torch.tensor([[0, 0, 0, 0, 0, 9, 8, 7]]))
+        assert not torch.allclose(a, c)
+        d = net.user_tower(users, torch.tensor([[0, 0, 0, 0, 6, 7, 8, 9]]))   # one more real item
+        assert not torch.allclose(a, d) and torch.isfinite(d).all()
+    with pytest.raises(Exception, match="user_encoder"):
+        TwoTowerConfig(user_encoder="gru")
