@@ -8,7 +8,7 @@ DATASET ?= synthetic
 PROFILE ?= full
 PYTEST_ARGS ?=
 
-.PHONY: venv test test-demo report bench bench-data bench-eval bench-step lab clean-runs
+.PHONY: venv test test-demo report bench bench-data bench-eval bench-step bench-features lab clean-runs
 
 venv: $(STAMP)
 
@@ -41,6 +41,9 @@ bench-eval: $(STAMP)
 
 bench-step: $(STAMP)
 	$(PY) scripts/bench_train_step.py
+
+bench-features: $(STAMP)
+	$(PY) scripts/bench_features.py
 
 bench: $(STAMP)
 	$(PY) scripts/bench_pipeline.py

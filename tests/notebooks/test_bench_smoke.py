@@ -51,3 +51,12 @@ def test_bench_smoke(tmp_path):
     # the real data/ and reports/ were not touched
     assert (tmp_path / "reports" / "synthetic-tiny" / "index.html").exists()
     assert (tmp_path / "data" / "runs" / "synthetic-tiny" / "quick" / "run.json").exists()
+
+
+def test_bench_features_smoke():
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_features.py"), "--users", "200",
+                           "--items", "300", "--rows", "5000", "--candidates", "20"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    m = re.search(r"4,000 candidate rows over 5,000 rows in ([0-9.]+) s, peak RSS ([0-9.]+) GB", proc.stdout)
+    assert m and float(m.group(2)) > 0, proc.stdout
