@@ -444,8 +444,9 @@ class _MLPReranker(Reranker):
             raise ValueError("no training positives inside the train users' candidates")
         opt = adam(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         loop = LoopConfig(epochs=cfg.epochs, patience=cfg.patience, progress=progress, log_every_epoch=progress)
-        hist = fit_loop(net, batches, loss_fn, opt, loop, validate=lambda: _held_out_metric(model, p),
-                        name=f"reranker[{cfg.label}]")
+        # no held-out users (the leakage audit's "design as run"): every epoch runs, no early stopping
+        validate = (lambda: _held_out_metric(model, p)) if len(p.held_users) else None
+        hist = fit_loop(net, batches, loss_fn, opt, loop, validate=validate, name=f"reranker[{cfg.label}]")
         model.info.update(best_epoch=hist.best_epoch, epochs_run=len(hist.records),
                           trained_users=[int(x) for x in trained],
                           loss_history=[r["loss"] for r in hist.records],

@@ -594,3 +594,33 @@ def test_lgbm_drop_features_ablates_a_group_and_importance_says_so(setup, tmp_pa
     assert share["a"].sum() == pytest.approx(1.0)
     with pytest.raises(ValueError, match="neither a feature"):
         rf.kept_columns(setup["names"], ["no_such_feature"])
+
+
+def test_no_held_out_users_means_every_epoch_runs(setup):
+    """The leakage audit's design-as-run fit: all validation users, no early stopping."""
+    cfg = R.RerankerConfig(variant="id_mlp", epochs=3, patience=1, batch_size=64, emb_dim=8, hidden=[16])
+    users = setup["labels"].users
+    with guard.fitting("reranker", allow=("train", "valid")):
+        model = R.fit_reranker(cfg, setup["inputs"], setup["data"], setup["retriever"], train_users=users,
+                               held_users=np.zeros(0, np.int64))
+    assert model.info["epochs_run"] == 3 and model.info["held_out_users"] == 0
+    assert set(model.info["trained_users"]) <= set(users.tolist())
+    top = R.topk(model, setup["inputs"])
+    assert top.shape == (len(users), 10)
+    among = two_stage.positives_among_candidates(setup["inputs"])
+    assert among.positives.sum() <= setup["labels"].positives.sum()
+    assert among.positives.sum() == rk.candidate_labels(setup["cands"], setup["labels"]).sum()
+
+
+def test_audit_summary_says_what_each_step_adds():
+    from recsys_lib import analysis
+    row = lambda e, b, steps, ins, test: {"epochs": e, "batch_size": b, "optimizer steps": steps,
+                                           "training positives": 3000, "in-sample valid (protocol IDCG)": ins,
+                                           "in-sample valid (positives among candidates)": ins + 0.01,
+                                           "honest test": test}
+    audit = {"design_as_run": [row(12, 4096, 12, 0.05, 0.04), row(200, 256, 2400, 0.52, 0.049)],
+             "popularity_gain": [{"popularity nDCG@10 (valid)": "graded gain (seed protocol)", "value": 0.07},
+                                 {"popularity nDCG@10 (valid)": "binary gain (our protocol)", "value": 0.06}]}
+    text = analysis.audit_summary(audit)
+    assert "12 optimizer steps" in text and "0.520 in-sample" in text and "0.049" in text and "0.070" in text
+    assert "not re-run" in analysis.audit_summary({})
