@@ -186,10 +186,26 @@ def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> Path:
-    """Write JSON atomically (`atomic_write`), so a crash leaves no half file."""
+    """Write strict JSON atomically (`atomic_write`), so a crash leaves no half file: NaN and
+    infinities become null (bare NaN is not JSON, and strict parsers refuse it)."""
     with atomic_write(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2, default=_json_default))
+        tmp.write_text(json.dumps(finite_json(obj), indent=2, default=_json_default, allow_nan=False))
     return Path(path)
+
+
+def finite_json(obj: Any) -> Any:
+    """``obj`` with every non-finite float (python or numpy) replaced by None, recursively."""
+    if isinstance(obj, (float, np.floating)):
+        return float(obj) if np.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_json(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return finite_json(obj.tolist())
+    if is_dataclass(obj) and not isinstance(obj, type):
+        return finite_json(asdict(obj))
+    return obj
 
 
 def replace_dir(tmp: Path, target: Path) -> None:

@@ -47,7 +47,11 @@ def run_pipeline(dataset: str = "synthetic", profile: str = "full", overrides: l
                  seed: int | None = None, device: str = "", render: bool = True) -> Path:
     """Execute the notebooks and render the report; returns reports/<dataset>/index.html."""
     import papermill as pm
-    params = config.load_params(profile, dataset, overrides)      # fail fast on bad profile/overrides
+    from .data import dataset_info
+    from .param_check import check_overrides
+    dataset_info(dataset)                                          # fail fast, before anything is written:
+    check_overrides(config.load_params(profile, dataset), overrides)   # unknown dataset, profile or key,
+    params = config.load_params(profile, dataset, overrides)      # a value of the wrong type or range
     run_dir = default_run_dir(dataset, profile)
     report_dir = config.reports_dir(dataset)
     nb_dir = report_dir / "notebooks"

@@ -1,0 +1,88 @@
+"""Parameter overrides checked before any notebook kernel starts.
+
+`--set mf.epochz=3` or `--set mf.epochs=abc` used to be accepted and fail (or silently do
+nothing) only when a notebook read them, minutes later. `check_overrides` refuses them at once,
+with one line naming the key and what is valid:
+- the key must exist in the run's parameters or be a field of the section's config dataclass
+  (``mf.dim`` is a field of `MFConfig` even where params/ does not list it);
+- the value must have the type of what it replaces (a number for a number, an integer for an
+  integer, true/false for a flag);
+- sizes are at least 1, learning rates and regularisation are above 0, shares lie in (0, 1).
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import fields
+from numbers import Number
+from typing import Any
+
+from .config import parse_override
+from .errors import ConfigError
+
+# params section -> (module, config class) of the model it configures
+SECTION_CONFIGS = {
+    "popularity": ("models.popularity", "PopularityConfig"), "mf": ("models.mf", "MFConfig"),
+    "neumf": ("models.neumf", "NeuMFConfig"), "ease": ("models.ease", "EASEConfig"),
+    "ials": ("models.ials", "IALSConfig"), "two_tower": ("models.two_tower", "TwoTowerConfig"),
+    "reranker": ("models.reranker", "RerankerConfig"),
+}
+AT_LEAST_ONE = {"epochs", "batch_size", "dim", "dim_gmf", "dim_mlp", "factors", "iterations", "n_estimators",
+                "folds", "candidate_k", "users_per_batch", "history_len", "num_leaves", "emb_dim",
+                "early_stopping_rounds", "n_bootstrap", "batch_users", "core", "train_core", "eval_core",
+                "n_tags", "year_bucket", "num_threads", "lstm_hidden", "side_dim"}
+AT_LEAST_ZERO = {"patience", "n_neg", "negatives", "n_uniform_neg", "max_edge_steps", "window_days", "seed",
+                 "dropout", "weight_decay", "l2", "min_child_samples"}
+ABOVE_ZERO = {"lr", "max_lr", "learning_rate", "reg", "regularization", "alpha", "temperature"}
+SHARES = {"held_out_share", "label_window", "train_frac", "valid_frac"}
+
+
+def _config_fields(section: str) -> set[str]:
+    if section not in SECTION_CONFIGS:
+        return set()
+    module, name = SECTION_CONFIGS[section]
+    cls = getattr(importlib.import_module(f"recsys_lib.{module}"), name)
+    return {f.name for f in fields(cls)}
+
+
+def _check_value(key: str, leaf: str, old: Any, new: Any) -> None:
+    def fail(why: str) -> None:
+        raise ConfigError(f"--set {key}={new!r}: {why}")
+
+    is_num = isinstance(new, Number) and not isinstance(new, bool)
+    if isinstance(old, bool) and not isinstance(new, bool):
+        fail("expected true or false")
+    if isinstance(old, Number) and not isinstance(old, bool) and not is_num and new is not None:
+        fail(f"expected a number (it replaces {old!r})")
+    if isinstance(old, int) and not isinstance(old, bool) and is_num and float(new) != int(new):
+        fail(f"expected an integer (it replaces {old!r})")
+    if not is_num:
+        return
+    if leaf in AT_LEAST_ONE and new < 1:
+        fail("must be at least 1")
+    if leaf in AT_LEAST_ZERO and new < 0:
+        fail("must be 0 or more")
+    if leaf in ABOVE_ZERO and new <= 0:
+        fail("must be above 0")
+    if leaf in SHARES and not 0 < new < 1:
+        fail("must lie strictly between 0 and 1")
+
+
+def check_overrides(params: dict, overrides: list[str] | None) -> None:
+    """Raise ConfigError (one line) for the first override that names no known parameter or gives
+    a value of the wrong type or range. ``params`` are the run's parameters *before* overrides."""
+    for text in overrides or []:
+        path, value = parse_override(text)
+        key = ".".join(path)
+        node: Any = params
+        for depth, part in enumerate(path):
+            last = depth == len(path) - 1
+            known = set(node) if isinstance(node, dict) else set()
+            allowed = known | _config_fields(path[0]) if depth >= 1 else known
+            if part not in allowed:
+                where = ".".join(path[:depth]) or "the parameters"
+                raise ConfigError(f"--set {key}: unknown parameter {part!r} in {where}; valid: "
+                                  f"{', '.join(sorted(map(str, allowed))) or '(none)'}")
+            node = node.get(part) if isinstance(node, dict) else None
+            if not last and node is not None and not isinstance(node, dict):
+                raise ConfigError(f"--set {key}: {'.'.join(path[:depth + 1])} is a value, not a section")
+        _check_value(key, path[-1], node, value)
