@@ -10,6 +10,7 @@ import json
 import os
 import platform
 import random
+import secrets
 import subprocess
 from contextlib import contextmanager
 from dataclasses import asdict, is_dataclass
@@ -169,14 +170,15 @@ def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
     Why: a reader (the next notebook, a cache check) must never see a half-written file, and a
     writer that raises must leave neither a partial ``path`` nor its temporary file behind. The
     temporary name keeps the suffix (``np.savez`` appends ``.npz`` to a name without it) and sits
-    in the same folder (``os.replace`` is atomic only within one file system)::
+    in the same folder (``os.replace`` is atomic only within one file system), and is unique per
+    writer (PID and a random suffix), so two writers of one file never rename each other's::
 
         with atomic_write(path) as tmp:
             df.to_parquet(tmp)
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
+    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}-{secrets.token_hex(4)}{path.suffix}")   # unique per writer
     try:
         yield tmp
         os.replace(tmp, path)

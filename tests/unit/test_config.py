@@ -111,3 +111,13 @@ def test_dataset_sections_size_the_searches():
     small = config.load_params("full", "ml-latest-small")
     assert len(tuning.expand_grid(small["ials"]["grid"])) == 16
     assert small["two_tower"]["candidate_sources"] == ["ease", "ials"] and small["reranker"]["label_window"] == 0.1
+
+
+def test_atomic_write_temp_names_are_unique_per_writer(tmp_path):
+    from recsys_lib.config import atomic_write
+    target = tmp_path / "m.json"
+    with atomic_write(target) as a, atomic_write(target) as b:     # two writers of one file
+        assert a != b and a.parent == b.parent == tmp_path and a.suffix == b.suffix == ".json"
+        a.write_text("1")
+        b.write_text("2")
+    assert target.read_text() == "1" and not list(tmp_path.glob(".m.tmp-*"))
