@@ -184,6 +184,22 @@ def design_as_run(run: Run, valid: StageInputs, test: StageInputs, retriever, ep
             "fit_seconds": float(model.info["fit_seconds"])}
 
 
+def in_fold_audit(run: Run, valid: StageInputs) -> list[dict]:
+    """Each saved re-ranker (``models/reranker_*.pt``) scored on the validation users it trained on
+    (in-fold, the seed protocol), on those it did not (out-of-fold), and its recorded test score."""
+    from .experiment import read_json
+    chosen = read_json(run.dir, "metrics", "two_stage.json")["params"]["reranker"]
+    rows = []
+    for path in sorted((run.dir / "models").glob("reranker_*.pt")):
+        m = rr.load(path)
+        label = "two_stage" if chosen == m.label else f"two_stage_{m.label}"
+        rows.append({"re-ranker": m.label, "folds": getattr(m, "folds", 1),
+                     "seed protocol: valid users it trained on": in_fold_ranked(m, valid).means()["ndcg@10"],
+                     "out-of-fold valid users": out_of_fold_ranked(m, valid).means()["ndcg@10"],
+                     "honest test": read_json(run.dir, "metrics", f"{label}.json")["test"]["ndcg@10"]})
+    return rows
+
+
 def positives_among_candidates(inputs: StageInputs) -> Labels:
     """The period's labels less the positives its candidates missed (a candidate-level evaluation)."""
     labels = inputs.labels
