@@ -27,6 +27,11 @@ PARAMS_DIR = PROJECT_ROOT / "params"
 NOTEBOOKS_DIR = PROJECT_ROOT / "notebooks"
 
 
+def notebooks_dir() -> Path:
+    """The pipeline's notebooks; ``RECSYS_NOTEBOOKS_DIR`` points elsewhere (tests run a subset)."""
+    return Path(os.environ.get("RECSYS_NOTEBOOKS_DIR", NOTEBOOKS_DIR)).resolve()
+
+
 def data_dir() -> Path:
     """Root of raw/processed/runs; read at call time so tests can redirect it."""
     return Path(os.environ.get("RECSYS_DATA_DIR", PROJECT_ROOT / "data")).resolve()
@@ -208,6 +213,26 @@ def finite_json(obj: Any) -> Any:
     if is_dataclass(obj) and not isinstance(obj, type):
         return finite_json(asdict(obj))
     return obj
+
+
+def load_torch(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
+    """``torch.load`` of a file this project wrote; a truncated or corrupt file raises
+    PipelineError naming it. Rerunning the pipeline reruns the notebook that writes it, because
+    the file no longer matches that notebook's completion record."""
+    import pickle
+    import zipfile
+
+    import torch
+    from .errors import PipelineError
+    path = Path(path)
+    try:
+        return torch.load(path, map_location=map_location, weights_only=False)
+    except FileNotFoundError:
+        raise
+    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile) as exc:
+        raise PipelineError(f"{path} is corrupt or truncated ({type(exc).__name__}: {exc}); delete it "
+                            f"and rerun the same pipeline command: the notebook that writes it runs "
+                            f"again") from exc
 
 
 def replace_dir(tmp: Path, target: Path) -> None:

@@ -252,16 +252,21 @@ def fetch(name: str, mirror: str | os.PathLike | None = None, force: bool = Fals
     if info.preset is not None:
         from . import synthetic
         return synthetic.generate(info.preset, seed=info.seed, out_dir=target, force=force)
+    mirror_path = config.mirror_dir(mirror)
     if target.exists() and not force:
-        if read_marker(target) is not None:
+        marker = read_marker(target)
+        if marker is not None and marker.get("status") != "bad" and not _source_changed(marker, name, mirror_path):
             return target
+        if marker is not None:     # marked bad by the loader, or the mirror's copy changed: fetch again
+            force = True
+    if target.exists() and not force:
         try:   # a folder put there by hand: verify it read-only, never write into it
             _verify(target, info, str(target))
         except DataError as exc:
             raise DataError(f"{exc} ({target} was not fetched by recsys_lib; "
                             f"run `python -m recsys_lib fetch {name} --force` to replace it)") from exc
         return target
-    mirror_path = config.mirror_dir(mirror)
+    previous = read_marker(target) if target.exists() else None
     target.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=target.parent))
     try:
@@ -286,12 +291,50 @@ def fetch(name: str, mirror: str | os.PathLike | None = None, force: bool = Fals
             _extract_zip(zpath, dest, source)
             zpath.unlink()
         sums, against = _verify(dest, info, source)
+        if previous and previous.get("checksums") and previous["checksums"] != sums:
+            changed = sorted(f for f in set(sums) | set(previous["checksums"])
+                             if sums.get(f) != previous["checksums"].get(f))
+            warnings.warn(f"{name}: {', '.join(changed)} differ from the copy fetched before "
+                          f"(md5s recorded in {target / MARKER})", DataIntegrityWarning, stacklevel=2)
         write_marker(dest, {"name": name, "source": source, "verified_against": against,
-                            "checksums": sums})
+                            "checksums": sums, "source_fingerprint": _source_fingerprint(source)})
         config.replace_dir(dest, target)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return target
+
+
+def _mirror_source(name: str, mirror_path: Path | None) -> Path | None:
+    if mirror_path is None:
+        return None
+    folder, zpath = mirror_path / name, mirror_path / f"{name}.zip"
+    return folder if folder.is_dir() else zpath if zpath.is_file() else None
+
+
+def _source_fingerprint(source: str) -> list | None:
+    """Sizes and mtimes of a local source (a mirror's zip or folder); None for a URL."""
+    path = Path(source)
+    if source.startswith(("http://", "https://")) or not path.exists():
+        return None
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    return [[str(p.relative_to(path)) if p != path else p.name, p.stat().st_size, p.stat().st_mtime_ns]
+            for p in files]
+
+
+def _source_changed(marker: dict, name: str, mirror_path: Path | None) -> bool:
+    """The mirror now offers another copy than the one fetched (another path, or its files
+    changed size or time): it is fetched and verified again."""
+    src = _mirror_source(name, mirror_path)
+    if src is None or "source_fingerprint" not in marker:
+        return False
+    return marker.get("source") != str(src) or marker["source_fingerprint"] != _source_fingerprint(str(src))
+
+
+def mark_bad(folder: Path, error: str) -> None:
+    """After a loader refused a fetched copy: the next fetch replaces it instead of trusting it."""
+    marker = read_marker(folder)
+    if marker is not None:
+        write_marker(folder, {**marker, "status": "bad", "error": error})
 
 
 # ------------------------------------------------------------------ loading helpers
@@ -524,7 +567,15 @@ def load_dataset(name: str, mirror=None) -> MovieLens:
     path = fetch(name, mirror=mirror)
     marker = read_marker(path) or {}
     sums = marker.get("checksums") or {f: md5_file(path / f) for f in _data_files(path)}
-    interactions, items = load_interactions(path), load_items(path)
-    interactions, dropped = check_integrity(interactions, items, str(path))
+    try:
+        interactions, items = load_interactions(path), load_items(path)
+        interactions, dropped = check_integrity(interactions, items, str(path))
+        tags = load_tags(path)
+    except DataError as exc:
+        if read_marker(path) is None:
+            raise
+        mark_bad(path, str(exc))
+        raise DataError(f"{exc} (this copy is now marked bad: the next run, or `python -m recsys_lib "
+                        f"fetch {name}`, fetches it again)") from exc
     return MovieLens(name=name, path=path, interactions=interactions, items=items,
-                     tags=load_tags(path), checksums=dict(sums), dropped_rows=dropped)
+                     tags=tags, checksums=dict(sums), dropped_rows=dropped)

@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from . import config, guard, tuning
+from . import config, guard, runstate, tuning
 from .errors import PipelineError
 from .evaluate import DEFAULT_KS, HEADLINE, EvalResult, Evaluator
 from .features import SplitData
@@ -58,6 +58,7 @@ class Run:
         device_name = device if device not in (None, "") else params.get("device", "auto")
         run_dir = Path(run_dir) if run_dir else default_run_dir(dataset, profile)
         run_dir.mkdir(parents=True, exist_ok=True)
+        params = runstate.tracked_params(params, run_dir)   # under the pipeline: note what is read
         config.seed_everything(seed)
         return cls(dataset=dataset, profile=profile, dir=run_dir, params=params, seed=seed,
                    device=config.resolve_device(device_name))
@@ -86,7 +87,7 @@ class Run:
     @property
     def data(self) -> SplitData:
         if self._data is None:
-            self._data = torch.load(self.require("data.pt", stage="01_split"), weights_only=False)
+            self._data = config.load_torch(self.require("data.pt", stage="01_split"))
         return self._data
 
     @property

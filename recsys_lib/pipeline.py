@@ -1,35 +1,61 @@
 """Run the study end to end: every notebook in order with papermill, then the HTML report.
 
     python -m recsys_lib.pipeline --dataset synthetic --profile full
-    python -m recsys_lib.pipeline --dataset ml-latest-small --set mf.epochs=5 --force
+    python -m recsys_lib.pipeline --dataset ml-latest-small --set mf.epochs=5
+    python -m recsys_lib.pipeline --dataset synthetic --from 30        # rerun 30_reranker onwards
 
 Each notebook runs in a fresh kernel (the named `recsys` kernel) with the shared parameters
-(DATASET, PROFILE, RUN_DIR, SEED, DEVICE, OVERRIDES, FORCE) and an execution timeout; executed
-copies go to reports/<dataset>/notebooks/. The pipeline stops at the first failing notebook,
-names it and the failing cell's error, and keeps (and renders) what ran.
+(DATASET, PROFILE, RUN_DIR, SEED, DEVICE, OVERRIDES, FORCE) and an execution timeout.
+
+- **Resume.** A notebook that finished has a completion record in ``<run>/state/``
+  (``recsys_lib.runstate``). A rerun skips every notebook whose record still holds. It starts at
+  the first one that changed (its parameters, its notebook, the library code, or a file it wrote)
+  or that did not finish, and runs everything after it. ``--force`` starts the run folder afresh.
+  ``--from NN`` reruns from a notebook. ``--only`` runs the named notebooks and nothing else.
+- **One run per folder.** A lock (``<runs>/<dataset>/.<profile>.lock``) makes a second run on the
+  same folder fail at once, naming the first run.
+- **Quiet console.** The console gets one line as each notebook starts and ends (with the metric
+  it recorded). Kernel output and progress bars go to ``<run>/logs/<notebook>.log``; ``--verbose``
+  streams them instead. On failure, the console names the notebook, the cell's error and both
+  files. Ctrl-C prints one line and exits 130.
+- **Reports from complete runs only.** Executed notebooks are kept in ``<run>/notebooks/``. When
+  every notebook's record holds, they are rendered together into ``reports/<dataset>/``, which is
+  replaced as a whole. A failed or interrupted run leaves the last good report untouched.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
+import logging
+import os
 import shutil
 import sys
 import time
 from pathlib import Path
 
-from . import config
+from . import config, runstate
 from .errors import PipelineError, RecsysError
 from .experiment import default_run_dir
 
 KERNEL = "recsys"
 
 
+class Interrupted(PipelineError):
+    """Ctrl-C during a notebook."""
+
+    def __init__(self, notebook: str):
+        super().__init__(f"interrupted in {notebook}; rerun the same command to resume")
+        self.notebook = notebook
+
+
 def notebooks(only: list[str] | None = None) -> list[Path]:
     """The pipeline's notebooks in order (``NN_name.ipynb``), optionally a subset by prefix/name."""
-    found = sorted(p for p in config.NOTEBOOKS_DIR.glob("[0-9][0-9]_*.ipynb"))
+    found = sorted(p for p in config.notebooks_dir().glob("[0-9][0-9]_*.ipynb"))
     if only:
         found = [p for p in found if any(p.stem == o or p.stem.startswith(o) for o in only)]
         if not found:
-            raise PipelineError(f"--only {only} matches no notebook in {config.NOTEBOOKS_DIR}")
+            raise PipelineError(f"--only {only} matches no notebook in {config.notebooks_dir()}")
     return found
 
 
@@ -42,67 +68,248 @@ def ensure_kernel(name: str = KERNEL) -> str:
     return name
 
 
+def lock_path(dataset: str, profile: str) -> Path:
+    """Beside the run folder, not inside it: ``--force`` removes the folder while holding the lock."""
+    return config.runs_dir(dataset) / f".{profile}.lock"
+
+
+# ---------------------------------------------------------------- console
+class Console:
+    """Lines for the terminal. During a notebook, the process's stdout and stderr (file
+    descriptors 1 and 2) point at the notebook's log. The kernel started then inherits them, so
+    its warnings and progress bars go there too. The console keeps a copy of the original stdout."""
+
+    def __init__(self, verbose: bool = False):
+        self.verbose = verbose
+        sys.stdout.flush()
+        try:
+            fd = sys.stdout.fileno()
+        except (AttributeError, OSError, ValueError):   # a stdout without a file (captured in-process)
+            fd = 1
+        self.out = os.fdopen(os.dup(fd), "w", buffering=1)
+        self.bar = None
+
+    def progress(self, total: int) -> None:
+        """One bar over the notebooks still to run (on a terminal only: a log file gets lines)."""
+        if total and self.out.isatty():
+            from tqdm.auto import tqdm
+            self.bar = tqdm(total=total, file=self.out, unit="notebook", leave=False,
+                            bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}]")
+
+    def advance(self) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def line(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.write(f"[pipeline] {text}", file=self.out)
+        else:
+            self.out.write(f"[pipeline] {text}\n")
+            self.out.flush()
+
+    @contextlib.contextmanager
+    def to_log(self, log: Path):
+        """fds 1 and 2, Python's stdout/stderr and papermill's cell output go to ``log``."""
+        log.parent.mkdir(parents=True, exist_ok=True)
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        pm_log = logging.getLogger("papermill")
+        if self.verbose:
+            pm_log.addHandler(handler)
+            pm_log.setLevel(logging.INFO)
+            try:
+                yield
+            finally:
+                pm_log.removeHandler(handler)
+            return
+        sys.stdout.flush()
+        sys.stderr.flush()
+        saved = os.dup(1), os.dup(2)
+        with open(log, "a", buffering=1) as fh:
+            os.dup2(fh.fileno(), 1)
+            os.dup2(fh.fileno(), 2)
+            handler = logging.StreamHandler(fh)
+            handler.setFormatter(logging.Formatter("%(message)s"))
+            pm_log.addHandler(handler)
+            pm_log.setLevel(logging.INFO)
+            pm_log.propagate = False
+            try:
+                yield
+            finally:
+                pm_log.removeHandler(handler)
+                pm_log.propagate = True
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os.dup2(saved[0], 1)
+                os.dup2(saved[1], 2)
+                os.close(saved[0])
+                os.close(saved[1])
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        with contextlib.suppress(OSError):
+            self.out.close()
+
+
+def recorded_metrics(run_dir: Path, outputs: dict) -> str:
+    """'mf: valid nDCG@10 0.0734' for the models a notebook recorded (at most three named)."""
+    parts = []
+    for rel in sorted(outputs):
+        if rel.startswith("metrics/") and rel.endswith(".json"):
+            try:
+                m = json.loads((run_dir / rel).read_text())
+                parts.append(f"{m['model']} {m['valid']['ndcg@10']:.4f}")
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+    if not parts:
+        return ""
+    more = f" (+{len(parts) - 3} more)" if len(parts) > 3 else ""
+    return "  valid nDCG@10: " + ", ".join(parts[:3]) + more
+
+
+# ---------------------------------------------------------------- the run
 def run_pipeline(dataset: str = "synthetic", profile: str = "full", overrides: list[str] | None = None,
                  force: bool = False, only: list[str] | None = None, timeout: int = 3600,
-                 seed: int | None = None, device: str = "", render: bool = True) -> Path:
-    """Execute the notebooks and render the report; returns reports/<dataset>/index.html."""
+                 seed: int | None = None, device: str = "", render: bool = True,
+                 start: str | None = None, verbose: bool = False) -> Path:
+    """Execute the notebooks that need it and render the report; returns reports/<dataset>/index.html.
+
+    Without ``only`` or ``start``, the run resumes: it skips the notebooks whose completion record
+    holds. ``start`` (a notebook name or prefix) reruns from that notebook on; ``only`` runs just
+    the named notebooks; ``force`` removes the run folder first."""
     import papermill as pm
     from .data import dataset_info
     from .param_check import check_overrides
     dataset_info(dataset)                                          # fail fast, before anything is written:
     check_overrides(config.load_params(profile, dataset), overrides)   # unknown dataset, profile or key,
     params = config.load_params(profile, dataset, overrides)      # a value of the wrong type or range
+    every = notebooks()
+    chosen = notebooks(only) if only else None
+    start_at = None
+    if start is not None:
+        matches = [i for i, p in enumerate(every) if p.stem == start or p.stem.startswith(start)]
+        if not matches:
+            raise PipelineError(f"--from {start!r} matches no notebook in {config.notebooks_dir()}")
+        start_at = matches[0]
     run_dir = default_run_dir(dataset, profile)
     report_dir = config.reports_dir(dataset)
-    nb_dir = report_dir / "notebooks"
-    if force and run_dir.exists():
-        shutil.rmtree(run_dir)
-    nb_dir.mkdir(parents=True, exist_ok=True)
-    kernel = ensure_kernel()
     shared = {"DATASET": dataset, "PROFILE": profile, "RUN_DIR": str(run_dir),
               "SEED": int(params["seed"] if seed is None else seed), "DEVICE": device,
               "OVERRIDES": list(overrides or []), "FORCE": bool(force)}
-    timings = {}
-    failure = None
-    for nb in notebooks(only):
-        out = nb_dir / nb.name
-        print(f"[pipeline] {nb.stem} ...", flush=True)
-        t0 = time.perf_counter()
-        try:
-            pm.execute_notebook(str(nb), str(out), parameters=shared, kernel_name=kernel,
-                                log_output=True, progress_bar=False, execution_timeout=timeout,
-                                cwd=str(config.NOTEBOOKS_DIR))
-        except pm.PapermillExecutionError as exc:
-            failure = PipelineError(f"notebook {nb.name} failed in cell {exc.exec_count}: "
-                                    f"{exc.ename}: {exc.evalue} (executed copy kept: {out})")
-        except Exception as exc:  # kernel death, timeout, ...
-            failure = PipelineError(f"notebook {nb.name} failed: {type(exc).__name__}: {exc} "
-                                    f"(executed copy kept: {out})")
-        timings[nb.stem] = time.perf_counter() - t0
-        print(f"[pipeline] {nb.stem} {'FAILED' if failure else 'done'} in {timings[nb.stem]:.1f} s", flush=True)
-        if failure:
-            break
-    if render:
-        render_report(dataset, run_dir, report_dir, timings)
-    if failure:
-        raise failure
+    identity = {k: shared[k] for k in ("DATASET", "PROFILE", "SEED", "DEVICE")}
+    code = runstate.code_version()
+    console = Console(verbose)
+    try:
+        with runstate.RunLock(lock_path(dataset, profile), run_dir):
+            if force and run_dir.exists():
+                shutil.rmtree(run_dir)
+            run_dir.mkdir(parents=True, exist_ok=True)
+            kernel = ensure_kernel()
+            if chosen is not None:
+                todo = chosen
+            else:
+                first, why = runstate.first_stale(every, run_dir, identity, params, code)
+                if start_at is not None and start_at < first:
+                    first, why = start_at, f"--from {every[start_at].stem}"
+                if first:
+                    console.line(f"{every[0].stem} .. {every[first - 1].stem}: finished earlier and "
+                                 f"unchanged, skipped")
+                if first < len(every):
+                    console.line(f"running from {every[first].stem} ({why}); logs in {run_dir / 'logs'}")
+                runstate.forget_from(every, run_dir, first)
+                todo = every[first:]
+            console.progress(len(todo))
+            for nb in todo:
+                execute(nb, run_dir, shared, identity, params, code, kernel, timeout, every, console, pm)
+                console.advance()
+            summary = runstate.run_summary(every, run_dir)
+            complete = runstate.first_stale(every, run_dir, identity, params, code)[0] == len(every)
+            if render and complete:
+                render_report(dataset, run_dir, report_dir, run=summary)
+            elif render:
+                console.line(f"report not rendered: the run is incomplete; {report_dir} keeps the "
+                             f"last complete run's report (rerun without --only to finish)")
+    finally:
+        console.close()
     return report_dir / "index.html"
 
 
-def render_report(dataset: str, run_dir: Path, report_dir: Path, timings: dict | None = None) -> Path:
-    """HTML page per executed notebook (with code), index.html from 90_report (without code),
-    and metrics.json."""
+def execute(nb: Path, run_dir: Path, shared: dict, identity: dict, params: dict, code: str,
+            kernel: str, timeout: int, every: list[Path], console: Console, pm) -> dict:
+    """Run one notebook into ``<run>/notebooks/`` with its output in ``<run>/logs/``; on success
+    write its completion record. Failure: PipelineError naming the cell, the copy and the log."""
+    out = run_dir / "notebooks" / nb.name
+    log = run_dir / "logs" / f"{nb.stem}.log"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    log.unlink(missing_ok=True)
+    runstate.record_path(run_dir, nb.stem).unlink(missing_ok=True)
+    index = every.index(nb)
+    upstream = runstate.upstream_digest([r for r in (runstate.read_record(run_dir, p.stem)
+                                                     for p in every[:index]) if r is not None])
+    before = runstate.fingerprint(run_dir)
+    console.line(f"{nb.stem} ...")
+    t0 = time.perf_counter()
+    failure = None
+    os.environ[runstate.ENV_NOTEBOOK] = nb.stem
+    try:
+        with console.to_log(log):
+            pm.execute_notebook(str(nb), str(out), parameters=shared, kernel_name=kernel,
+                                log_output=True, progress_bar=False, execution_timeout=timeout,
+                                cwd=str(config.notebooks_dir()))
+    except KeyboardInterrupt:
+        raise Interrupted(nb.stem) from None
+    except pm.PapermillExecutionError as exc:
+        failure = f"cell {exc.exec_count}: {exc.ename}: {_first_line(exc.evalue)}"
+    except Exception as exc:  # noqa: BLE001 - kernel death, timeout, ...: named, not re-raised raw
+        failure = f"{type(exc).__name__}: {_first_line(str(exc))}"
+    finally:
+        os.environ.pop(runstate.ENV_NOTEBOOK, None)
+    seconds = time.perf_counter() - t0
+    if failure:
+        console.line(f"{nb.stem} FAILED after {seconds:.1f} s: {failure}")
+        raise PipelineError(f"notebook {nb.name} failed in {failure}\n  executed notebook: {out}\n"
+                            f"  log: {log}")
+    rec = runstate.write_record(run_dir, nb, before, identity, params, code, upstream, seconds)
+    console.line(f"{nb.stem} done in {seconds:.1f} s{recorded_metrics(run_dir, rec['outputs'])}")
+    return rec
+
+
+def _first_line(text: str) -> str:
+    text = str(text).strip()
+    return text.splitlines()[0] if text else ""
+
+
+def render_report(dataset: str, run_dir: Path, report_dir: Path, timings: dict | None = None,
+                  run: dict | None = None) -> Path:
+    """Render a run folder's executed notebooks into ``report_dir``: a page per notebook (with
+    code), index.html from 90_report (without code), and metrics.json. The folder is built
+    beside the old one and swapped in whole, so a reader never sees a mix of two runs."""
     from .report import render_notebook, write_metrics_json
-    nb_dir = report_dir / "notebooks"
-    for ipynb in sorted(nb_dir.glob("*.ipynb")):
-        render_notebook(ipynb, ipynb.with_suffix(".html"), include_code=True)
-    report_nb = nb_dir / "90_report.ipynb"
-    index = report_dir / "index.html"
-    if report_nb.exists():
-        render_notebook(report_nb, index, include_code=False)
-    write_metrics_json(run_dir, report_dir / "metrics.json", {"notebook_seconds": timings or {}})
-    print(f"[pipeline] report: {index}", flush=True)
-    return index
+    run_dir, report_dir = Path(run_dir), Path(report_dir)
+    src = run_dir / "notebooks"
+    if run is None:
+        run = runstate.run_summary(notebooks(), run_dir)
+    seconds = timings or {k: v["seconds"] for k, v in run.get("notebooks", {}).items()}
+    report_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = report_dir.with_name(f".{report_dir.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        (tmp / "notebooks").mkdir(parents=True)
+        for ipynb in sorted(src.glob("*.ipynb")):
+            shutil.copyfile(ipynb, tmp / "notebooks" / ipynb.name)
+            render_notebook(ipynb, tmp / "notebooks" / f"{ipynb.stem}.html", include_code=True)
+        report_nb = src / "90_report.ipynb"
+        if report_nb.exists():
+            render_notebook(report_nb, tmp / "index.html", include_code=False)
+        write_metrics_json(run_dir, tmp / "metrics.json",
+                           {"notebook_seconds": seconds, "run": {**run, "run_dir": str(run_dir)}})
+        config.replace_dir(tmp, report_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    print(f"[pipeline] report: {report_dir / 'index.html'}", flush=True)
+    return report_dir / "index.html"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -112,14 +319,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", default="full", help="params/<profile>.yaml: quick | full")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a parameter, e.g. --set mf.epochs=5 (repeatable)")
-    parser.add_argument("--force", action="store_true", help="redo everything: fetch, split and every model")
-    parser.add_argument("--only", nargs="*", default=None, help="run only these notebooks (name or prefix)")
+    parser.add_argument("--force", action="store_true",
+                        help="start the run folder afresh: fetch, split and every model again")
+    parser.add_argument("--from", dest="start", default=None, metavar="NN",
+                        help="rerun from this notebook (name or prefix) to the end")
+    parser.add_argument("--only", nargs="*", default=None,
+                        help="run only these notebooks (name or prefix), whatever their records say")
     parser.add_argument("--timeout", type=int, default=3600, help="per-cell execution timeout, seconds")
     parser.add_argument("--device", default="", help="auto | cpu | cuda | mps (default: the profile's)")
+    parser.add_argument("--verbose", action="store_true",
+                        help="stream kernel output to the console instead of the logs")
     args = parser.parse_args(argv)
     try:
         index = run_pipeline(args.dataset, args.profile, args.set, args.force, args.only, args.timeout,
-                             device=args.device)
+                             device=args.device, start=args.start, verbose=args.verbose)
+    except Interrupted as exc:
+        print(f"\n{exc}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print("\ninterrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
     except RecsysError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -19,7 +19,7 @@ import scipy.sparse as sp
 import torch
 from tqdm.auto import tqdm
 
-from .config import atomic_write
+from .config import atomic_write, load_torch
 
 
 @dataclass
@@ -204,7 +204,7 @@ def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, config: Any
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
-    return torch.load(path, map_location=map_location, weights_only=False)
+    return load_torch(path, map_location=map_location)
 
 
 def count_parameters(model: torch.nn.Module) -> int:

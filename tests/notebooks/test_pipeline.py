@@ -81,5 +81,7 @@ def test_a_failing_notebook_stops_the_pipeline_and_is_named(tmp_path, monkeypatc
     monkeypatch.setenv("RECSYS_REPORTS_DIR", str(tmp_path / "reports"))
     with pytest.raises(PipelineError, match=r"10_popularity.*data.pt is missing: run 01_split"):
         pipeline.run_pipeline("synthetic-tiny", "quick", only=["10", "11"], timeout=300)
-    kept = tmp_path / "reports" / "synthetic-tiny" / "notebooks"
+    kept = tmp_path / "data" / "runs" / "synthetic-tiny" / "quick" / "notebooks"
     assert (kept / "10_popularity.ipynb").exists() and not (kept / "11_mf.ipynb").exists()
+    assert (kept.parent / "logs" / "10_popularity.log").exists()
+    assert not (tmp_path / "reports" / "synthetic-tiny" / "index.html").exists()   # no report of a failed run

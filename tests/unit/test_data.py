@@ -305,3 +305,25 @@ def test_ratings_of_unknown_movies_are_dropped_with_a_warning():
     with pytest.warns(data.DataIntegrityWarning, match="movie 99"):
         kept, dropped = data.check_integrity(inter, items, "ratings.csv")
     assert dropped == 1 and kept["item_id"].tolist() == [10]
+
+
+# ------------------------------------------------------------------ sets without published checksums
+def test_unverifiable_copy_records_md5s_and_a_loader_failure_forces_a_real_refetch(tmp_path, data_dir):
+    """ml-20m from a mirror without checksums: the md5s seen are recorded; when the loader refuses
+    the copy (a truncated ratings.csv) it is marked bad, so the next fetch copies it again instead
+    of trusting the marker; a mirror whose copy changed is fetched and verified again."""
+    mirror = tmp_path / "m"
+    write_set(mirror / "ml-20m", ratings=RATINGS + "2,20,4")           # cut mid-row
+    path = data.fetch("ml-20m", mirror=mirror)
+    marker = data.read_marker(path)
+    assert marker["verified_against"].startswith("nothing") and set(marker["checksums"]) >= {"ratings.csv"}
+    with pytest.raises(DataError, match="marked bad"):
+        data.load_dataset("ml-20m", mirror=mirror)
+    assert data.read_marker(path)["status"] == "bad"
+    data.fetch("ml-20m", mirror=mirror)                                 # really fetched again
+    assert "status" not in data.read_marker(path)
+    write_set(mirror / "ml-20m")                                        # the mirror's copy repaired
+    with pytest.warns(data.DataIntegrityWarning, match="ratings.csv differ"):
+        ds = data.load_dataset("ml-20m", mirror=mirror)
+    assert len(ds.interactions) == 3
+    assert data.fetch("ml-20m", mirror=mirror) == path and "status" not in data.read_marker(path)
