@@ -34,23 +34,66 @@ def paired_table(per_user: dict[str, pd.DataFrame], target: str, metric: str = "
     return pd.DataFrame(rows)
 
 
+#: user-activity segments, lightest first: the order of every table and plot of them
+ACTIVITY_ORDER = ("light", "medium", "heavy")
+
+
 def activity_segments(data: SplitData, users: np.ndarray, n_segments: int = 3) -> pd.Series:
     """Light / medium / heavy users by their number of train rows (equal-size terciles)."""
     counts = np.bincount(data.train.user, minlength=data.n_users)[users]
-    labels = ["light", "medium", "heavy"] if n_segments == 3 else [f"q{i + 1}" for i in range(n_segments)]
+    labels = list(ACTIVITY_ORDER) if n_segments == 3 else [f"q{i + 1}" for i in range(n_segments)]
     return pd.Series(pd.qcut(pd.Series(counts).rank(method="first"), n_segments, labels=labels).to_numpy(),
                      index=users, name="activity")
 
 
+def segment_order(values) -> list[str]:
+    """Segment labels lightest first: light, medium, heavy (then q1, q2, ... in number order, then
+    any other label alphabetically), never the alphabetical heavy, light, medium."""
+    known = [s for s in ACTIVITY_ORDER if s in set(values)]
+    rest = sorted({str(v) for v in values} - set(ACTIVITY_ORDER),
+                  key=lambda v: (0, int(v[1:])) if v[:1] == "q" and v[1:].isdigit() else (1, v))
+    return known + rest
+
+
 def by_segment(per_user: dict[str, pd.DataFrame], segments: pd.Series, metric: str = "ndcg@10") -> pd.DataFrame:
-    """Long frame: model, segment, mean metric, users."""
+    """Long frame: model, segment, mean metric, users; each model's segments lightest first."""
     rows = []
+    order = segment_order(segments.astype(str).unique())
     for name, df in per_user.items():
-        seg = segments.reindex(df["user"].to_numpy()).to_numpy()
-        t = pd.DataFrame({"segment": seg, metric: df[metric].to_numpy()}).groupby("segment", observed=True)
-        for s, g in t:
-            rows.append({"model": name, "activity": s, metric: g[metric].mean(), "users": len(g)})
+        seg = segments.reindex(df["user"].to_numpy()).astype(str).to_numpy()
+        t = pd.DataFrame({"segment": seg, metric: df[metric].to_numpy()})
+        for s in order:
+            g = t[t["segment"] == s]
+            if len(g):
+                rows.append({"model": name, "activity": s, metric: g[metric].mean(), "users": len(g)})
     return pd.DataFrame(rows)
+
+
+def order_segments(frame: pd.DataFrame, segment: str = "activity") -> pd.DataFrame:
+    """``frame`` (e.g. analysis/segments.json) with its rows in segment order, lightest first,
+    models in their first-seen order."""
+    if frame.empty:
+        return frame
+    models = list(dict.fromkeys(frame["model"]))
+    key = {s: i for i, s in enumerate(segment_order(frame[segment].astype(str).unique()))}
+    return (frame.assign(_m=frame["model"].map(models.index), _s=frame[segment].astype(str).map(key))
+            .sort_values(["_m", "_s"], kind="stable").drop(columns=["_m", "_s"]).reset_index(drop=True))
+
+
+def main_models(names, target: str = "two_stage") -> list[str]:
+    """Every single-stage model and the chosen two-stage system (``target``), without the other
+    re-ranker variants: the models a segment or popularity plot can show legibly."""
+    return [n for n in names if not is_two_stage(n) or n == target]
+
+
+def forest_data(paired: dict) -> pd.DataFrame:
+    """One row per model compared with the two-stage system in ``analysis/paired.json``: the paired
+    difference (two-stage minus model) with its 95% CI, smallest difference (the closest rival) first."""
+    target = paired["target"]
+    rows = [{"model": r["against"], "diff": r[f"{target} - other"], "lo": r["95% CI lo"], "hi": r["95% CI hi"],
+             "model score": r["other"], "target score": r["target"]} for r in paired.get("rows", [])]
+    frame = pd.DataFrame(rows, columns=["model", "diff", "lo", "hi", "model score", "target score"])
+    return frame.sort_values("diff", kind="stable").reset_index(drop=True)
 
 
 def hit_popularity(per_user: dict[str, pd.DataFrame], data: SplitData, positives, k: int = 10,

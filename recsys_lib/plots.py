@@ -158,11 +158,129 @@ def metric_with_ci(table: pd.DataFrame, metric: str = "ndcg@10", ci_col: str = "
     return fig
 
 
-def segment_bars(frame: pd.DataFrame, segment: str, value: str = "ndcg@10", hue: str = "model"):
-    fig, (ax,) = _fig(width=8, height=4)
-    sns.barplot(data=frame, x=segment, y=value, hue=hue, ax=ax, errorbar=None)
-    ax.set(title=f"{value} by {segment}")
-    ax.legend(fontsize=8, ncols=2)
+def segment_bars(frame: pd.DataFrame, segment: str, value: str = "ndcg@10", hue: str = "model",
+                 label: str | None = None):
+    """Mean ``value`` (shown as ``label``) per segment and model; segments lightest first (light,
+    medium, heavy)."""
+    label = label or value.replace("ndcg", "nDCG")
+    from .analysis import segment_order
+    fig, (ax,) = _fig(width=9, height=4)
+    order = segment_order(frame[segment].astype(str).unique()) if len(frame) else None
+    data = frame.assign(**{segment: frame[segment].astype(str)})
+    sns.barplot(data=data, x=segment, y=value, hue=hue, order=order, ax=ax, errorbar=None)
+    if "users" in frame and len(frame):
+        users = frame.drop_duplicates(segment).set_index(segment)["users"]
+        ax.set_xticks(range(len(order)), [f"{s}\n({int(users.get(s, 0)):,} users)" for s in order])
+    ax.set(title=f"{label} by user {segment} (train rows)", xlabel="", ylabel=f"test {label}")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    fig.tight_layout()
+    return fig
+
+
+def forest(frame: pd.DataFrame, target: str = "two_stage", metric: str = "nDCG@10"):
+    """Paired differences (``target`` minus each model) with 95% CIs, one row per model, and a
+    line at zero: a whisker that does not cross it separates the two systems.
+    ``frame`` has model, diff, lo, hi (recsys_lib.analysis.forest_data)."""
+    fig, (ax,) = _fig(width=8, height=0.32 * len(frame) + 1.4)
+    y = np.arange(len(frame))
+    above = (frame["lo"] > 0).to_numpy()
+    below = (frame["hi"] < 0).to_numpy()
+    colors = np.where(above, "tab:blue", np.where(below, "tab:red", "grey"))
+    for yi, (_, r), c in zip(y, frame.iterrows(), colors):
+        ax.plot([r["lo"], r["hi"]], [yi, yi], color=c, lw=2)
+        ax.plot(r["diff"], yi, "o", color=c, ms=6)
+    ax.axvline(0.0, color="black", lw=1)
+    ax.set_yticks(y, frame["model"])
+    ax.set_ylim(len(frame) - 0.3, -0.7)                     # first row at the top, as in the table
+    ax.set(xlabel=f"{target} minus model, test {metric} (paired 95% CI)",
+           title=f"Paired differences: {target} against each model")
+    return fig
+
+
+def learning_curves(curves: dict[str, dict]):
+    """Validation metric by epoch, one panel per model, the kept epoch marked. ``curves`` maps a
+    model to ``{"epoch": [...], "valid": [...], "best_epoch": int, "metric": label}``."""
+    n = max(len(curves), 1)
+    ncols = min(n, 3)
+    nrows = -(-n // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.4 * ncols, 2.8 * nrows), squeeze=False)
+    for ax, (name, c) in zip(axes.ravel(), curves.items()):
+        ax.plot(c["epoch"], c["valid"], marker="o", ms=3, color="steelblue")
+        best = c.get("best_epoch")
+        if best in c["epoch"]:
+            v = c["valid"][c["epoch"].index(best)]
+            ax.axvline(best, color="crimson", ls="--", lw=1)
+            ax.plot([best], [v], "*", color="crimson", ms=12, label=f"kept: epoch {best}")
+            ax.legend(fontsize=8, loc="lower right")
+        ax.set(title=name, xlabel="epoch", ylabel=f"validation {c.get('metric', '')}")
+    for ax in axes.ravel()[len(curves):]:
+        ax.set_visible(False)
+    fig.tight_layout()
+    return fig
+
+
+def hit_popularity(frame: pd.DataFrame, k: int = 10):
+    """Where each model's top-``k`` hits fall in the train popularity ranking (stacked shares of
+    head, torso and tail items) and its hits per user; rows as in analysis/hit_popularity.json."""
+    t = frame.sort_values("hits per user", kind="stable")
+    fig, axes = _fig(2, width=4.6, height=0.3 * len(t) + 1.6)
+    y = np.arange(len(t))
+    left = np.zeros(len(t))
+    for part, color in (("head", "#4c72b0"), ("torso", "#dd8452"), ("tail", "#55a868")):
+        vals = t[f"{part} share"].to_numpy(dtype=float)
+        axes[0].barh(y, vals, left=left, color=color, label=part)
+        left += vals
+    axes[0].set_yticks(y, t["model"])
+    axes[0].set(xlim=(0, 1), xlabel=f"share of the top-{k} hits", title="Popularity of the hits")
+    axes[0].legend(fontsize=8, loc="lower left", ncols=3, bbox_to_anchor=(0.0, 1.08), frameon=False)
+    axes[1].barh(y, t["hits per user"].to_numpy(dtype=float), color="grey")
+    axes[1].set_yticks(y, [""] * len(t))
+    axes[1].set(xlabel=f"hits in the top {k} per test user", title="Hits per user")
+    fig.tight_layout()
+    return fig
+
+
+def timings(models: pd.DataFrame, stages: pd.DataFrame | None = None):
+    """Seconds per model (fitting with its search, and scoring the test period) on a log axis and,
+    when given, seconds per notebook. ``models``: model, fit s, scoring s; ``stages``: stage, seconds."""
+    has_stages = stages is not None and len(stages) > 0
+    fig, axes = _fig(2 if has_stages else 1, width=4.8, height=0.3 * max(len(models), len(stages) if has_stages else 0) + 1.6)
+    ax = axes[0]
+    y = np.arange(len(models))
+    for offset, col, color in ((-0.2, "fit s", "steelblue"), (0.2, "scoring s", "darkorange")):
+        vals = pd.to_numeric(models[col], errors="coerce").fillna(0.0).clip(lower=1e-3).to_numpy()
+        ax.barh(y + offset, vals, height=0.4, color=color, label=col)
+    ax.set_yticks(y, models["model"])
+    ax.set_ylim(len(models) - 0.4, -0.6)                   # first model at the top
+    ax.set(xscale="log", xlabel="seconds (log scale)", title="Time per model")
+    ax.legend(fontsize=8, loc="lower left", bbox_to_anchor=(0.0, 1.06), ncols=2, frameon=False)
+    if has_stages:
+        ys = np.arange(len(stages))[::-1]
+        axes[1].barh(ys, stages["seconds"].to_numpy(dtype=float), color="seagreen")
+        axes[1].set_yticks(ys, stages["stage"])
+        axes[1].set(xlabel="seconds", title="Time per notebook")
+    fig.tight_layout()
+    return fig
+
+
+def search_strip(frame: pd.DataFrame, metric: str = "nDCG@10"):
+    """Every configuration each search tried (a dot per configuration, the kept one a star):
+    validation ``metric`` per model. ``frame``: model, valid, chosen (report.search_points)."""
+    models = list(dict.fromkeys(frame["model"]))
+    fig, (ax,) = _fig(width=8, height=0.34 * len(models) + 1.4)
+    rng = np.random.default_rng(0)
+    for i, name in enumerate(models):
+        g = frame[frame["model"] == name]
+        tried = g[~g["chosen"]]
+        ax.plot(tried["valid"], i + rng.uniform(-0.15, 0.15, len(tried)), "o", ms=4, alpha=0.6, color="grey")
+        kept = g[g["chosen"]]
+        ax.plot(kept["valid"], [i] * len(kept), "*", ms=13, color="crimson")
+    ax.plot([], [], "o", color="grey", label="configuration tried")
+    ax.plot([], [], "*", color="crimson", ms=10, label="kept")
+    ax.set_yticks(range(len(models)), models)
+    ax.set_ylim(len(models) - 0.3, -0.7)
+    ax.set(xlabel=f"validation {metric}", title="What each search tried")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     return fig
 
 

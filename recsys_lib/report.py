@@ -135,4 +135,444 @@ def tuning_table(run_dir: str | os.PathLike) -> "pd.DataFrame":
 
 
 def _fmt(value) -> str:
-    return f"{value:g}" if isinstance(value, float) else str(value)
+    """A searched value: ``0.000333`` (3 significant digits below 1), ``1000``, ``True``."""
+    if isinstance(value, float):
+        return f"{value:.3g}" if abs(value) < 1 else f"{value:g}"
+    return str(value)
+
+
+# ====================================================================== the reader's report
+# Everything below turns the run folder's files into what 90_report shows: formatted tables,
+# captioned figures, the abstract and the provenance footer. No number is typed in.
+
+DASH = "–"
+METRIC_LABELS = {"ndcg@10": "nDCG@10", "recall@10": "Recall@10", "recall@50": "Recall@50",
+                 "recall@100": "Recall@100", "recall@200": "Recall@200", "recall@500": "Recall@500",
+                 "recall@1000": "Recall@1000", "hit_rate@10": "HitRate@10", "mrr@10": "MRR@10",
+                 "coverage@10": "coverage@10"}
+RESULT_METRICS = ("recall@10", "recall@100", "recall@500", "hit_rate@10", "mrr@10", "coverage@10")
+#: packages named in the provenance footer (the kernel that rendered the report)
+PROVENANCE_PACKAGES = ("torch", "numpy", "pandas", "scipy", "lightgbm", "implicit", "pyarrow", "matplotlib",
+                       "seaborn", "papermill", "nbconvert")
+
+
+def metric_label(key: str) -> str:
+    """``ndcg@10`` -> ``nDCG@10`` (unknown keys unchanged)."""
+    return METRIC_LABELS.get(key, key)
+
+
+def _missing(x) -> bool:
+    import math
+    return x is None or (isinstance(x, float) and math.isnan(x))
+
+
+def fmt_metric(x, digits: int = 4, signed: bool = False) -> str:
+    """A metric with ``digits`` decimals (3-4 significant digits for values in [0.01, 1)):
+    ``0.0957``; ``signed`` adds + to positive values (differences); a missing value is a dash."""
+    if _missing(x):
+        return DASH
+    return f"{x:+.{digits}f}" if signed else f"{x:.{digits}f}"
+
+
+def fmt_ci(x, lo, hi, digits: int = 4, signed: bool = False) -> str:
+    """A value with its 95% CI: ``0.0957 [0.0823, 0.1100]`` (``+0.0307 [+0.0198, +0.0434]`` signed)."""
+    if _missing(x):
+        return DASH
+    if _missing(lo) or _missing(hi):
+        return fmt_metric(x, digits, signed)
+    f = lambda v: fmt_metric(v, digits, signed)        # noqa: E731
+    return f"{f(x)} [{f(lo)}, {f(hi)}]"
+
+
+def fmt_seconds(s) -> str:
+    """Seconds to 0.1 s with thousands separators (``59.1``, ``1,234.5``); ``<0.1`` for a time
+    that rounds to zero but is not zero; a dash when missing."""
+    if _missing(s):
+        return DASH
+    if 0 < abs(s) < 0.05:
+        return "<0.1"
+    return f"{s:,.1f}"
+
+
+def fmt_count(n) -> str:
+    """An integer with thousands separators."""
+    return DASH if _missing(n) else f"{int(n):,}"
+
+
+def fmt_p(p, n_resamples: int | None = None) -> str:
+    """A bootstrap p-value to 3 decimals; 0 from ``n_resamples`` resamples is ``<2/n`` (``<0.002``
+    for 1,000), the resolution of a two-sided bootstrap p, never a bare 0."""
+    if _missing(p):
+        return DASH
+    if p == 0:
+        return f"<{2 / n_resamples:.2g}" if n_resamples else "<0.001"
+    return f"{p:.3f}"
+
+
+def fmt_percent(x, digits: int = 0, signed: bool = False) -> str:
+    return DASH if _missing(x) else (f"{100 * x:+.{digits}f}%" if signed else f"{100 * x:.{digits}f}%")
+
+
+def tidy(frame: "pd.DataFrame", seconds: tuple[str, ...] = ()) -> "pd.DataFrame":
+    """Every cell of ``frame`` as reader-facing text: integers with thousands separators, other
+    numbers with 4 decimals, columns named in ``seconds`` (or ending in ``seconds`` or `` s``) to
+    0.1 s, missing values as a dash. Text columns are kept."""
+    import numbers
+
+    import pandas as pd
+
+    def cell(v, col):
+        if isinstance(v, (list, tuple)):
+            return ", ".join(cell(x, col) for x in v)
+        if _missing(v) or v is pd.NA:
+            return DASH
+        if isinstance(v, bool):
+            return "yes" if v else "no"
+        if col in seconds or col.endswith("seconds") or col.endswith(" s"):
+            return fmt_seconds(float(v)) if isinstance(v, numbers.Number) else str(v)
+        if isinstance(v, numbers.Integral):
+            return fmt_count(v)
+        if isinstance(v, numbers.Real):
+            return fmt_count(v) if float(v).is_integer() and abs(v) >= 100 else fmt_metric(float(v))
+        return str(v)
+
+    return pd.DataFrame({c: [cell(v, str(c)) for v in frame[c]] for c in frame.columns})
+
+
+def results_frame(run_dir: str | os.PathLike, period: str = "test",
+                  metrics: tuple[str, ...] = RESULT_METRICS) -> "pd.DataFrame":
+    """The results table as text, one row per model scored on ``period``, sorted by nDCG@10 (best
+    first): nDCG@10 with its 95% CI (``0.0957 [0.0823, 0.1100]``), the other metrics to 4 decimals,
+    fit and scoring seconds to 0.1. No index column; the number of users goes in the caption."""
+    import pandas as pd
+    recs = [m for m in collect_metrics(run_dir) if m.get(period)]
+    recs.sort(key=lambda m: -(m[period].get("ndcg@10") if not _missing(m[period].get("ndcg@10")) else -1.0))
+    present = [k for k in metrics if any(k in m[period] for m in recs)]
+    rows = []
+    for m in recs:
+        s = m[period]
+        lo, hi = (s.get("ndcg@10_ci") or [None, None])[:2]
+        rows.append({"model": m["model"], "nDCG@10 [95% CI]": fmt_ci(s.get("ndcg@10"), lo, hi),
+                     **{metric_label(k): fmt_metric(s.get(k)) for k in present},
+                     "fit s": fmt_seconds(m.get("fit_seconds")),
+                     "scoring s / 1k users": fmt_seconds(s.get("scoring_seconds_per_1000_users"))})
+    columns = ["model", "nDCG@10 [95% CI]", *[metric_label(k) for k in present], "fit s", "scoring s / 1k users"]
+    return pd.DataFrame(rows, columns=columns)
+
+
+def scored_users(run_dir: str | os.PathLike, period: str = "test") -> int | None:
+    """The number of users every model was scored on in ``period`` (None if they differ)."""
+    users = {m[period].get("users") for m in collect_metrics(run_dir) if m.get(period)}
+    return users.pop() if len(users) == 1 else None
+
+
+def paired_frame(paired: dict, n_resamples: int | None = None) -> "pd.DataFrame":
+    """``analysis/paired.json`` as a table for the reader, the closest rival first: each model's
+    test nDCG@10, the two-stage system's paired difference against it with its 95% CI, the
+    bootstrap p-value and whether the interval separates them. The two-stage system's own score,
+    the same on every row, belongs in the caption, not in a column."""
+    import pandas as pd
+
+    from .analysis import forest_data
+    target = paired["target"]
+    rows = []
+    for _, r in forest_data(paired).iterrows():
+        src = next(x for x in paired["rows"] if x["against"] == r["model"])
+        rows.append({"model": r["model"], "model nDCG@10": fmt_metric(r["model score"]),
+                     f"{target} − model [95% CI]": fmt_ci(r["diff"], r["lo"], r["hi"], signed=True),
+                     "p": fmt_p(src.get("p"), n_resamples),
+                     "separates": "yes, above 0" if r["lo"] > 0 else "yes, below 0" if r["hi"] < 0 else "no"})
+    return pd.DataFrame(rows, columns=["model", "model nDCG@10", f"{target} − model [95% CI]", "p", "separates"])
+
+
+def learning_curve_data(run_dir: str | os.PathLike) -> dict[str, dict]:
+    """Each trained model's validation metric by epoch (``curves/<name>.json``) with the epoch
+    it kept and the metric's name (from its search table: ``selected_on``, else nDCG@10)."""
+    import json
+    out = {}
+    records = {m["model"]: m for m in collect_metrics(run_dir)}
+    order = {name: i for i, name in enumerate(records)}
+    files = sorted(Path(run_dir, "curves").glob("*.json"), key=lambda f: (order.get(f.stem, len(order)), f.stem))
+    for f in files:
+        c = json.loads(f.read_text())
+        recs = [r for r in c.get("records", []) if not _missing(r.get("valid_metric"))]
+        if not recs:
+            continue
+        search = (records.get(f.stem) or {}).get("search") or []
+        chosen = next((r for r in search if r.get("best") or r.get("chosen")), {})
+        out[f.stem] = {"epoch": [int(r["epoch"]) for r in recs], "valid": [float(r["valid_metric"]) for r in recs],
+                       "best_epoch": c.get("best_epoch"), "metric": metric_label(chosen.get("selected_on") or "ndcg@10")}
+    return out
+
+
+def search_points(run_dir: str | os.PathLike) -> "pd.DataFrame":
+    """Every configuration each nDCG@10 search tried: model, validation nDCG@10, kept or not. The
+    grid-searched baselines' configurations and the re-ranker's variants (out-of-fold); the
+    retriever, chosen on Recall@K, is left out (another metric)."""
+    import pandas as pd
+    rows = []
+    for m in collect_metrics(run_dir):
+        search = m.get("search") or []
+        if (m.get("tuning") or {}).get("axes"):
+            rows += [{"model": m["model"], "valid": r["valid_metric"], "chosen": bool(r.get("best"))}
+                     for r in search if not _missing(r.get("valid_metric"))]
+        elif m["model"] == "two_stage" and search and "held_out_ndcg" in search[0]:
+            rows += [{"model": "re-ranker variants", "valid": r["held_out_ndcg"], "chosen": bool(r.get("chosen"))}
+                     for r in search if not _missing(r.get("held_out_ndcg"))]
+    return pd.DataFrame(rows, columns=["model", "valid", "chosen"])
+
+
+def timing_frame(run_dir: str | os.PathLike, period: str = "test") -> "pd.DataFrame":
+    """Per model: seconds to fit (its whole search included) and to score ``period``."""
+    import pandas as pd
+    rows = [{"model": m["model"], "fit s": m.get("fit_seconds"), "scoring s": (m.get(period) or {}).get("seconds")}
+            for m in collect_metrics(run_dir)]
+    return pd.DataFrame(rows, columns=["model", "fit s", "scoring s"])
+
+
+def stage_seconds(report_dir: str | os.PathLike, run_dir: str | os.PathLike,
+                  exclude: tuple[str, ...] = ()) -> "pd.DataFrame":
+    """Wall seconds of each executed notebook of this run (papermill's ``duration`` in the executed
+    copies under ``report_dir/notebooks``; copies made for another run folder, unfinished ones and
+    ``exclude`` are left out). Empty when the notebooks were not run by the pipeline."""
+    import json
+
+    import pandas as pd
+    rows = []
+    run_dir = Path(run_dir).resolve()
+    for ipynb in sorted(Path(report_dir, "notebooks").glob("*.ipynb")):
+        if ipynb.stem in exclude:
+            continue
+        try:
+            meta = json.loads(ipynb.read_text(encoding="utf-8")).get("metadata", {}).get("papermill", {})
+        except (OSError, ValueError):
+            continue
+        params, duration = meta.get("parameters") or {}, meta.get("duration")
+        if duration is None or meta.get("exception"):
+            continue
+        ran_in = params.get("RUN_DIR") or (config.runs_dir(params.get("DATASET", "")) / params.get("PROFILE", ""))
+        if Path(ran_in).resolve() != run_dir:
+            continue
+        rows.append({"stage": ipynb.stem, "seconds": float(duration)})
+    return pd.DataFrame(rows, columns=["stage", "seconds"])
+
+
+# ---------------------------------------------------------------- captions and HTML
+def table_html(frame: "pd.DataFrame", table_id: str | None = None, strong: tuple[str, ...] = ()) -> str:
+    """A plain HTML table of ``frame``'s text, without an index column; the first column is left
+    aligned, the others right aligned; rows whose first cell is in ``strong`` are bold."""
+    from html import escape
+    head = "".join(f"<th>{escape(str(c))}</th>" for c in frame.columns)
+    body = []
+    for row in frame.itertuples(index=False):
+        cls = ' class="rs-strong"' if str(row[0]) in strong else ""
+        body.append(f"<tr{cls}>" + "".join(f"<td>{escape(str(v))}</td>" for v in row) + "</tr>")
+    tid = f' id="{escape(table_id)}"' if table_id else ""
+    return (f'<table class="rs-table"{tid}><thead><tr>{head}</tr></thead>'
+            f'<tbody>{"".join(body)}</tbody></table>')
+
+
+def figure_png(fig, dpi: int = 100) -> str:
+    """A matplotlib figure as a base64 PNG data URI (closed afterwards, so Jupyter does not show
+    it a second time)."""
+    import base64
+    import io
+
+    import matplotlib.pyplot as plt
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
+    plt.close(fig)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+class Captions:
+    """Numbers the report's tables and figures and puts a caption under each. Each call returns an
+    IPython HTML object: a ``<figure>`` holding the table or the embedded PNG, then its
+    ``<figcaption>`` ("Table 2. ..."). Ids make them easy to find (and test)."""
+
+    def __init__(self) -> None:
+        self.tables = 0
+        self.figures = 0
+
+    def table(self, frame: "pd.DataFrame", caption: str, table_id: str, strong: tuple[str, ...] = ()):
+        from html import escape
+
+        from IPython.display import HTML
+        self.tables += 1
+        return HTML(f'<figure class="rs-figure rs-table-figure" id="{escape(table_id)}-figure">'
+                    f'{table_html(frame, table_id, strong)}<figcaption><b>Table {self.tables}.</b> '
+                    f'{escape(caption)}</figcaption></figure>')
+
+    def figure(self, fig, caption: str, figure_id: str, dpi: int = 100):
+        from html import escape
+
+        from IPython.display import HTML
+        self.figures += 1
+        uri = figure_png(fig, dpi)
+        return HTML(f'<figure class="rs-figure" id="{escape(figure_id)}"><img src="{uri}" '
+                    f'alt="{escape(caption, quote=True)}"><figcaption><b>Figure {self.figures}.</b> '
+                    f'{escape(caption)}</figcaption></figure>')
+
+
+# ---------------------------------------------------------------- the abstract
+def _split_params(info: dict) -> dict:
+    from .split import STRATEGY_PARAMS
+    split = info.get("split") or {}
+    strategy = (split.get("stats") or {}).get("strategy") or (info.get("params") or {}).get("split", {}).get("strategy")
+    given = (info.get("params") or {}).get("split", {})
+    return {"strategy": strategy, **STRATEGY_PARAMS.get(strategy, {}),
+            **{k: v for k, v in given.items() if k in STRATEGY_PARAMS.get(strategy, {})}}
+
+
+def _data_sentence(ds: dict, info: dict) -> str:
+    from .features import POSITIVE_RATING
+    name = ds.get("dataset") or info.get("dataset", "?")
+    if not ds:
+        return f"The data set is {name}; its summary (dataset.json) is missing: run 00_data."
+    return (f"The data: {name}, {fmt_count(ds['ratings'])} ratings by {fmt_count(ds['users'])} users of "
+            f"{fmt_count(ds['movies'])} movies from {ds.get('first rating')} to {ds.get('last rating')}; a rating "
+            f"of {POSITIVE_RATING:g} or more is a positive ({fmt_percent(ds.get('share rating >= 4'))} of them).")
+
+
+def _split_sentence(info: dict) -> str:
+    p = _split_params(info)
+    stats = (info.get("split") or {}).get("stats") or {}
+    test, train = stats.get("test", {}), stats.get("train", {})
+    if p["strategy"] == "user_temporal":
+        how = (f"each user's ratings in time order, the last {fmt_percent(p['test_frac'])} for test and the "
+               f"{fmt_percent(p['valid_frac'])} before them for validation (users and movies with at least "
+               f"{p['core']} ratings)")
+    elif p["strategy"] == "global_temporal":
+        start = f" from {p['min_date']} on" if p.get("min_date") else ""
+        how = (f"all ratings{start} in time order, the first {fmt_percent(p['train_frac'])} for training, the next "
+               f"{fmt_percent(p['valid_frac'])} for validation and the rest for test (at least {p['train_core']} "
+               f"train ratings per user and movie, {p['eval_core']} per scored user and period)")
+    else:
+        how = f"strategy {p['strategy']}"
+    return (f"Split ({p['strategy']}): {how}. Every model is tuned on validation and scored once on the "
+            f"test period: {fmt_count(test.get('users_scored'))} users with a positive, each ranking the full "
+            f"catalogue of {fmt_count(train.get('items'))} movies minus what they rated.")
+
+
+def _two_stage_words(info: dict, records: dict) -> str:
+    params = info.get("params") or {}
+    tt = params.get("two_tower") or {}
+    sources = list(tt.get("candidate_sources") or [])
+    chosen = ((records.get("two_stage") or {}).get("params") or {}).get("reranker")
+    k = tt.get("candidate_k")
+    cands = f"a two-tower retriever's top {k} candidates" if k else "a two-tower retriever's candidates"
+    if sources:
+        cands += f" joined with {' and '.join(sources)}'s"
+    return f"{cands}, re-ranked by {chosen}" if chosen else cands
+
+
+def _audit_sentence(audit: dict | None, records: dict) -> str:
+    if not audit:
+        return "The leakage audit (50_leakage_audit) has not run."
+    design = audit.get("design_as_run") or []
+    if design:
+        most = max(design, key=lambda r: r["optimizer steps"])
+        return (f"Leakage audit: trained and scored as the seed design does, on the validation users it learnt "
+                f"from, its re-ranker reaches nDCG@10 {fmt_metric(most['in-sample valid (protocol IDCG)'], 3)} after "
+                f"{fmt_count(most['optimizer steps'])} optimizer steps but {fmt_metric(most['honest test'], 3)} on the "
+                f"test period: a score on the users a model trained on measures memorisation, not recommendation.")
+    chosen = ((records.get("two_stage") or {}).get("params") or {}).get("reranker")
+    row = next((r for r in audit.get("reranker", []) if r["re-ranker"] == chosen), None)
+    if row is None:
+        return "The leakage audit recorded no re-ranker to compare."
+    return (f"Leakage audit: scored on the validation users it trained on, as the seed design scores, the "
+            f"chosen re-ranker ({chosen}) reaches nDCG@10 {fmt_metric(row['seed protocol: valid users it trained on'], 3)}, "
+            f"against {fmt_metric(row['out-of-fold valid users'], 3)} on users it never saw and "
+            f"{fmt_metric(row['honest test'], 3)} on test: a score on training users measures memorisation.")
+
+
+def abstract(run_dir: str | os.PathLike) -> str:
+    """The report's opening, as HTML: data, split, the strongest single-stage model (chosen on
+    validation), the two-stage system against it (paired difference with its 95% CI) and the
+    leakage audit's lesson, every number read from the run folder."""
+    from html import escape
+
+    from .experiment import read_json
+    info = read_json(run_dir, "run.json") or {}
+    ds = read_json(run_dir, "dataset.json") or {}
+    paired = read_json(run_dir, "analysis", "paired.json")
+    audit = read_json(run_dir, "analysis", "audit.json")
+    records = {m["model"]: m for m in collect_metrics(run_dir)}
+    sentences = [_data_sentence(ds, info), _split_sentence(info)]
+    best = (paired or {}).get("strongest_single_stage")
+    if not paired or not best:
+        sentences.append("The models have not been compared yet: run 40_evaluation.")
+    else:
+        name, target = best["model"], paired["target"]
+        b, t = records.get(name, {}).get("test", {}), records.get(target, {}).get("test", {})
+        sentences.append(f"The strongest single-stage model on validation is {name} (validation nDCG@10 "
+                         f"{fmt_metric(best['valid_ndcg@10'])}); on the test period it scores nDCG@10 "
+                         f"{fmt_ci(b.get('ndcg@10'), *(b.get('ndcg@10_ci') or [None, None]))}.")
+        row = next((r for r in paired["rows"] if r["against"] == name), None)
+        if row is not None:
+            diff, lo, hi = row[f"{target} - other"], row["95% CI lo"], row["95% CI hi"]
+            verdict = ("lies above zero: the two-stage system is better" if lo > 0 else
+                       "lies below zero: the two-stage system is worse" if hi < 0 else
+                       "includes zero: the two do not separate")
+            rel = f" ({fmt_percent(diff / row['other'], signed=True)})" if row.get("other") else ""
+            sentences.append(f"The two-stage system ({_two_stage_words(info, records)}) scores "
+                             f"{fmt_ci(t.get('ndcg@10'), *(t.get('ndcg@10_ci') or [None, None]))}: a paired difference of "
+                             f"{fmt_ci(diff, lo, hi, signed=True)}{rel} against {name}, whose 95% CI {verdict}.")
+    sentences.append(_audit_sentence(audit, records))
+    return (f'<section id="abstract" class="rs-abstract"><p><b>Abstract.</b> '
+            f'{escape(" ".join(sentences))}</p></section>')
+
+
+# ---------------------------------------------------------------- provenance
+def provenance(run_dir: str | os.PathLike, seed: int | None = None) -> str:
+    """The report's footer, as HTML: the commit that rendered it and the commits its models were
+    fitted at, the seed, profile, split id, device, dataset md5 checksums and package versions."""
+    from html import escape
+    from importlib.metadata import PackageNotFoundError, version
+
+    from .experiment import read_json
+    info = read_json(run_dir, "run.json") or {}
+    records = collect_metrics(run_dir)
+    fitted = sorted({m.get("git_commit") for m in records if m.get("git_commit")})
+    seeds = sorted({m.get("seed") for m in records if m.get("seed") is not None} | ({seed} if seed is not None else set()))
+    devices = sorted({m.get("device") for m in records if m.get("device")})
+    written = sorted(m.get("written") for m in records if m.get("written"))
+    versions = dict(config.package_versions())
+    for name in PROVENANCE_PACKAGES:
+        if name not in versions:
+            try:
+                versions[name] = version(name)
+            except PackageNotFoundError:
+                pass
+    split = info.get("split") or {}
+    lines = [("report rendered at commit", config.git_commit()),
+             ("models fitted at commit", ", ".join(fitted) or DASH),
+             ("seed", ", ".join(map(str, seeds)) or DASH),
+             ("dataset, profile", f"{info.get('dataset', DASH)}, {info.get('profile', DASH)}"),
+             ("split", split.get("id", DASH)),
+             ("device", ", ".join(devices) or DASH),
+             ("models recorded", f"{written[0]} to {written[-1]}" if written else DASH)]
+    lines += [(f"md5 {f}", md5) for f, md5 in sorted((info.get("checksums") or {}).items())]
+    lines.append(("packages", ", ".join(f"{k} {v}" for k, v in versions.items())))
+    rows = "".join(f"<tr><th>{escape(k)}</th><td>{escape(str(v))}</td></tr>" for k, v in lines)
+    return f'<footer id="provenance" class="rs-provenance"><table class="rs-table rs-keyvalue">{rows}</table></footer>'
+
+
+def missing(what: str, stage: str):
+    """An HTML note for the reader that ``what`` is absent because ``stage`` has not run."""
+    from html import escape
+
+    from IPython.display import HTML
+    return HTML(f'<p class="rs-missing"><i>{escape(what)}: not in this run folder (run {escape(stage)} first).</i></p>')
+
+
+def dataset_frame(summary: dict) -> "pd.DataFrame":
+    """dataset.json (written by 00_data) as one row of text, checksums left for the footer."""
+    import pandas as pd
+    return tidy(pd.DataFrame([{k: v for k, v in summary.items() if k not in ("checksums", "dataset")}]))
+
+
+def split_frame(stats: dict) -> "pd.DataFrame":
+    """The split's per-period statistics as text, the period a column (no index)."""
+    t = split_table(stats).rename(columns=lambda c: str(c).replace("_", " "))
+    return tidy(t.rename_axis("period").reset_index())

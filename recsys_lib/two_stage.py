@@ -35,17 +35,21 @@ def load_retriever(run: Run):
     return TwoTower.load(run.require("models", "two_tower.pt", stage="20_two_tower"), device=str(run.device))
 
 
+def notebook_of(model: str) -> str:
+    """The pipeline notebook that fits ``model`` (``ease`` -> ``13_ease``), for error messages."""
+    from .pipeline import notebooks
+    return next((p.stem for p in notebooks() if p.stem.split("_", 1)[-1] == model), f"the notebook of {model}")
+
+
 def load_baselines(run: Run, names: list[str]) -> dict:
-    """Fitted baselines (from their notebooks' checkpoints) whose scores become re-ranker features;
-    a missing one is skipped with a message."""
+    """Fitted baselines (from their notebooks' checkpoints): candidate sources or scorers whose
+    scores become re-ranker features. A missing checkpoint is an error naming the notebook to run
+    first: a silently skipped source would change the candidates and the features."""
     import importlib
     out = {}
     for name in names:
         module, cls = BASELINE_CLASSES[name]
-        path = run.dir / "models" / f"{name}.pt"
-        if not path.exists():
-            print(f"re-ranker feature {name}_score skipped: {path} missing (run its notebook first)")
-            continue
+        path = run.require("models", f"{name}.pt", stage=notebook_of(name))
         out[name] = getattr(importlib.import_module(f"recsys_lib.models.{module}"), cls).load(path, device=str(run.device))
     return out
 
@@ -187,8 +191,10 @@ def design_as_run(run: Run, valid: StageInputs, test: StageInputs, retriever, ep
 def in_fold_audit(run: Run, valid: StageInputs) -> list[dict]:
     """Each saved re-ranker (``models/reranker_*.pt``) scored on the validation users it trained on
     (in-fold, the seed protocol), on those it did not (out-of-fold), and its recorded test score."""
+    import json
+
     from .experiment import read_json
-    chosen = read_json(run.dir, "metrics", "two_stage.json")["params"]["reranker"]
+    chosen = json.loads(run.require("metrics", "two_stage.json", stage="30_reranker").read_text())["params"]["reranker"]
     rows = []
     for path in sorted((run.dir / "models").glob("reranker_*.pt")):
         m = rr.load(path)
@@ -279,13 +285,11 @@ def save_label_window(run: Run, lists: rr.ExtraLists, summary: dict) -> None:
     config.write_json(run.path("window", "summary.json"), summary)
 
 
-def load_label_window(run: Run, names: list[str]) -> rr.ExtraLists | None:
-    """The label window's lists written by 25_label_window, or None when it has not run. Their
-    feature columns must be the validation features' ``names``."""
-    from .experiment import read_json
-    summary = read_json(run.dir, "window", "summary.json")
-    if summary is None:
-        return None
+def load_label_window(run: Run, names: list[str]) -> rr.ExtraLists:
+    """The label window's lists written by 25_label_window (an error naming it when it has not
+    run). Their feature columns must be the validation features' ``names``."""
+    import json
+    summary = json.loads(run.require("window", "summary.json", stage="25_label_window").read_text())
     if summary.get("key") != _window_key(run, summary.get("models", [])):
         raise ValueError("the label window's lists were built from other stage-1 checkpoints than the "
                          "current ones: rerun 25_label_window")
