@@ -330,30 +330,39 @@ def timing_frame(run_dir: str | os.PathLike, period: str = "test") -> "pd.DataFr
     return pd.DataFrame(rows, columns=["model", "fit s", "scoring s"])
 
 
-def stage_seconds(report_dir: str | os.PathLike, run_dir: str | os.PathLike,
+def stage_seconds(run_dir: str | os.PathLike, report_dir: str | os.PathLike | None = None,
                   exclude: tuple[str, ...] = ()) -> "pd.DataFrame":
-    """Wall seconds of each executed notebook of this run (papermill's ``duration`` in the executed
-    copies under ``report_dir/notebooks``; copies made for another run folder, unfinished ones and
-    ``exclude`` are left out). Empty when the notebooks were not run by the pipeline."""
+    """Wall seconds of each notebook of this run, in pipeline order, ``exclude`` left out: from the
+    run's completion records (``state/<notebook>.json``, written by the pipeline); for a run made
+    before those records, papermill's ``duration`` in the executed copies (``<run>/notebooks``,
+    else ``report_dir/notebooks``) made for this run folder. Empty when the notebooks were not
+    run by the pipeline."""
     import json
 
     import pandas as pd
-    rows = []
+
+    from . import runstate
+    from .pipeline import notebooks
     run_dir = Path(run_dir).resolve()
-    for ipynb in sorted(Path(report_dir, "notebooks").glob("*.ipynb")):
-        if ipynb.stem in exclude:
-            continue
-        try:
-            meta = json.loads(ipynb.read_text(encoding="utf-8")).get("metadata", {}).get("papermill", {})
-        except (OSError, ValueError):
-            continue
-        params, duration = meta.get("parameters") or {}, meta.get("duration")
-        if duration is None or meta.get("exception"):
-            continue
-        ran_in = params.get("RUN_DIR") or (config.runs_dir(params.get("DATASET", "")) / params.get("PROFILE", ""))
-        if Path(ran_in).resolve() != run_dir:
-            continue
-        rows.append({"stage": ipynb.stem, "seconds": float(duration)})
+    done = runstate.run_summary(notebooks(), run_dir)["notebooks"]
+    rows = [{"stage": k, "seconds": float(v["seconds"])} for k, v in done.items() if k not in exclude]
+    folders = [run_dir / "notebooks"] + ([Path(report_dir) / "notebooks"] if report_dir else [])
+    for folder in folders if not rows else []:
+        for ipynb in sorted(folder.glob("*.ipynb")):
+            if ipynb.stem in exclude:
+                continue
+            try:
+                meta = json.loads(ipynb.read_text(encoding="utf-8")).get("metadata", {}).get("papermill", {})
+            except (OSError, ValueError):
+                continue
+            params, duration = meta.get("parameters") or {}, meta.get("duration")
+            if duration is None or meta.get("exception"):
+                continue
+            ran_in = params.get("RUN_DIR") or (config.runs_dir(params.get("DATASET", "")) / params.get("PROFILE", ""))
+            if Path(ran_in).resolve() == run_dir:
+                rows.append({"stage": ipynb.stem, "seconds": float(duration)})
+        if rows:
+            break
     return pd.DataFrame(rows, columns=["stage", "seconds"])
 
 

@@ -167,7 +167,17 @@ def test_learning_curves_search_points_and_timing(tmp_path):
     matplotlib.pyplot.close(plots.search_strip(points))
 
 
-def test_stage_seconds_read_this_runs_executed_notebooks(tmp_path):
+def test_stage_seconds_come_from_the_runs_completion_records(tmp_path):
+    run_dir = tmp_path / "run"
+    (run_dir / "state").mkdir(parents=True)
+    for stem, seconds in (("11_mf", 30.5), ("00_data", 7.2), ("90_report", 6.0)):
+        (run_dir / "state" / f"{stem}.json").write_text(json.dumps(
+            {"notebook": stem, "seconds": seconds, "finished": "2026-11-28T14:52:05.1", "code": "c0de"}))
+    s = report.stage_seconds(run_dir, exclude=("90_report",))
+    assert s.to_dict("records") == [{"stage": "00_data", "seconds": 7.2}, {"stage": "11_mf", "seconds": 30.5}]
+
+
+def test_stage_seconds_of_older_runs_from_executed_notebooks(tmp_path):
     run_dir = tmp_path / "runs" / "x" / "full"
     nb_dir = tmp_path / "reports" / "notebooks"
     nb_dir.mkdir(parents=True)
@@ -176,9 +186,9 @@ def test_stage_seconds_read_this_runs_executed_notebooks(tmp_path):
                                ("90_report", run_dir, 6.0)):
         meta = {"metadata": {"papermill": {"duration": duration, "parameters": {"RUN_DIR": str(rd)}}}}
         (nb_dir / f"{stem}.ipynb").write_text(json.dumps(meta))
-    s = report.stage_seconds(tmp_path / "reports", run_dir, exclude=("90_report",))
+    s = report.stage_seconds(run_dir, tmp_path / "reports", exclude=("90_report",))
     assert s.to_dict("records") == [{"stage": "00_data", "seconds": 7.2}, {"stage": "11_mf", "seconds": 30.5}]
-    assert report.stage_seconds(tmp_path / "nowhere", run_dir).empty
+    assert report.stage_seconds(run_dir).empty
 
 
 # ---------------------------------------------------------------- abstract and footer
