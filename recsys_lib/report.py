@@ -371,11 +371,11 @@ def table_html(frame: "pd.DataFrame", table_id: str | None = None, strong: tuple
     """A plain HTML table of ``frame``'s text, without an index column; the first column is left
     aligned, the others right aligned; rows whose first cell is in ``strong`` are bold."""
     from html import escape
-    head = "".join(f"<th>{escape(str(c))}</th>" for c in frame.columns)
+    head = "".join(f"<th>{escape(str(c), quote=False)}</th>" for c in frame.columns)
     body = []
     for row in frame.itertuples(index=False):
         cls = ' class="rs-strong"' if str(row[0]) in strong else ""
-        body.append(f"<tr{cls}>" + "".join(f"<td>{escape(str(v))}</td>" for v in row) + "</tr>")
+        body.append(f"<tr{cls}>" + "".join(f"<td>{escape(str(v), quote=False)}</td>" for v in row) + "</tr>")
     tid = f' id="{escape(table_id)}"' if table_id else ""
     return (f'<table class="rs-table"{tid}><thead><tr>{head}</tr></thead>'
             f'<tbody>{"".join(body)}</tbody></table>')
@@ -410,7 +410,7 @@ class Captions:
         self.tables += 1
         return HTML(f'<figure class="rs-figure rs-table-figure" id="{escape(table_id)}-figure">'
                     f'{table_html(frame, table_id, strong)}<figcaption><b>Table {self.tables}.</b> '
-                    f'{escape(caption)}</figcaption></figure>')
+                    f'{escape(caption, quote=False)}</figcaption></figure>')
 
     def figure(self, fig, caption: str, figure_id: str, dpi: int = 100):
         from html import escape
@@ -420,7 +420,7 @@ class Captions:
         uri = figure_png(fig, dpi)
         return HTML(f'<figure class="rs-figure" id="{escape(figure_id)}"><img src="{uri}" '
                     f'alt="{escape(caption, quote=True)}"><figcaption><b>Figure {self.figures}.</b> '
-                    f'{escape(caption)}</figcaption></figure>')
+                    f'{escape(caption, quote=False)}</figcaption></figure>')
 
 
 # ---------------------------------------------------------------- the abstract
@@ -458,8 +458,8 @@ def _split_sentence(info: dict) -> str:
                f"train ratings per user and movie, {p['eval_core']} per scored user and period)")
     else:
         how = f"strategy {p['strategy']}"
-    return (f"Split ({p['strategy']}): {how}. Every model is tuned on validation and scored once on the "
-            f"test period: {fmt_count(test.get('users_scored'))} users with a positive, each ranking the full "
+    return (f"Split ({p['strategy']}): {how}; every model is tuned on validation and scored once on the "
+            f"test period's {fmt_count(test.get('users_scored'))} users with a positive, each ranking the full "
             f"catalogue of {fmt_count(train.get('items'))} movies minus what they rated.")
 
 
@@ -529,7 +529,7 @@ def abstract(run_dir: str | os.PathLike) -> str:
                              f"{fmt_ci(diff, lo, hi, signed=True)}{rel} against {name}, whose 95% CI {verdict}.")
     sentences.append(_audit_sentence(audit, records))
     return (f'<section id="abstract" class="rs-abstract"><p><b>Abstract.</b> '
-            f'{escape(" ".join(sentences))}</p></section>')
+            f'{escape(" ".join(sentences), quote=False)}</p></section>')
 
 
 # ---------------------------------------------------------------- provenance
@@ -563,7 +563,7 @@ def provenance(run_dir: str | os.PathLike, seed: int | None = None) -> str:
              ("models recorded", f"{written[0]} to {written[-1]}" if written else DASH)]
     lines += [(f"md5 {f}", md5) for f, md5 in sorted((info.get("checksums") or {}).items())]
     lines.append(("packages", ", ".join(f"{k} {v}" for k, v in versions.items())))
-    rows = "".join(f"<tr><th>{escape(k)}</th><td>{escape(str(v))}</td></tr>" for k, v in lines)
+    rows = "".join(f"<tr><th>{escape(k, quote=False)}</th><td>{escape(str(v), quote=False)}</td></tr>" for k, v in lines)
     return f'<footer id="provenance" class="rs-provenance"><table class="rs-table rs-keyvalue">{rows}</table></footer>'
 
 
