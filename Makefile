@@ -8,7 +8,7 @@ DATASET ?= synthetic
 PROFILE ?= full
 PYTEST_ARGS ?=
 
-.PHONY: venv test test-demo report bench bench-data bench-eval bench-step bench-features lab clean-runs
+.PHONY: venv test test-demo report report-check bench bench-data bench-eval bench-step bench-features lab clean-runs
 
 venv: $(STAMP)
 
@@ -29,6 +29,11 @@ test-demo: $(STAMP)
 
 report: $(STAMP)
 	$(PY) -m recsys_lib.pipeline --dataset $(DATASET) --profile $(PROFILE)
+
+# The rendered report in headless Chromium (Debian's chromium): images, offline, console, width;
+# screenshots in reports/$(DATASET)/screenshots/.
+report-check: $(STAMP)
+	$(PY) -m recsys_lib.browser_check reports/$(DATASET)/index.html
 
 lab: $(STAMP)
 	$(VENV)/bin/jupyter lab notebooks/

@@ -66,8 +66,9 @@ def test_results_frame_sorted_formatted_and_without_index(tmp_path):
     assert report.scored_users(tmp_path, "test") == 561 and report.scored_users(tmp_path, "valid") == 551
     html = report.table_html(t, "results", strong=("two_stage",))
     header = html.split("<thead>")[1].split("</thead>")[0]
-    assert header.count("<th>") == len(t.columns) and "<th></th>" not in html     # no index column
-    assert '<tr class="rs-strong"><td>two_stage</td>' in html and 'id="results"' in html
+    assert header.count("<th") == len(t.columns) and "<th></th>" not in html      # no index column
+    assert header.startswith("<tr><th>model</th>") and '<th class="rs-num">fit s</th>' in header
+    assert '<tr class="rs-strong"><td>two_stage</td><td class="rs-num">0.1217 [' in html and 'id="results"' in html
 
 
 def _paired():
@@ -229,6 +230,18 @@ def test_abstract_is_computed_from_the_run_folder(tmp_path):
         assert part in text, part
     sentences = text.split("</b> ")[1].count(". ") + 1
     assert sentences == 5                     # data, split, baseline, two-stage, audit
+
+
+def test_the_audit_sentence_follows_its_numbers(tmp_path):
+    _run_folder(tmp_path)
+    few = {"design_as_run": [{"optimizer steps": 2, "in-sample valid (protocol IDCG)": 0.033, "honest test": 0.036}],
+           "reranker": [{"re-ranker": "lgbm_lr02", "seed protocol: valid users it trained on": 0.29954,
+                         "out-of-fold valid users": 0.2310, "honest test": 0.2573}]}
+    text = report._audit_sentence(few, {"two_stage": {"params": {"reranker": "lgbm_lr02"}}})
+    assert "chosen re-ranker (lgbm_lr02) reaches nDCG@10 0.300, against 0.231" in text
+    few["reranker"][0]["seed protocol: valid users it trained on"] = 0.232
+    text = report._audit_sentence(few, {"two_stage": {"params": {"reranker": "lgbm_lr02"}}})
+    assert "0.033 in-sample and 0.036 on test after 2 optimizer steps: too few to memorise" in text
 
 
 def test_abstract_says_which_notebook_is_missing(tmp_path):
