@@ -19,7 +19,7 @@ import scipy.sparse as sp
 import torch
 from tqdm.auto import tqdm
 
-from . import metrics
+from . import dist, metrics
 from .features import ScoringContext, SplitData
 
 DEFAULT_KS = (10, 50, 100, 200, 500, 1000)
@@ -107,7 +107,11 @@ def rank_topk(scorer: Scorer | Callable, users: np.ndarray, ctx: ScoringContext,
 
     The one batched top-K loop of the library (evaluation, candidate generation). With
     ``with_scores`` also their scores, ((U, k) int64, (U, k) float32): a slot beyond a user's
-    unseen items (a user who has seen all but fewer than ``k`` items) has score ``-inf``."""
+    unseen items (a user who has seen all but fewer than ``k`` items) has score ``-inf``.
+
+    Inside a torchrun process group of N > 1 ranks every rank must call it with the same
+    arguments: rank r scores batches r, r + N, ... (the very batches one process scores, so the
+    same scores) and the lists are gathered; every rank returns the single-process result."""
     score = scorer.score_all if hasattr(scorer, "score_all") else scorer
     users = np.asarray(users, dtype=np.int64)
     n_items = n_items if n_items is not None else ctx.seen.shape[1]
@@ -115,7 +119,8 @@ def rank_topk(scorer: Scorer | Callable, users: np.ndarray, ctx: ScoringContext,
     out = np.empty((len(users), k), dtype=np.int64)
     values = np.empty((len(users), k), dtype=np.float32) if with_scores else None
     starts = range(0, len(users), batch_users)
-    for start in tqdm(starts, desc=desc, disable=not progress, leave=False):
+    for start in tqdm(dist.my_batches(starts), desc=desc, disable=not progress or not dist.is_main(),
+                      leave=False):
         batch = users[start:start + batch_users]
         scores = score(torch.from_numpy(batch), ctx).float()        # (B, n_items)
         _mask_seen(scores, ctx.seen, batch)
@@ -123,6 +128,10 @@ def rank_topk(scorer: Scorer | Callable, users: np.ndarray, ctx: ScoringContext,
         out[start:start + len(batch)] = top.indices.cpu().numpy()
         if with_scores:
             values[start:start + len(batch)] = top.values.cpu().numpy()
+    if dist.sharding():
+        dist.share_rows(out, starts, batch_users)
+        if with_scores:
+            dist.share_rows(values, starts, batch_users)
     return (out, values) if with_scores else out
 
 

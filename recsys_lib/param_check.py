@@ -29,10 +29,12 @@ SECTION_CONFIGS = {
 AT_LEAST_ONE = {"epochs", "batch_size", "dim", "dim_gmf", "dim_mlp", "factors", "iterations", "n_estimators",
                 "folds", "candidate_k", "users_per_batch", "history_len", "num_leaves", "emb_dim",
                 "early_stopping_rounds", "n_bootstrap", "batch_users", "core", "train_core", "eval_core",
-                "n_tags", "year_bucket", "num_threads", "lstm_hidden", "side_dim"}
+                "n_tags", "year_bucket", "num_threads", "lstm_hidden", "side_dim", "nproc", "nnodes"}
 AT_LEAST_ZERO = {"patience", "n_neg", "negatives", "n_uniform_neg", "max_edge_steps", "window_days", "seed",
                  "dropout", "weight_decay", "l2", "min_child_samples"}
-ABOVE_ZERO = {"lr", "max_lr", "learning_rate", "reg", "regularization", "alpha", "temperature"}
+ABOVE_ZERO = {"lr", "max_lr", "learning_rate", "reg", "regularization", "alpha", "temperature",
+              "timeout_minutes"}
+WORDS = {"nproc": ("auto",)}                 # keys that take a word besides a number
 SHARES = {"held_out_share", "label_window", "train_frac", "valid_frac"}
 
 
@@ -49,6 +51,8 @@ def _check_value(key: str, leaf: str, old: Any, new: Any) -> None:
         raise ConfigError(f"--set {key}={new!r}: {why}")
 
     is_num = isinstance(new, Number) and not isinstance(new, bool)
+    if new in WORDS.get(leaf, ()) or old in WORDS.get(leaf, ()) and is_num:
+        old = None                                   # dist.nproc: auto <-> a number
     if isinstance(old, bool) and not isinstance(new, bool):
         fail("expected true or false")
     if isinstance(old, Number) and not isinstance(old, bool) and not is_num and new is not None:

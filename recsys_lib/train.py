@@ -19,6 +19,7 @@ import scipy.sparse as sp
 import torch
 from tqdm.auto import tqdm
 
+from . import dist
 from .config import atomic_write, load_torch
 
 
@@ -137,24 +138,31 @@ def fit_loop(model: torch.nn.Module, batches: Callable[[int], Iterable[Any]],
              loss_fn: Callable[[torch.nn.Module, Any], torch.Tensor], optimizer: torch.optim.Optimizer,
              cfg: LoopConfig, validate: Callable[[], float] | None = None,
              scheduler: Any = None, batch_size_of: Callable[[Any], int] | None = None,
-             name: str = "model") -> FitHistory:
+             name: str = "model", shard: Callable[[Any, int, int], Any] | None = None) -> FitHistory:
     """Train ``model``; after each ``eval_every`` epochs call ``validate()`` (higher is better),
     keep the best state and stop after ``patience`` checks without improvement. The best state
-    is restored before returning. ``batches(epoch)`` yields whatever ``loss_fn`` takes."""
+    is restored before returning. ``batches(epoch)`` yields whatever ``loss_fn`` takes.
+
+    Under torchrun with more than one rank (`recsys_lib.dist`), every rank iterates the same
+    global batches and computes the loss of its block of rows, cut by ``shard(batch, lo, hi)``
+    (default: rows [lo, hi) of every tensor), inside DistributedDataParallel; the logged loss is
+    the global batch's. ``validate`` runs on every rank (its scoring is sharded), so all ranks
+    take the same early-stopping decisions."""
     history = FitHistory()
     best_state = None
     bad_checks = 0
     t_start = time.perf_counter()
     device_type = next(model.parameters()).device.type
+    ddp = dist.data_parallel(model, loss_fn, shard) if dist.sharding() else None
     for epoch in range(cfg.epochs):
-        model.train()
+        (model if ddp is None else ddp).train()
         t0 = time.perf_counter()
         total, steps, samples = 0.0, 0, 0
-        bar = tqdm(batches(epoch), desc=f"{name} epoch {epoch + 1}/{cfg.epochs}", disable=not cfg.progress,
-                   leave=False)
+        bar = tqdm(batches(epoch), desc=f"{name} epoch {epoch + 1}/{cfg.epochs}",
+                   disable=not cfg.progress or not dist.is_main(), leave=False)
         for batch in bar:
             with torch.autocast(device_type, dtype=torch.bfloat16, enabled=cfg.amp_bf16):
-                loss = loss_fn(model, batch)
+                loss = loss_fn(model, batch) if ddp is None else ddp(batch)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip > 0:
@@ -165,6 +173,8 @@ def fit_loop(model: torch.nn.Module, batches: Callable[[int], Iterable[Any]],
             total += float(loss.detach())
             steps += 1
             samples += batch_size_of(batch) if batch_size_of else 0
+        if ddp is not None:
+            total = dist.sum_float(total) / dist.world()        # ranks' scaled shares -> global mean
         train_seconds = time.perf_counter() - t0
         record = {"epoch": epoch + 1, "loss": total / max(steps, 1), "train_seconds": train_seconds,
                   "samples_per_s": samples / train_seconds if samples and train_seconds > 0 else None}

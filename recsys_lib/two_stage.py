@@ -115,9 +115,18 @@ def _feature_key(run: Run, cand_path, extra: dict) -> str:
 def fit(run: Run, valid: StageInputs, retriever, section: dict, window: rr.ExtraLists | None = None):
     """Train every re-ranker variant on validation candidates (and the label window's lists, when
     given) inside the guard: train and validation rows only; returns (chosen model, table, all
-    models)."""
+    models). With ``dist.nproc`` > 1 in the params the MLP variants train in that many torchrun
+    processes (`dist_train.fit_reranker`); with 1, here, as always."""
+    from . import dist_train
     with guard.fitting("reranker", allow=("train", "valid")):
+        if dist_train.distributed(run.params) and _has_mlp_variant(section):
+            return dist_train.fit_reranker(run, valid, retriever, section, window)
         return rr.tune(section, valid, run.data, retriever, seed=run.seed, extra=window, progress=True)
+
+
+def _has_mlp_variant(section: dict) -> bool:
+    variants = section.get("variants", rr.VARIANTS)
+    return any((v if isinstance(v, str) else v.get("variant")) in ("id_mlp", "mlp_features") for v in variants)
 
 
 def record_variants(run: Run, chosen: rr.Reranker, search, models: dict[str, rr.Reranker],

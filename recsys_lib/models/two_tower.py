@@ -35,7 +35,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from .. import guard
+from .. import dist, guard
 from ..config import resolve_device, seed_everything
 from ..errors import ConfigError
 from ..evaluate import DEFAULT_KS
@@ -219,11 +219,16 @@ class TwoTowerNet(nn.Module):
         """Sampled softmax over the batch's positives (+ shared uniform extras) as negatives:
         logit(i, j) = <u_i, v_j> / temperature - log Q(j), where Q(j) is the expected number of
         draws of item j as a column (B * P(j is a positive) in-batch, M / n_items for the uniform
-        extras); other columns holding row i's own positive item are masked (not negatives)."""
-        users, hist, pos, extra = batch
-        u = self.user_tower(users, hist).float() / self.cfg.temperature  # (B, D), scaled once
+        extras); other columns holding row i's own positive item are masked (not negatives).
+
+        Distributed (`shard_softmax`): ``batch`` ends with (lo, hi); ``users`` and ``hist`` are
+        rows [lo, hi) of the global batch, ``pos`` and ``extra`` the whole batch's columns, whose
+        item-tower outputs the ranks compute a block each and gather (`dist.gathered`)."""
+        users, hist, pos, extra, *rows = batch
+        lo, hi = rows[0] if rows else (0, len(pos))
+        u = self.user_tower(users, hist).float() / self.cfg.temperature  # (b, D), scaled once
         cand = pos if extra is None else torch.cat([pos, extra])          # (B + M,)
-        v = self.item_tower(cand).float()                                 # (B + M, D)
+        v = (dist.gathered(self.item_tower, cand) if rows else self.item_tower(cand)).float()  # (B + M, D)
         b = len(pos)
         if self.cfg.logq:
             bias = -(self.log_pop[pos] + math.log(b))                     # (B,)
@@ -232,14 +237,22 @@ class TwoTowerNet(nn.Module):
             logits = torch.addmm(bias.unsqueeze(0), u, v.T)               # (B, B + M), one pass
         else:
             logits = u @ v.T                                              # (B, B + M)
-        rows, cols = _same_item_pairs(pos, cand)
-        if len(rows):
-            logits = logits.index_put((rows, cols), logits.new_tensor(float("-inf")))
-        return F.cross_entropy(logits, torch.arange(b, device=pos.device))
+        same, cols = _same_item_pairs(pos[lo:hi], cand, lo)
+        if len(same):
+            logits = logits.index_put((same, cols), logits.new_tensor(float("-inf")))
+        return F.cross_entropy(logits, torch.arange(lo, hi, device=pos.device))
 
 
-def _same_item_pairs(pos: torch.Tensor, cand: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(row, column) pairs with cand[column] == pos[row] and column != row, without a B x B mask."""
+def shard_softmax(batch, lo: int, hi: int):
+    """A rank's part of a softmax batch: rows [lo, hi) of users and histories, all the columns
+    (positives and extras), and (lo, hi) (`TwoTowerNet.softmax_loss`)."""
+    users, hist, pos, extra = batch
+    return users[lo:hi], hist[lo:hi], pos, extra, (lo, hi)
+
+
+def _same_item_pairs(pos: torch.Tensor, cand: torch.Tensor, offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row, column) pairs with cand[column] == pos[row] and column != row + ``offset`` (rows
+    ``pos`` are rows offset.. of the batch whose columns are ``cand``), without a B x B mask."""
     sorted_cand, order = torch.sort(cand)                                 # (C,)
     lo = torch.searchsorted(sorted_cand, pos, right=False)                # (B,)
     hi = torch.searchsorted(sorted_cand, pos, right=True)                 # (B,)
@@ -251,7 +264,7 @@ def _same_item_pairs(pos: torch.Tensor, cand: torch.Tensor) -> tuple[torch.Tenso
     rows = torch.repeat_interleave(torch.arange(len(pos), device=pos.device), counts)   # (P,)
     start = torch.repeat_interleave(lo - torch.cumsum(counts, 0) + counts, counts)     # (P,)
     cols = order[start + torch.arange(total, device=pos.device)]          # (P,)
-    keep = cols != rows
+    keep = cols != rows + offset
     return rows[keep], cols[keep]
 
 
@@ -353,7 +366,8 @@ class TwoTower(Recommender):
         print(f"two_tower ({cfg.variant}): {n:,} training triplets, {steps} steps/epoch", flush=True)
         hist = fit_loop(self.net, batches, self._loss_fn(), opt, loop,
                         validate=(lambda: validate(self)) if validate is not None else None,
-                        scheduler=sched, batch_size_of=lambda b: len(b[0]), name=f"two_tower[{cfg.variant}]")
+                        scheduler=sched, batch_size_of=lambda b: len(b[0]), name=f"two_tower[{cfg.variant}]",
+                        shard=shard_softmax if cfg.variant == "softmax" else None)
         self.net.eval()
         self.history = hist.as_dict()
         return {"best_epoch": hist.best_epoch, "best_metric": hist.best_metric,

@@ -1,0 +1,111 @@
+"""One training step of every deep model, distributed against one process (run by test_dist.py
+under ``torchrun --nproc-per-node=2``; not a test module itself).
+
+Each model's own ``fit`` runs up to its call of ``fit_loop``, which is replaced here by a probe:
+it takes the first global batch, computes the single-process gradient on a copy of the network
+(plain dropout, whole batch), then the distributed gradient (`dist.data_parallel`: this rank's
+rows, scaled, shard-aware dropout, DDP averaging) from the same random state, and records the
+largest difference relative to the gradient's size. Rank 0 writes {case: difference} as JSON.
+
+    torchrun --standalone --nproc-per-node=2 tests/unit/dist_step_worker.py RUN_DIR OUT.json
+"""
+from __future__ import annotations
+
+import copy
+import json
+import sys
+
+import numpy as np
+import torch
+
+from recsys_lib import config, dist
+from recsys_lib.candidates import generate_candidates
+from recsys_lib.evaluate import Labels
+from recsys_lib.models import mf, neumf, reranker, two_tower
+from recsys_lib.rerank_features import build_features, retriever_user_table
+
+NOISE = 1e-7          # a parameter whose whole gradient is below this is rounding noise (BPR-invariant biases)
+
+
+class Probed(Exception):
+    pass
+
+
+def probe(results: dict, case: str):
+    def fit_loop(model, batches, loss_fn, optimizer, cfg, validate=None, scheduler=None,
+                 batch_size_of=None, name="model", shard=None):
+        batch = next(iter(batches(0)))
+        ref = copy.deepcopy(model).train()
+        state = torch.get_rng_state()
+        loss_fn(ref, batch).backward()
+        torch.set_rng_state(state)
+        ddp = dist.data_parallel(model, loss_fn, shard).train()
+        ddp(batch).backward()
+        worst = 0.0
+        for (k, p), q in zip(model.named_parameters(), ref.parameters()):
+            scale = float(q.grad.abs().max()) if q.grad is not None else 0.0
+            if scale > NOISE:
+                worst = max(worst, float((p.grad - q.grad).abs().max()) / scale)
+        results[case] = worst
+        raise Probed
+    return fit_loop
+
+
+class SVD:
+    def __init__(self, data, d: int = 8):
+        u, s, vt = np.linalg.svd(data.train.matrix(data.n_users, data.n_items).toarray(), full_matrices=False)
+        self.U = torch.tensor(u[:, :d] * np.sqrt(s[:d]), dtype=torch.float32)
+        self.V = torch.tensor(vt[:d].T * np.sqrt(s[:d]), dtype=torch.float32)
+
+    def user_embeddings(self, users, ctx):
+        return self.U[users]
+
+    def item_embeddings(self):
+        return self.V
+
+    def score_all(self, users, ctx):
+        return self.U[users] @ self.V.T
+
+    def score_pairs(self, users, items, ctx):
+        return (self.U[users] * self.V[items]).sum(1)
+
+
+def main(run_dir: str, out: str) -> None:
+    dist.init("cpu")
+    data = config.load_torch(f"{run_dir}/data.pt")
+    results: dict[str, float] = {}
+    small = dict(dim=16, side_dim=8, lstm_hidden=16, user_hidden=[32], item_hidden=[32], device="cpu", seed=0)
+    fits = {
+        "mf (257 rows)": lambda: mf.MF(dim=8, batch_size=257, device="cpu", verbose=False).fit(data),
+        "mf (1 row: rank 1 idle at weight 0)": lambda: mf.MF(dim=8, batch_size=1, device="cpu", verbose=False).fit(data),
+        "neumf": lambda: neumf.NeuMF(batch_size=301, n_neg=2, device="cpu", verbose=False).fit(data),
+        "two_tower seed": lambda: two_tower.TwoTower(two_tower.TwoTowerConfig(variant="seed", batch_size=301,
+                                                                             **small)).fit(data),
+        "two_tower softmax": lambda: two_tower.TwoTower(two_tower.TwoTowerConfig(
+            variant="softmax", batch_size=301, n_uniform_neg=7, dropout=0.2, **small)).fit(data),
+    }
+    labels = Labels.build(data, "valid")
+    svd = SVD(data)
+    cands = generate_candidates(svd, labels, k=30)
+    ue = retriever_user_table(svd, labels.users, labels.ctx, data.n_users)
+    X, names = build_features(cands, data, labels.ctx, "valid", svd, {}, ue)
+    inputs = reranker.StageInputs(labels, cands, X, names, ue)
+    for kind, extra in (("id_mlp", {"batch_size": 101}), ("mlp_features", {"loss": "softmax", "users_per_batch": 9})):
+        cfg = reranker.RerankerConfig(variant=kind, dropout=0.3, hidden=[16, 8], emb_dim=8, **extra)
+        fits[f"reranker {kind} (dropout 0.3)"] = lambda cfg=cfg: reranker.fit_reranker(cfg, inputs, data, svd)
+    modules = (mf, neumf, two_tower, reranker)
+    for case, fit in fits.items():
+        for module in modules:
+            module.fit_loop = probe(results, case)
+        try:
+            fit()
+        except Probed:
+            pass
+    if dist.is_main():
+        with config.atomic_write(out) as tmp:
+            tmp.write_text(json.dumps(results, indent=1))
+    dist.shutdown()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])
