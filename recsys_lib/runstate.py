@@ -160,6 +160,8 @@ def first_stale(notebooks: list[Path], run_dir: Path, shared: dict, params: dict
         for path, fp in rec.get("outputs", {}).items():
             last_writer[path] = (i, fp)
     moved = {i for path, (i, fp) in last_writer.items() if current.get(path) != fp}
+    if not any(records):
+        return 0, "a new run"
     for i, (nb, rec) in enumerate(zip(notebooks, records)):
         if rec is None:
             return i, "not finished in an earlier run"
