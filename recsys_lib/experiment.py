@@ -185,7 +185,9 @@ class Run:
         return removed
 
     def per_user(self, name: str, period: str) -> pd.DataFrame:
-        return pd.read_parquet(self.require("per_user", f"{name}-{period}.parquet", stage=f"the notebook of {name}"))
+        from .two_stage import notebook_of
+        stage = "30_reranker" if name.startswith("two_stage") else notebook_of(name)
+        return pd.read_parquet(self.require("per_user", f"{name}-{period}.parquet", stage=stage))
 
     def save_curve(self, name: str, history: Any) -> None:
         config.write_json(self.path("curves", f"{name}.json"),

@@ -12,14 +12,9 @@ MODELS = ["popularity", "mf", "neumf", "ease", "ials", "two_tower", "two_stage"]
 
 
 @pytest.fixture(scope="module")
-def report(tmp_path_factory):
-    root = tmp_path_factory.mktemp("pipeline")
-    mp = pytest.MonkeyPatch()
-    mp.setenv("RECSYS_DATA_DIR", str(root / "data"))
-    mp.setenv("RECSYS_REPORTS_DIR", str(root / "reports"))
-    index = pipeline.run_pipeline("synthetic-tiny", "quick", timeout=600)
-    yield index
-    mp.undo()
+def report(built_report):
+    """The session's pipeline run (tests/notebooks/conftest.py), shared with the browser test."""
+    return built_report
 
 
 @pytest.mark.slow
