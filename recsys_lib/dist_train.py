@@ -226,12 +226,19 @@ def failure_message(name: str, code: int, lines: list[str]) -> str:
     text = "".join(lines)
     found = re.findall(r"rank\s*:\s*(\d+) \(local_rank: (\d+)\)\s*\n\s*exitcode\s*:\s*(-?\d+) "
                        r"\(pid: (\d+)\)\s*(?:\((\w+)\))?", text)
+    root = re.search(r"Root Cause.*?rank\s*:\s*(\d+)", text, re.S)
+    root_rank = root.group(1) if root else None
+
+    def order(f):           # the likely cause first: killed by a signal, then torchrun's root cause
+        return (f[4] in ("", "SIGTERM"), f[0] != root_rank, f[4] == "SIGTERM", int(f[0]))
     how = []
-    for rank, local, exitcode, pid, sig in found:
-        what = f"was killed by {sig}" if sig else f"exited with code {exitcode}"
+    for rank, local, exitcode, pid, sig in sorted(set(found), key=order):
+        what = ("was stopped by torchrun (SIGTERM)" if sig == "SIGTERM" else f"was killed by {sig}" if sig
+                else f"exited with code {exitcode}")
         how.append(f"rank {rank} (local rank {local}, pid {pid}) {what}")
-    who = "; ".join(dict.fromkeys(how)) if how else f"torchrun exited with code {code}"
-    errors = [ln.strip() for ln in lines if re.search(r"(Error|Exception)\b", ln)][-3:]
+    who = "; ".join(how) if how else f"torchrun exited with code {code}"
+    errors = [ln.strip() for ln in lines if re.match(r"\s*[\w.]*(Error|Exception): ", ln)
+              and "ChildFailedError" not in ln][-3:]
     detail = ("\n  " + "\n  ".join(errors)) if errors else ""
     return (f"distributed fit of {name} failed: {who}. No checkpoint was written (rank 0 writes "
             f"it only after every rank finished).{detail}")

@@ -153,6 +153,8 @@ def fit_loop(model: torch.nn.Module, batches: Callable[[int], Iterable[Any]],
     bad_checks = 0
     t_start = time.perf_counter()
     device_type = next(model.parameters()).device.type
+    # bf16 autocast where asked, except on a GPU without bf16 units (pre-Ampere), where it fails
+    amp = cfg.amp_bf16 and (device_type != "cuda" or torch.cuda.is_bf16_supported())
     ddp = dist.data_parallel(model, loss_fn, shard) if dist.sharding() else None
     for epoch in range(cfg.epochs):
         (model if ddp is None else ddp).train()
@@ -161,7 +163,7 @@ def fit_loop(model: torch.nn.Module, batches: Callable[[int], Iterable[Any]],
         bar = tqdm(batches(epoch), desc=f"{name} epoch {epoch + 1}/{cfg.epochs}",
                    disable=not cfg.progress or not dist.is_main(), leave=False)
         for batch in bar:
-            with torch.autocast(device_type, dtype=torch.bfloat16, enabled=cfg.amp_bf16):
+            with torch.autocast(device_type, dtype=torch.bfloat16, enabled=amp):
                 loss = loss_fn(model, batch) if ddp is None else ddp(batch)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
