@@ -70,7 +70,7 @@ def init(device: str = "auto", timeout_minutes: float = 30.0) -> torch.device:
         torch.cuda.set_device(dev)
         backend = "nccl"
     else:
-        dev = torch.device("cpu") if dev.type != "cpu" else dev
+        dev = torch.device("cpu")                    # mps or cpu: gloo on the cpu
         backend = "gloo"
     if not initialized() and "WORLD_SIZE" in os.environ:
         tdist.init_process_group(backend, timeout=timedelta(minutes=timeout_minutes),
