@@ -133,8 +133,10 @@ class Run:
         section = section or name
         validate = self.early_stopping_metric(early_stopping_users, metric, history_len)
         t0 = time.perf_counter()
+        from . import dist_train      # dist.nproc > 1: the same search in torchrun processes
         with guard.fitting(name):
-            model, search = tune(self.data, self.params.get(section, {}), validate, self.device, self.seed)
+            model, search = dist_train.tune(self, name, tune, validate, section, metric, history_len,
+                                            early_stopping_users)
         fit_seconds = time.perf_counter() - t0
         cfg = getattr(model, "cfg", None) or getattr(model, "config", None)
         summary = tuning.summarize(search, self.params.get(section, {}).get("grid"),
