@@ -12,12 +12,13 @@ PYTEST_ARGS ?=
 
 venv: $(STAMP)
 
-# Reinstalls only when the pins or the package metadata change.
+# Reinstalls only when the pins or the package metadata change. pip runs with -qq: a package index
+# configured with missing local folders prints a warning per package, which would flood the console.
 $(STAMP): requirements.txt pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -r requirements.txt
-	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
+	$(PY) -m pip install --quiet --quiet --upgrade pip
+	$(PY) -m pip install --quiet --quiet -r requirements.txt
+	$(PY) -m pip install --quiet --quiet --no-deps --no-build-isolation -e .
 	$(PY) -m ipykernel install --sys-prefix --name recsys --display-name "Python 3 (recsys)" >/dev/null
 	@touch $(STAMP)
 

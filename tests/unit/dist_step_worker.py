@@ -23,6 +23,7 @@ from recsys_lib.candidates import generate_candidates
 from recsys_lib.evaluate import Labels
 from recsys_lib.models import mf, neumf, reranker, two_tower
 from recsys_lib.rerank_features import build_features, retriever_user_table
+from svd_retriever import SVDRetriever
 
 NOISE = 1e-7          # a parameter whose whole gradient is below this is rounding noise (BPR-invariant biases)
 
@@ -51,25 +52,6 @@ def probe(results: dict, case: str):
     return fit_loop
 
 
-class SVD:
-    def __init__(self, data, d: int = 8):
-        u, s, vt = np.linalg.svd(data.train.matrix(data.n_users, data.n_items).toarray(), full_matrices=False)
-        self.U = torch.tensor(u[:, :d] * np.sqrt(s[:d]), dtype=torch.float32)
-        self.V = torch.tensor(vt[:d].T * np.sqrt(s[:d]), dtype=torch.float32)
-
-    def user_embeddings(self, users, ctx):
-        return self.U[users]
-
-    def item_embeddings(self):
-        return self.V
-
-    def score_all(self, users, ctx):
-        return self.U[users] @ self.V.T
-
-    def score_pairs(self, users, items, ctx):
-        return (self.U[users] * self.V[items]).sum(1)
-
-
 def main(run_dir: str, out: str) -> None:
     dist.init("cpu")
     data = config.load_torch(f"{run_dir}/data.pt")
@@ -85,7 +67,7 @@ def main(run_dir: str, out: str) -> None:
             variant="softmax", batch_size=301, n_uniform_neg=7, dropout=0.2, **small)).fit(data),
     }
     labels = Labels.build(data, "valid")
-    svd = SVD(data)
+    svd = SVDRetriever(data)
     cands = generate_candidates(svd, labels, k=30)
     ue = retriever_user_table(svd, labels.users, labels.ctx, data.n_users)
     X, names = build_features(cands, data, labels.ctx, "valid", svd, {}, ue)

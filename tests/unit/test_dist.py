@@ -29,6 +29,7 @@ from recsys_lib import dist, dist_train, guard
 from recsys_lib.config import PARAMS_DIR, load_params, load_torch
 from recsys_lib.errors import ConfigError
 from recsys_lib.models.two_tower import _same_item_pairs
+from svd_retriever import SVDRetriever
 
 
 # ---------------------------------------------------------------- one process
@@ -161,27 +162,6 @@ OVERRIDES = {                 # the quick profile, small enough for a few second
     "neumf.grid": {"lr": [0.01]}, "neumf.max_edge_steps": 0,
     "reranker.variants": ["id_mlp", "mlp_features"],
 }
-
-
-class SVDRetriever:
-    """A quick retriever for the re-ranker's inputs: truncated SVD of the train matrix."""
-
-    def __init__(self, data, d: int = 8):
-        u, s, vt = np.linalg.svd(data.train.matrix(data.n_users, data.n_items).toarray(), full_matrices=False)
-        self.U = torch.tensor(u[:, :d] * np.sqrt(s[:d]), dtype=torch.float32)
-        self.V = torch.tensor(vt[:d].T * np.sqrt(s[:d]), dtype=torch.float32)
-
-    def user_embeddings(self, users, ctx):
-        return self.U[users]
-
-    def item_embeddings(self):
-        return self.V
-
-    def score_all(self, users, ctx):
-        return self.U[users] @ self.V.T
-
-    def score_pairs(self, users, items, ctx):
-        return (self.U[users] * self.V[items]).sum(1)
 
 
 def _free_port() -> int:

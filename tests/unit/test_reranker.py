@@ -17,30 +17,9 @@ from recsys_lib import ranking as rk
 from recsys_lib import rerank_features as rf
 from recsys_lib.errors import LeakageError
 from recsys_lib.models import reranker as R
+from svd_retriever import SVDRetriever
 
 K = 50
-
-
-class SVDRetriever:
-    """A quick MF-like retriever: truncated SVD of the train interaction matrix."""
-
-    def __init__(self, data, d: int = 8, positives_only: bool = False):
-        m = data.train.matrix(data.n_users, data.n_items, positives_only=positives_only).toarray()
-        u, s, vt = np.linalg.svd(m, full_matrices=False)
-        self.U = torch.tensor(u[:, :d] * np.sqrt(s[:d]), dtype=torch.float32)
-        self.V = torch.tensor(vt[:d].T * np.sqrt(s[:d]), dtype=torch.float32)
-
-    def user_embeddings(self, users, ctx):
-        return self.U[users]
-
-    def item_embeddings(self):
-        return self.V
-
-    def score_all(self, users, ctx):
-        return self.U[users] @ self.V.T
-
-    def score_pairs(self, users, items, ctx):
-        return (self.U[users] * self.V[items]).sum(1)
 
 
 def make_candidates(retriever, labels, k=K):
