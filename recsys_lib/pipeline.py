@@ -333,11 +333,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         index = run_pipeline(args.dataset, args.profile, args.set, args.force, args.only, args.timeout,
                              device=args.device, start=args.start, verbose=args.verbose)
-    except Interrupted as exc:
-        print(f"\n{exc}", file=sys.stderr)
-        return 130
-    except KeyboardInterrupt:
-        print("\ninterrupted; rerun the same command to resume", file=sys.stderr)
+    except (Interrupted, KeyboardInterrupt) as exc:
+        # nbclient's cell task dies with the kernel; asyncio would log it at exit ("Task exception
+        # was never retrieved"): the one line below is all the user needs
+        logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+        msg = exc if isinstance(exc, Interrupted) else "interrupted; rerun the same command to resume"
+        print(f"\n{msg}", file=sys.stderr)
         return 130
     except RecsysError as exc:
         print(f"error: {exc}", file=sys.stderr)
