@@ -186,7 +186,12 @@ def headline(paired: dict, metric: str = "ndcg@10") -> str:
             f"[{lo:+.4f}, {hi:+.4f}], so the two-stage system {verdict}.")
 
 
-def audit_summary(audit: dict, reported: float = 0.5466) -> str:
+# The design's own published figure (../shared/PROTOCOL.md, "Why it exists"): an external number this
+# study cannot recompute (its run is not ours to repeat), quoted once, in the leakage audit only.
+DESIGN_REPORTED_NDCG10 = 0.5466
+
+
+def audit_summary(audit: dict, reported: float = DESIGN_REPORTED_NDCG10) -> str:
     """What each step of the design's protocol adds, in words, from ``analysis/audit.json``
     (written by 50_leakage_audit): in-sample scoring of the design's re-ranker as run, at its own
     setting and at the most optimizer steps tried, against the honest test period, and graded
