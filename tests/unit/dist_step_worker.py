@@ -15,7 +15,6 @@ import copy
 import json
 import sys
 
-import numpy as np
 import torch
 
 from recsys_lib import config, dist

@@ -115,7 +115,7 @@ def test_history_similarity_is_one_for_the_last_item(toy_data):
 
 # ---------------------------------------------------------------- leakage guard
 def test_fit_inside_guard_and_test_features_raise(setup):
-    data, labels = setup["data"], setup["labels"]
+    data = setup["data"]
     test_labels = evaluate.Labels.build(data, "test")          # built outside, as the pipeline does
     test_cands = make_candidates(setup["retriever"], test_labels)
     cfg = R.RerankerConfig(variant="lgbm", n_estimators=20, early_stopping_rounds=10)
@@ -377,7 +377,7 @@ def test_ensemble_save_load_round_trip(setup, crossed, tmp_path):
 
 
 def test_cross_fit_inside_guard_never_touches_test(setup):
-    data, labels = setup["data"], setup["labels"]
+    data = setup["data"]
     test_labels = evaluate.Labels.build(data, "test")          # built outside, as the pipeline does
     cfg = R.RerankerConfig(variant="lgbm", folds=2, n_estimators=10, early_stopping_rounds=5)
     with guard.fitting("reranker", allow=("train", "valid")):
