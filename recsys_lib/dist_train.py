@@ -396,8 +396,9 @@ def _main(argv: list[str] | None = None) -> int:
         fields["device"] = "cpu"                         # the re-ranker's MLPs are cpu models (gloo)
     device = dist.init(str((job or fields)["device"]), float(settings((job or fields)["params"])["timeout_minutes"]))
     backend = torch.distributed.get_backend() if dist.initialized() else "no process group"
-    print(f"[dist] rank {dist.rank()}/{dist.world()} pid {os.getpid()} on {device} ({backend}), "
-          f"{torch.get_num_threads()} threads", flush=True)
+    sys.stdout.write(f"[dist] rank {dist.rank()}/{dist.world()} pid {os.getpid()} on {device} ({backend}), "
+                     f"{torch.get_num_threads()} threads\n")     # one write: ranks share the pipe
+    sys.stdout.flush()
     if dist.is_main():
         for stale in ("model.pt", "result.pt"):          # an earlier run's files never pass for this one's
             (out / stale).unlink(missing_ok=True)

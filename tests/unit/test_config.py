@@ -103,11 +103,14 @@ def test_notebooks_have_parameters_kernelspec_and_no_outputs():
 
 def test_dataset_sections_size_the_searches():
     """A dataset's grid merges key by key over the profile's: the ml-32m section lists every iALS
-    key, so its search is the 4 configurations it names, not the demo's 16."""
+    key, so its search is the configurations it names, none of the demo grid's values."""
     from recsys_lib import tuning
     big = config.load_params("full", "ml-32m")
-    assert len(tuning.expand_grid(big["ials"]["grid"])) == 4
-    assert big["two_tower"]["candidate_sources"] == [] and big["reranker"]["label_window"] is None
+    demo = config.load_params("full")["ials"]["grid"]
+    assert set(big["ials"]["grid"]) == set(demo)
+    assert not set(big["ials"]["grid"]["factors"]) & set(demo["factors"])
+    assert len(tuning.expand_grid(big["ials"]["grid"])) == 16 and big["ials"]["max_edge_steps"] == 4
+    assert big["two_tower"]["candidate_sources"] == ["ease"] and big["reranker"]["label_window"] is None
     small = config.load_params("full", "ml-latest-small")
     assert len(tuning.expand_grid(small["ials"]["grid"])) == 16
     assert small["two_tower"]["candidate_sources"] == ["ease", "ials"] and small["reranker"]["label_window"] == 0.1

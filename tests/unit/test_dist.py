@@ -312,10 +312,10 @@ def test_a_killed_rank_fails_the_run_naming_it_and_leaves_no_checkpoint(tiny_run
     killed = threading.Event()
 
     def on_line(line: str) -> None:
-        m = re.match(r"\[dist\] rank (\d+)/2 pid (\d+)", line)
-        if m:
-            pids[int(m.group(1))] = int(m.group(2))
-        if "mf epoch 1:" in line and 1 in pids and not killed.is_set():
+        # findall, not match: two processes share the pipe, so one line may hold both ranks' lines
+        for rank, pid in re.findall(r"\[dist\] rank (\d+)/2 pid (\d+)", line):
+            pids[int(rank)] = int(pid)
+        if re.search(r"mf epoch \d+:", line) and 1 in pids and not killed.is_set():
             os.kill(pids[1], signal.SIGKILL)           # only the worker this test started
             killed.set()
 
