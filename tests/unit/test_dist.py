@@ -322,6 +322,7 @@ def test_a_killed_rank_fails_the_run_naming_it_and_leaves_no_checkpoint(tiny_run
     with pytest.raises(dist_train.DistributedError) as err:
         dist_train.launch(["mf", "--run-dir", str(tiny_run.dir), "--out-dir", str(out), "--set", "mf.epochs=500",
                            "--set", "mf.patience=0"], nproc=2, on_line=on_line)
+        assert killed.is_set(), f"the run ended without the test killing rank 1 (pids seen: {pids})"
     assert killed.is_set()
     msg = str(err.value)
     assert "rank 1" in msg and "SIGKILL" in msg and "No checkpoint" in msg, msg
