@@ -34,10 +34,15 @@ Columns (in order; the retriever/scorer ones only when those are given):
                           sequence features (``sequence_features``): how often other users
                           rated the candidate soon after the user's last items
   <name>_score, <name>_score_z   ``extra_scorers[name].score_pairs(users, items, ctx)``
+  <name>_last<N>_score, <name>_last<N>_score_z   the same scorer from the user's last N known
+                          rows only (``recent_context``), for N in ``recent_items`` (params:
+                          ``reranker.recent_items``) and each scorer that builds a user from
+                          their rows (``builds_user_from_rows``: EASE, iALS): tastes drift, and
+                          the last items say more about the next ones
 """
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -255,6 +260,28 @@ def retriever_user_table(retriever, users: np.ndarray, ctx: ScoringContext, n_us
     return out
 
 
+def last_rows_matrix(rows, n_users: int, n_items: int, n: int, positives_only: bool = False) -> sp.csr_matrix:
+    """(n_users, n_items) 1 at each user's last ``n`` rows of ``rows`` by time (ties: the larger
+    item id is the later row, as in the splits); ``positives_only``: their last ``n`` positives."""
+    keep = rows.rating >= POSITIVE_RATING if positives_only else np.ones(len(rows), bool)
+    u, i, t = rows.user[keep], rows.item[keep], rows.timestamp[keep]
+    order = np.lexsort((i, t, u))[::-1]                                   # each user's newest first
+    u, i = u[order], i[order]
+    starts = np.flatnonzero(np.r_[True, u[1:] != u[:-1]]) if len(u) else np.zeros(0, np.int64)
+    rank = np.arange(len(u)) - np.repeat(starts, np.diff(np.r_[starts, len(u)]))
+    m = rank < n
+    return sp.csr_matrix((np.ones(int(m.sum()), np.float32), (u[m], i[m])), shape=(n_users, n_items))
+
+
+def recent_context(ctx: ScoringContext, rows, n_users: int, n_items: int, n: int) -> ScoringContext:
+    """``ctx`` with each user's rows cut to their last ``n`` of ``rows`` (the rows known at scoring
+    time): a model that builds a user from their rows (EASE's x_u, iALS's fold-in) then scores
+    from the user's recent taste only."""
+    return ScoringContext(period=ctx.period, history=ctx.history,
+                          seen=last_rows_matrix(rows, n_users, n_items, n),
+                          seen_positive=last_rows_matrix(rows, n_users, n_items, n, positives_only=True))
+
+
 def _pair_scores(scorer, users: np.ndarray, items: np.ndarray, ctx: ScoringContext,
                  chunk: int = 1_000_000) -> np.ndarray:
     out = np.empty(len(users), np.float32)
@@ -268,13 +295,15 @@ def _pair_scores(scorer, users: np.ndarray, items: np.ndarray, ctx: ScoringConte
 # ---------------------------------------------------------------- the feature matrix
 def build_features(cands: pd.DataFrame, data: SplitData, ctx: ScoringContext, period: str,
                    retriever=None, extra_scorers: Mapping[str, object] | None = None,
-                   user_emb: np.ndarray | None = None) -> tuple[np.ndarray, list[str]]:
+                   user_emb: np.ndarray | None = None,
+                   recent_items: Sequence[int] = ()) -> tuple[np.ndarray, list[str]]:
     """Features of candidate rows ``cands`` (user, item, retriever_score, retriever_rank) for
     scoring ``period`` with context ``ctx``: (X float32 (n_rows, F), feature names).
 
     ``retriever`` (optional) must offer ``item_embeddings()`` and ``user_embeddings(users, ctx)``;
     ``user_emb`` may pass a precomputed (n_users, D) table (`retriever_user_table`).
-    ``extra_scorers`` maps a name to a model with ``score_pairs(users, items, ctx)``.
+    ``extra_scorers`` maps a name to a model with ``score_pairs(users, items, ctx)``; those that
+    build a user from their rows also score from the user's last N rows, N in ``recent_items``.
     """
     guard.check_read(period, what="candidates (re-ranker features)")
     if ctx.period != period:
@@ -343,6 +372,13 @@ def build_features(cands: pd.DataFrame, data: SplitData, ctx: ScoringContext, pe
         s = _pair_scores(scorer, users, items, ctx)
         cols[f"{name}_score"] = s
         cols[f"{name}_score_z"] = per_user_zscore(users, s)
+    from_rows = {name: m for name, m in (extra_scorers or {}).items() if getattr(m, "builds_user_from_rows", False)}
+    for n_last in recent_items if from_rows else ():
+        rctx = recent_context(ctx, known, data.n_users, data.n_items, n_last)
+        for name, scorer in from_rows.items():
+            s = _pair_scores(scorer, users, items, rctx)
+            cols[f"{name}_last{n_last}_score"] = s
+            cols[f"{name}_last{n_last}_score_z"] = per_user_zscore(users, s)
 
     names = list(cols)
     X = np.empty((len(users), len(names)), dtype=np.float32)

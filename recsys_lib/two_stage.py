@@ -89,7 +89,8 @@ def stage_inputs(run: Run, retriever, period: str, extra: dict, cache: bool = Tr
     labels = run.evaluator(period, history_len=retriever.cfg.history_len).labels
     cand_path = run.require("candidates", f"{period}.parquet", stage="20_two_tower")
     cands = cand.load_candidates(cand_path)
-    key = _feature_key(run, cand_path, extra)
+    recent = recent_items(run)
+    key = _feature_key(run, cand_path, extra) + (f";recent{list(recent)}" if recent else "")
     cached = run.dir / "features" / f"{period}.npz"
     if cache and cached.exists():
         z = np.load(cached, allow_pickle=False)
@@ -97,12 +98,18 @@ def stage_inputs(run: Run, retriever, period: str, extra: dict, cache: bool = Tr
             return StageInputs(labels, cands, z["X"], z["names"].tolist(), z["user_emb"], float(z["seconds"]))
     t0 = time.perf_counter()
     user_emb = retriever_user_table(retriever, labels.users, labels.ctx, run.data.n_users)
-    X, names = build_features(cands, run.data, labels.ctx, period, retriever, extra, user_emb)
+    X, names = build_features(cands, run.data, labels.ctx, period, retriever, extra, user_emb, recent)
     seconds = time.perf_counter() - t0
     if cache:
         with config.atomic_write(cached) as tmp:
             np.savez(tmp, X=X, names=np.array(names), user_emb=user_emb, seconds=seconds, key=key)
     return StageInputs(labels, cands, X, names, user_emb, seconds)
+
+
+def recent_items(run: Run) -> tuple[int, ...]:
+    """``reranker.recent_items``: the N of the recent-taste features (scores from a user's last N
+    rows, `rerank_features.recent_context`); empty: none."""
+    return tuple(int(n) for n in run.params["reranker"].get("recent_items") or ())
 
 
 def _feature_key(run: Run, cand_path, extra: dict) -> str:
@@ -259,7 +266,8 @@ def build_label_window(run: Run, retriever, sources: dict, extra: dict, share: f
     if sources:
         c = cand.add_sources(c, r, {n: refits[n] for n in sources}, labels.ctx, k=k)
     user_emb = retriever_user_table(r, labels.users, labels.ctx, run.data.n_users)
-    X, names = build_features(c, w, labels.ctx, "valid", r, {n: refits[n] for n in extra}, user_emb)
+    X, names = build_features(c, w, labels.ctx, "valid", r, {n: refits[n] for n in extra}, user_emb,
+                              recent_items(run))
     y = candidate_labels(c, labels)
     lists = rr.ExtraLists(cands=c, X=X, y=y)
     summary = {"share": share, "models": sorted(set(sources) | set(extra)),

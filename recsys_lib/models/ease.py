@@ -72,6 +72,7 @@ def ease_weights(g: torch.Tensor, reg: float) -> torch.Tensor:
 
 class EASE(torch.nn.Module, Recommender):
     name = "ease"
+    builds_user_from_rows = True   # scores a user from ctx.input_matrix (rerank_features.recent_context)
     Config = EASEConfig
 
     def __init__(self, config: EASEConfig | None = None, **overrides):

@@ -63,6 +63,7 @@ def _gpu_available(device: torch.device) -> bool:
 
 class IALS(torch.nn.Module, Recommender):
     name = "ials"
+    builds_user_from_rows = True   # scores a user from ctx.input_matrix (rerank_features.recent_context)
     Config = IALSConfig
 
     def __init__(self, config: IALSConfig | None = None, **overrides):

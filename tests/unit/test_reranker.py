@@ -425,8 +425,8 @@ def test_stage_features_are_cached_and_invalidated(tmp_path, toy_data, monkeypat
     run._data = toy_data
     calls = []
 
-    def fake_build(cands, data, ctx, period, retriever, extra, user_emb):
-        calls.append(period)
+    def fake_build(cands, data, ctx, period, retriever, extra, user_emb, recent_items):
+        calls.append((period, recent_items))
         return np.ones((len(cands), 2), np.float32), ["a", "b"]
 
     monkeypatch.setattr(two_stage, "build_features", fake_build)
@@ -437,10 +437,14 @@ def test_stage_features_are_cached_and_invalidated(tmp_path, toy_data, monkeypat
                                             "retriever_rank": np.int16([1])}), cpath)
     a = two_stage.stage_inputs(run, retriever, "valid", {})
     b = two_stage.stage_inputs(run, retriever, "valid", {})
-    assert calls == ["valid"] and b.names == ["a", "b"] and np.array_equal(a.X, b.X)
+    assert calls == [("valid", ())] and b.names == ["a", "b"] and np.array_equal(a.X, b.X)
     os.utime(cpath, ns=(1, 1))                       # new candidates -> rebuilt
     two_stage.stage_inputs(run, retriever, "valid", {})
-    assert calls == ["valid", "valid"]
+    assert calls == [("valid", ())] * 2
+    run.params["reranker"]["recent_items"] = [10, 50]   # other recent-taste features -> rebuilt with them
+    two_stage.stage_inputs(run, retriever, "valid", {})
+    two_stage.stage_inputs(run, retriever, "valid", {})
+    assert calls == [("valid", ())] * 2 + [("valid", (10, 50))]
 
 
 # ---------------------------------------------------------------- the label window
@@ -603,3 +607,37 @@ def test_audit_summary_says_what_each_step_adds():
     text = analysis.audit_summary(audit)
     assert "12 optimizer steps" in text and "0.520 in-sample" in text and "0.049" in text and "0.070" in text
     assert "not re-run" in analysis.audit_summary({})
+
+
+def test_last_rows_matrix_keeps_each_users_newest_rows():
+    from recsys_lib.features import Period
+    # user 0: items 1 (t=1), 2 (t=5, rating 2), 3 (t=3); user 1: item 4 (t=2)
+    rows = Period(user=np.array([0, 1, 0, 0]), item=np.array([1, 4, 3, 2]),
+                  rating=np.array([4.0, 5.0, 4.5, 2.0], np.float32), timestamp=np.array([1, 2, 3, 5]))
+    m = rf.last_rows_matrix(rows, n_users=3, n_items=5, n=2)
+    assert sorted(m[0].indices.tolist()) == [2, 3] and m[1].indices.tolist() == [4] and m[2].nnz == 0
+    mp = rf.last_rows_matrix(rows, n_users=3, n_items=5, n=2, positives_only=True)
+    assert sorted(mp[0].indices.tolist()) == [1, 3]                   # item 2 (rating 2) is no positive
+    assert rf.last_rows_matrix(rows, 3, 5, n=10).nnz == 4
+
+
+def test_recent_taste_scores_come_from_the_users_last_rows(setup):
+    from recsys_lib.models.ease import EASE, EASEConfig
+    data, labels, cands = setup["data"], setup["labels"], setup["cands"]
+    ease = EASE(EASEConfig(reg=100.0, device="cpu"))
+    ease.fit(data, None)
+    recent = (10, 50)
+    X, names = rf.build_features(cands, data, labels.ctx, "valid", extra_scorers={"ease": ease, "svd": SVDRetriever(data)},
+                                 recent_items=recent)
+    assert not any(n.startswith("svd_last") for n in names)           # the SVD does not read the user's rows
+    users, items = np.array(cands["user"], np.int64), np.array(cands["item"], np.int64)
+    n = recent[0]
+    rctx = rf.recent_context(labels.ctx, data.rows_before("valid"), data.n_users, data.n_items, n)
+    expected = ease.score_pairs(torch.from_numpy(users), torch.from_numpy(items), rctx).numpy()
+    got = X[:, names.index(f"ease_last{n}_score")]
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+    full = X[:, names.index("ease_score")]
+    n_known = np.bincount(data.train.user, minlength=data.n_users)[users]
+    assert (n_known > n).any() and not np.allclose(got[n_known > n], full[n_known > n])
+    np.testing.assert_allclose(X[:, names.index(f"ease_last{recent[-1]}_score")][n_known <= recent[-1]],
+                               full[n_known <= recent[-1]], rtol=1e-5, atol=1e-6)
