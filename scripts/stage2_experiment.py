@@ -9,6 +9,14 @@ metrics and report stay as they are.
 
     python scripts/stage2_experiment.py --dataset synthetic-32m --into /tmp/exp \\
         --set reranker.recent_items=[10,50] --variants mlp_features lgbm_lr02
+
+``--stale SHARE`` asks how the re-ranker fares when its stage-1 models are a period older than
+the history they score, as at test time (fit on train, scoring users whose history includes the
+validation rows). Every stage-1 model is refit on the train rows before the last SHARE of train
+(the label window's rows, `two_stage.refit`); the refits propose and score the validation users'
+candidates from their whole train history. On these "stale" lists it scores (a) the run's saved
+re-rankers of the named variants, trained on fresh lists as the pipeline trains them, and (b) the
+variants trained on the stale lists; each out-of-fold, paired against the refit iALS and EASE.
 """
 from __future__ import annotations
 
@@ -19,8 +27,12 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from recsys_lib import two_stage
+from recsys_lib import candidates as cand
+from recsys_lib import evaluate, two_stage
 from recsys_lib.experiment import Run
+from recsys_lib.models import reranker as rr
+from recsys_lib.models.reranker import StageInputs
+from recsys_lib.rerank_features import build_features, retriever_user_table
 
 STAGE1 = ("data.pt", "dataset.json", "run.json", "models", "metrics", "curves", "candidates")
 
@@ -42,6 +54,47 @@ def copy_stage1(src: Path, dst: Path) -> None:
             (dst / name).symlink_to(path.resolve())
 
 
+def stale_experiment(run: Run, src: Path, retriever, extra: dict, share: float, variants: list[str]) -> None:
+    """See ``--stale`` in the module docstring."""
+    section, tt = run.params["reranker"], run.params["two_tower"]
+    sources = two_stage.load_baselines(run, tt.get("candidate_sources", []))
+    w = run.data.label_window(share)
+    t0 = time.perf_counter()
+    r = two_stage.refit(retriever, w, retriever.history.get("best_epoch"))
+    fits = {n: two_stage.refit(m, w, two_stage.best_epoch_of(run, n)) for n, m in {**sources, **extra}.items()}
+    print(f"stage-1 refits before the last {share} of train: {time.perf_counter() - t0:.0f}s", flush=True)
+    ev = run.evaluator("valid", history_len=retriever.cfg.history_len)
+    refit_baselines = {n: ev(fits[n]) for n in ("ials", "ease") if n in fits}
+    for n, res in refit_baselines.items():
+        print(f"{n} (refit) validation nDCG@10 {res.means()['ndcg@10']:.4f}", flush=True)
+    labels, k = ev.labels, int(tt["candidate_k"])
+    c = cand.generate_candidates(r, labels, k=k)
+    c = cand.add_sources(c, r, {n: fits[n] for n in sources}, labels.ctx, k=k) if sources else c
+    ue = retriever_user_table(r, labels.users, labels.ctx, run.data.n_users)
+    X, names = build_features(c, run.data, labels.ctx, "valid", r, {n: fits[n] for n in extra}, ue,
+                              two_stage.recent_items(run))
+    stale = StageInputs(labels, c, X, names, ue, 0.0)
+    print("stale lists, validation recall:", cand.source_recall(c, labels, (10, 100, k)), flush=True)
+
+    def report(what: str, model) -> None:
+        res = two_stage.out_of_fold_ranked(model, stale)
+        print(f"{what}: out-of-fold nDCG@10 {res.means()['ndcg@10']:.4f}", flush=True)
+        for n, base in refit_baselines.items():
+            print(f"    minus {n} (refit): {evaluate.compare(res, base)}", flush=True)
+
+    for name in variants:                                   # (a) the run's re-rankers, fresh-trained
+        path = src / "models" / f"reranker_{name}.pt"
+        try:
+            report(f"(a) {name} as the run trained it (fresh lists)", rr.load(path))
+        except (OSError, ValueError) as e:                  # none saved, or from older code
+            print(f"(a) {name}: skipped, the run's re-ranker does not load ({e})", flush=True)
+    keep = [v for v in section["variants"] if (v if isinstance(v, str) else v["name"]) in variants]
+    _, search, models = two_stage.fit(run, stale, r, dict(section, variants=keep), None)
+    print(search.to_string(), flush=True)
+    for name, model in models.items():                      # (b) trained on the stale lists
+        report(f"(b) {name} trained on the stale lists", model)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dataset", required=True)
@@ -50,6 +103,8 @@ def main() -> None:
     ap.add_argument("--into", required=True, help="folder for the experiment (replaced)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--variants", nargs="+", required=True, help="re-ranker variant names to train")
+    ap.add_argument("--stale", type=float, default=0.0, metavar="SHARE",
+                    help="refit stage 1 before the last SHARE of train and re-rank validation from it")
     ap.add_argument("--device", default="", help="cpu | cuda | mps (default: the profile's)")
     a = ap.parse_args()
     src = Path(a.run_dir) if a.run_dir else Path("data/runs") / a.dataset / a.profile
@@ -72,6 +127,8 @@ def main() -> None:
         two_stage.save_label_window(run, lists, summary)
         print(f"label window: {summary['users']:,} users, {summary['rows']:,} rows, "
               f"{time.perf_counter() - t0:.0f}s", flush=True)
+    if a.stale:
+        return stale_experiment(run, src, retriever, extra, a.stale, a.variants)
     valid = two_stage.stage_inputs(run, retriever, "valid", extra)
     if section.get("label_window"):
         window = two_stage.load_label_window(run, valid.names)
