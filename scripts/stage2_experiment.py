@@ -1,7 +1,8 @@
 """A stage-2 experiment on a finished run's saved stage-1 models, on validation only.
 
 The README's "What was tried" rows at synthetic-32m (the label window, recent-taste features,
-5 folds) were measured this way. It never reads test rows: it builds the validation features (and,
+5 folds) were measured this way, by throwaway scripts doing the same; the ``--stale`` figures by
+this script. It never reads test rows: it builds the validation features (and,
 with ``reranker.label_window`` set, the window's lists) under the given ``--set`` overrides, trains
 the named re-ranker variants with cross-fitting inside the leakage guard, and prints their
 out-of-fold table. It works on a *copy* of the run folder (``--into``): the run's own files,
