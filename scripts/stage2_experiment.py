@@ -112,13 +112,15 @@ def main() -> None:
     copy_stage1(src, Path(a.into))
     run = Run.open(a.dataset, a.profile, a.into, a.overrides, None, a.device or None)
     section, tt = run.params["reranker"], run.params["two_tower"]
-    saved = pq.read_schema(run.require("candidates", "valid.parquet", stage="20_two_tower")).names
-    saved = ["retriever"] + [c[:-5] for c in saved if c.endswith("_rank") and c != "retriever_rank"]
-    if saved != ["retriever", *tt.get("candidate_sources", [])]:      # before minutes of window refits
-        raise SystemExit(f"the run's candidates come from {saved}, but two_tower.candidate_sources is "
-                         f"{tt.get('candidate_sources', [])}: rerun the pipeline from 20_two_tower first")
     retriever = two_stage.load_retriever(run)
     extra = two_stage.load_baselines(run, section.get("extra_scorers", []))
+    if a.stale:                                  # builds its own candidates from the refits
+        return stale_experiment(run, src, retriever, extra, a.stale, a.variants)
+    saved = pq.read_schema(run.require("candidates", "valid.parquet", stage="20_two_tower")).names
+    saved = ["retriever"] + [c[:-5] for c in saved if c.endswith("_rank") and c != "retriever_rank"]
+    if saved != ["retriever", *tt.get("candidate_sources", [])]:      # the run's lists are reused
+        raise SystemExit(f"the run's candidates come from {saved}, but two_tower.candidate_sources is "
+                         f"{tt.get('candidate_sources', [])}: rerun the pipeline from 20_two_tower first")
     window = None
     if section.get("label_window"):
         t0 = time.perf_counter()
@@ -128,8 +130,6 @@ def main() -> None:
         two_stage.save_label_window(run, lists, summary)
         print(f"label window: {summary['users']:,} users, {summary['rows']:,} rows, "
               f"{time.perf_counter() - t0:.0f}s", flush=True)
-    if a.stale:
-        return stale_experiment(run, src, retriever, extra, a.stale, a.variants)
     valid = two_stage.stage_inputs(run, retriever, "valid", extra)
     if section.get("label_window"):
         window = two_stage.load_label_window(run, valid.names)
