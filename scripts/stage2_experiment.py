@@ -88,7 +88,7 @@ def stale_experiment(run: Run, src: Path, retriever, extra: dict, share: float, 
         try:
             report(f"(a) {name} as the run trained it (fresh lists)", rr.load(path))
         except (OSError, ValueError) as e:                  # none saved, or from older code
-            print(f"(a) {name}: skipped, the run's re-ranker does not load ({e})", flush=True)
+            print(f"(a) {name}: skipped, the run's re-ranker does not load or does not fit these lists ({e})", flush=True)
     keep = [v for v in section["variants"] if (v if isinstance(v, str) else v["name"]) in variants]
     _, search, models = two_stage.fit(run, stale, r, dict(section, variants=keep), None)
     print(search.to_string(), flush=True)
