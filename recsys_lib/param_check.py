@@ -35,7 +35,7 @@ AT_LEAST_ZERO = {"patience", "n_neg", "negatives", "n_uniform_neg", "max_edge_st
 ABOVE_ZERO = {"lr", "max_lr", "learning_rate", "reg", "regularization", "alpha", "temperature",
               "timeout_minutes"}
 WORDS = {"nproc": ("auto",)}                 # keys that take a word besides a number
-SHARES = {"held_out_share", "label_window", "train_frac", "valid_frac"}
+SHARES = {"held_out_share", "label_window", "stale_lists", "train_frac", "valid_frac"}
 
 
 def _config_fields(section: str) -> set[str]:

@@ -32,8 +32,6 @@ from recsys_lib import candidates as cand
 from recsys_lib import evaluate, two_stage
 from recsys_lib.experiment import Run
 from recsys_lib.models import reranker as rr
-from recsys_lib.models.reranker import StageInputs
-from recsys_lib.rerank_features import build_features, retriever_user_table
 
 STAGE1 = ("data.pt", "dataset.json", "run.json", "models", "metrics", "curves", "candidates")
 
@@ -59,22 +57,15 @@ def stale_experiment(run: Run, src: Path, retriever, extra: dict, share: float, 
     """See ``--stale`` in the module docstring."""
     section, tt = run.params["reranker"], run.params["two_tower"]
     sources = two_stage.load_baselines(run, tt.get("candidate_sources", []))
-    w = run.data.label_window(share)
-    t0 = time.perf_counter()
-    r = two_stage.refit(retriever, w, retriever.history.get("best_epoch"))
-    fits = {n: two_stage.refit(m, w, two_stage.best_epoch_of(run, n)) for n, m in {**sources, **extra}.items()}
-    print(f"stage-1 refits before the last {share} of train: {time.perf_counter() - t0:.0f}s", flush=True)
+    _, fits, seconds = two_stage.refit_stage1(run, two_stage.Stage1(retriever, sources, extra), share)
+    print(f"stage-1 refits before the last {share} of train: {seconds:.0f}s", flush=True)
     ev = run.evaluator("valid", history_len=retriever.cfg.history_len)
-    refit_baselines = {n: ev(fits[n]) for n in ("ials", "ease") if n in fits}
+    both = {**fits.sources, **fits.scorers}
+    refit_baselines = {n: ev(both[n]) for n in ("ials", "ease") if n in both}
     for n, res in refit_baselines.items():
         print(f"{n} (refit) validation nDCG@10 {res.means()['ndcg@10']:.4f}", flush=True)
-    labels, k = ev.labels, int(tt["candidate_k"])
-    c = cand.generate_candidates(r, labels, k=k)
-    c = cand.add_sources(c, r, {n: fits[n] for n in sources}, labels.ctx, k=k) if sources else c
-    ue = retriever_user_table(r, labels.users, labels.ctx, run.data.n_users)
-    X, names = build_features(c, run.data, labels.ctx, "valid", r, {n: fits[n] for n in extra}, ue,
-                              two_stage.recent_items(run))
-    stale = StageInputs(labels, c, X, names, ue, 0.0)
+    stale = fits.lists(run.data, ev.labels, int(tt["candidate_k"]), two_stage.recent_items(run))
+    labels, c, k = ev.labels, stale.cands, int(tt["candidate_k"])
     print("stale lists, validation recall:", cand.source_recall(c, labels, (10, 100, k)), flush=True)
 
     def report(what: str, model) -> None:
@@ -90,7 +81,7 @@ def stale_experiment(run: Run, src: Path, retriever, extra: dict, share: float, 
         except (OSError, ValueError) as e:                  # none saved, or from older code
             print(f"(a) {name}: skipped, the run's re-ranker does not load or does not fit these lists ({e})", flush=True)
     keep = [v for v in section["variants"] if (v if isinstance(v, str) else v["name"]) in variants]
-    _, search, models = two_stage.fit(run, stale, r, dict(section, variants=keep), None)
+    _, search, models = two_stage.fit(run, stale, fits.retriever, dict(section, variants=keep), None)
     print(search.to_string(), flush=True)
     for name, model in models.items():                      # (b) trained on the stale lists
         report(f"(b) {name} trained on the stale lists", model)
@@ -121,25 +112,21 @@ def main() -> None:
     if saved != ["retriever", *tt.get("candidate_sources", [])]:      # the run's lists are reused
         raise SystemExit(f"the run's candidates come from {saved}, but two_tower.candidate_sources is "
                          f"{tt.get('candidate_sources', [])}: rerun the pipeline from 20_two_tower first")
-    window = None
-    if section.get("label_window"):
-        t0 = time.perf_counter()
-        sources = two_stage.load_baselines(run, tt.get("candidate_sources", []))
-        lists, summary = two_stage.build_label_window(run, retriever, sources, extra,
-                                                      float(section["label_window"]), int(tt["candidate_k"]))
-        two_stage.save_label_window(run, lists, summary)
-        print(f"label window: {summary['users']:,} users, {summary['rows']:,} rows, "
-              f"{time.perf_counter() - t0:.0f}s", flush=True)
+    built = two_stage.build_refit_lists(run, retriever, two_stage.load_baselines(run, tt.get("candidate_sources", [])),
+                                        extra)
+    for kind, summary in built.items():
+        print(f"{kind}: {summary}" if kind == "refit" else f"{kind}: {summary['users']:,} users, {summary['rows']:,} rows, "
+              f"{summary['seconds']:.0f}s", flush=True)
     valid = two_stage.stage_inputs(run, retriever, "valid", extra)
-    if section.get("label_window"):
-        window = two_stage.load_label_window(run, valid.names)
+    window = two_stage.load_label_window(run, valid.names) if "window" in built else None
+    train_lists = two_stage.load_stale_lists(run, valid) if "stale" in built else valid
     names = lambda v: v if isinstance(v, str) else v["name"]
     unknown = set(a.variants) - {names(v) for v in section["variants"]}
     if unknown:
         raise SystemExit(f"unknown variants {sorted(unknown)}; the run's: {[names(v) for v in section['variants']]}")
     section = dict(section, variants=[v for v in section["variants"] if names(v) in a.variants])
     t0 = time.perf_counter()
-    _, search, _ = two_stage.fit(run, valid, retriever, section, window)
+    _, search, _ = two_stage.fit(run, train_lists, retriever, section, window)
     print(f"fit {time.perf_counter() - t0:.0f}s", flush=True)
     print(search.to_string(), flush=True)
 

@@ -104,16 +104,18 @@ def test_notebooks_have_parameters_kernelspec_and_no_outputs():
 def test_dataset_sections_size_the_searches():
     """A dataset's grid merges key by key over the profile's: the ml-32m section lists every iALS
     key, so its search is the configurations it names, none of the demo grid's values."""
-    from recsys_lib import tuning
+    from recsys_lib import tuning, two_stage
     big = config.load_params("full", "ml-32m")
     demo = config.load_params("full")["ials"]["grid"]
     assert set(big["ials"]["grid"]) == set(demo)
     assert not set(big["ials"]["grid"]["factors"]) & set(demo["factors"])
     assert len(tuning.expand_grid(big["ials"]["grid"])) == 16 and big["ials"]["max_edge_steps"] == 4
-    assert big["two_tower"]["candidate_sources"] == ["ease"] and big["reranker"]["label_window"] is None
+    assert big["two_tower"]["candidate_sources"] == ["ease", "ials"] and big["reranker"]["label_window"] is None
+    assert big["reranker"]["stale_lists"] == 0.1 and two_stage.refit_share(big["reranker"]) == 0.1
     small = config.load_params("full", "ml-latest-small")
     assert len(tuning.expand_grid(small["ials"]["grid"])) == 16
     assert small["two_tower"]["candidate_sources"] == ["ease", "ials"] and small["reranker"]["label_window"] == 0.1
+    assert small["reranker"]["stale_lists"] is None
 
 
 def test_atomic_write_temp_names_are_unique_per_writer(tmp_path):

@@ -542,6 +542,71 @@ def test_label_window_lists_are_refused_when_stale(tmp_path, toy_data):
         two_stage.load_label_window(run, ["a", "b"])
 
 
+def test_stage1_lists_are_what_the_pipeline_builds_from_those_models(setup):
+    """Stage1.lists: the retriever's candidates with the features of the given scorers, for the
+    labels' users and context; from models fit before the window they differ from the fresh ones."""
+    data, labels = setup["data"], setup["labels"]
+    w = data.label_window(0.1)
+    r, scorer = SVDRetriever(w), SVDRetriever(w, d=4, positives_only=True)
+    stale = two_stage.Stage1(r, {}, {"pos_mf": scorer}).lists(data, labels, K)
+    cands = make_candidates(r, labels)
+    X, names = rf.build_features(cands, data, labels.ctx, "valid", retriever=r, extra_scorers={"pos_mf": scorer})
+    assert stale.names == names == setup["names"] and stale.labels is labels
+    pd.testing.assert_frame_equal(stale.cands.reset_index(drop=True), cands.reset_index(drop=True))
+    np.testing.assert_array_equal(stale.X, X)
+    fresh = setup["cands"]
+    assert set(stale.cands["user"]) == set(fresh["user"])
+    assert not np.array_equal(stale.cands["item"].to_numpy(), fresh["item"].to_numpy())
+
+
+def test_stage1_refit_fits_each_model_once_on_the_rows_before_the_window(toy_data):
+    from recsys_lib.models.ease import EASE, EASEConfig
+    from recsys_lib.models.ials import IALS, IALSConfig
+    w = toy_data.label_window(0.2)
+    ease = EASE(EASEConfig(reg=50.0, device="cpu"))
+    ease.fit(toy_data, None)
+    ials = IALS(IALSConfig(factors=4, iterations=2, device="cpu"))
+    ials.fit(toy_data, None)
+    models = two_stage.Stage1(ease, {"ease": ease}, {"ease": ease, "ials": ials})
+    refits = models.refit(w, {})
+    assert refits.names == ["ease", "ials"] and refits.sources["ease"] is refits.scorers["ease"]
+    assert refits.retriever is not ease and refits.scorers["ials"] is not ials
+    direct = EASE(EASEConfig(reg=50.0, device="cpu"))
+    direct.fit(w, None)
+    labels = evaluate.Labels.build(toy_data, "valid")
+    users = torch.from_numpy(labels.users[:5])
+    got = refits.sources["ease"].score_all(users, labels.ctx)
+    torch.testing.assert_close(got, direct.score_all(users, labels.ctx))
+    assert not torch.allclose(got, ease.score_all(users, labels.ctx))
+
+
+def test_stale_lists_options_are_checked_and_their_files_refused_when_stale(tmp_path, setup):
+    import os
+    from recsys_lib.errors import ConfigError
+    from recsys_lib.experiment import Run
+    lgbm_only = {"variants": ["lgbm", {"name": "lgbm_x", "variant": "lgbm"}], "label_window": 0.1}
+    assert two_stage.refit_share({**lgbm_only, "stale_lists": 0.1}) == 0.1
+    assert two_stage.refit_share({**lgbm_only, "label_window": None, "stale_lists": 0.2}) == 0.2
+    assert two_stage.refit_share({**lgbm_only, "stale_lists": None}) == 0.1
+    with pytest.raises(ConfigError, match="same share"):
+        two_stage.refit_share({**lgbm_only, "stale_lists": 0.2})
+    with pytest.raises(ConfigError, match="LightGBM variants only.*mlp_features"):
+        two_stage.refit_share({"variants": ["lgbm", "mlp_features"], "stale_lists": 0.1})
+    run = Run.open("synthetic-tiny", "quick", tmp_path)
+    for name in ("two_tower", "ease"):
+        run.path("models", f"{name}.pt").write_bytes(b"x")
+    inputs = setup["inputs"]
+    two_stage.save_stale_lists(run, inputs, {"models": ["ease"], "feature_names": inputs.names})
+    back = two_stage.load_stale_lists(run, inputs)
+    assert np.array_equal(back.X, inputs.X) and np.array_equal(back.user_emb, inputs.user_emb)
+    assert back.names == inputs.names and back.labels is inputs.labels and len(back.cands) == len(inputs.cands)
+    with pytest.raises(ValueError, match="differ"):
+        two_stage.load_stale_lists(run, R.StageInputs(inputs.labels, inputs.cands, inputs.X, ["a"] * len(inputs.names)))
+    os.utime(run.dir / "models" / "ease.pt", ns=(1, 1))             # ease was re-fit
+    with pytest.raises(ValueError, match="stale validation lists.*rerun 25_label_window"):
+        two_stage.load_stale_lists(run, inputs)
+
+
 def test_sequence_features_count_what_others_rated_next():
     from recsys_lib.features import Period
     # user 0 rates 1, 2, 3 in time order; user 1 rates 1 then 3; user 2 (scored) last rated item 1
