@@ -478,7 +478,12 @@ def _two_stage_words(info: dict, records: dict) -> str:
     cands = f"a two-tower retriever's top {k} candidates" if k else "a two-tower retriever's candidates"
     if sources:
         cands += f" joined with {' and '.join(sources)}'s"
-    return f"{cands}, re-ranked by {chosen}" if chosen else cands
+    if not chosen:
+        return cands
+    stale = (params.get("reranker") or {}).get("stale_lists")
+    trained = (f" trained on validation lists from stage-1 models refit before the last {fmt_percent(stale)} of "
+               "train, as stale as the test lists" if stale else "")
+    return f"{cands}, re-ranked by {chosen}{trained}"
 
 
 def _audit_sentence(audit: dict | None, records: dict) -> str:

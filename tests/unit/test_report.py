@@ -230,6 +230,12 @@ def test_abstract_is_computed_from_the_run_folder(tmp_path):
         assert part in text, part
     sentences = text.split("</b> ")[1].count(". ") + 1
     assert sentences == 5                     # data, split, baseline, two-stage, audit
+    assert "as stale as the test lists" not in text
+    info = json.loads((tmp_path / "run.json").read_text())
+    info["params"]["reranker"] = {"stale_lists": 0.1}
+    (tmp_path / "run.json").write_text(json.dumps(info))
+    assert "re-ranked by lgbm_lr02 trained on validation lists from stage-1 models refit before the last 10% of " \
+           "train, as stale as the test lists" in report.abstract(tmp_path)
 
 
 def test_the_audit_sentence_follows_its_numbers(tmp_path):
