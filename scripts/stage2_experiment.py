@@ -34,15 +34,17 @@ from recsys_lib.experiment import Run
 from recsys_lib.models import reranker as rr
 
 STAGE1 = ("data.pt", "dataset.json", "run.json", "models", "metrics", "curves", "candidates")
+REFIT_LISTS = ("window", "stale", "features")   # linked too with --reuse-lists (each is key-checked)
 
 
-def copy_stage1(src: Path, dst: Path) -> None:
+def copy_stage1(src: Path, dst: Path, reuse_lists: bool = False) -> None:
     """The run's split and stage-1 outputs, linked (not copied) into a fresh folder; re-ranker
-    checkpoints, features and the window's lists are rebuilt there."""
+    checkpoints and features are rebuilt there, and so are the lists built from stage-1 refits
+    (25_label_window's) unless ``reuse_lists``."""
     if dst.exists():
         shutil.rmtree(dst)
     dst.mkdir(parents=True)
-    for name in STAGE1:
+    for name in STAGE1 + (REFIT_LISTS if reuse_lists else ()):
         path = src / name
         if path.is_dir():
             (dst / name).mkdir()
@@ -98,9 +100,11 @@ def main() -> None:
     ap.add_argument("--stale", type=float, default=0.0, metavar="SHARE",
                     help="refit stage 1 before the last SHARE of train and re-rank validation from it")
     ap.add_argument("--device", default="", help="cpu | cuda | mps (default: the profile's)")
+    ap.add_argument("--reuse-lists", action="store_true",
+                    help="use the run's label-window and stale lists (25_label_window) instead of rebuilding them")
     a = ap.parse_args()
     src = Path(a.run_dir) if a.run_dir else Path("data/runs") / a.dataset / a.profile
-    copy_stage1(src, Path(a.into))
+    copy_stage1(src, Path(a.into), a.reuse_lists)
     run = Run.open(a.dataset, a.profile, a.into, a.overrides, None, a.device or None)
     section, tt = run.params["reranker"], run.params["two_tower"]
     retriever = two_stage.load_retriever(run)
@@ -112,9 +116,12 @@ def main() -> None:
     if saved != ["retriever", *tt.get("candidate_sources", [])]:      # the run's lists are reused
         raise SystemExit(f"the run's candidates come from {saved}, but two_tower.candidate_sources is "
                          f"{tt.get('candidate_sources', [])}: rerun the pipeline from 20_two_tower first")
-    built = two_stage.build_refit_lists(run, retriever, two_stage.load_baselines(run, tt.get("candidate_sources", [])),
-                                        extra)
-    for kind, summary in built.items():
+    if a.reuse_lists:                            # the run's own lists, checked against its checkpoints
+        built = {k: {} for k, key in (("window", "label_window"), ("stale", "stale_lists")) if section.get(key)}
+    else:
+        built = two_stage.build_refit_lists(run, retriever, two_stage.load_baselines(run, tt.get("candidate_sources", [])),
+                                            extra)
+    for kind, summary in built.items() if not a.reuse_lists else ():
         print(f"{kind}: {summary}" if kind == "refit" else f"{kind}: {summary['users']:,} users, {summary['rows']:,} rows, "
               f"{summary['seconds']:.0f}s", flush=True)
     valid = two_stage.stage_inputs(run, retriever, "valid", extra)
