@@ -2,10 +2,12 @@
 
 The README's "What was tried" rows at synthetic-32m (the label window, recent-taste features,
 5 folds) were measured this way, by throwaway scripts doing the same; the ``--stale`` figures by
-this script. It never reads test rows: it builds the validation features (and,
-with ``reranker.label_window`` set, the window's lists) under the given ``--set`` overrides, trains
-the named re-ranker variants with cross-fitting inside the leakage guard, and prints their
-out-of-fold table. It works on a *copy* of the run folder (``--into``): the run's own files,
+this script. It never reads test rows: it builds the validation features (and, with
+``reranker.label_window`` or ``reranker.stale_lists`` set, 25_label_window's lists) under the given
+``--set`` overrides, trains the named re-ranker variants with cross-fitting inside the leakage guard
+(on the stale lists when they are on), and prints their out-of-fold table. ``--reuse-lists`` takes
+the run's own lists and features instead of rebuilding them (each is checked against the
+checkpoints it came from), so only the re-rankers are fit. It works on a *copy* of the run folder (``--into``): the run's own files,
 metrics and report stay as they are.
 
     python scripts/stage2_experiment.py --dataset synthetic-32m --into /tmp/exp \\
@@ -14,7 +16,7 @@ metrics and report stay as they are.
 ``--stale SHARE`` asks how the re-ranker fares when its stage-1 models are a period older than
 the history they score, as at test time (fit on train, scoring users whose history includes the
 validation rows). Every stage-1 model is refit on the train rows before the last SHARE of train
-(the label window's rows, `two_stage.refit`); the refits propose and score the validation users'
+(the label window's rows, `two_stage.refit_stage1`); the refits propose and score the validation users'
 candidates from their whole train history. On these "stale" lists it scores (a) the run's saved
 re-rankers of the named variants, trained on fresh lists as the pipeline trains them, and (b) the
 variants trained on the stale lists; each out-of-fold, paired against the refit iALS and EASE.
