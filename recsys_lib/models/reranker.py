@@ -55,8 +55,8 @@ from .. import evaluate as ev
 from .. import rerank_features as rf
 from ..config import atomic_write
 from ..features import CHUNK_ROWS
-from ..ranking import (RETRIEVER_ORDER, candidate_labels, fold_users, ndcg_of, ndcg_per_user, order_topk,
-                       per_user_zscore, retriever_order, split_users, subset_labels)
+from ..ranking import (RETRIEVER_ORDER, RepeatedTopK, candidate_labels, fold_users, ndcg_of, ndcg_per_user,
+                       order_topk, per_user_zscore, retriever_order, split_users, subset_labels)
 from ..train import LoopConfig, adam, fit_loop, load_checkpoint, permuted_batches
 from .layers import mlp
 
@@ -624,11 +624,10 @@ class LGBMReranker(Reranker):
             raise ValueError("no training positives inside the train users' candidates")
         ho = p.held_rows
         _, ho_count = np.unique(u[ho], return_counts=True)
-        held = p.inputs.cands.iloc[ho]
+        held_topk = RepeatedTopK(p.inputs.cands.iloc[ho], p.held_users, cfg.k_eval)   # sorted once
 
         def protocol_ndcg(preds, eval_data):                # eval rows are the held-out rows, in order
-            top = order_topk(held, preds, p.held_users, cfg.k_eval)
-            return f"protocol_ndcg@{cfg.k_eval}", ndcg_of(top, p.held_labels, cfg.k_eval), True
+            return f"protocol_ndcg@{cfg.k_eval}", ndcg_of(held_topk(preds), p.held_labels, cfg.k_eval), True
 
         params = dict(objective="lambdarank", metric="None", learning_rate=cfg.learning_rate,
                       num_leaves=cfg.num_leaves, min_data_in_leaf=cfg.min_child_samples, seed=cfg.seed,

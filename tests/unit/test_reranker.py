@@ -205,6 +205,26 @@ def test_rerank_order_and_padding():
     assert rk.ndcg_of(np.full((3, 10), -1), labels) == 0.0
 
 
+@pytest.mark.parametrize("n_values", [2, 5, 1000])      # 2: mostly ties, as after LightGBM's first rounds
+def test_repeated_topk_equals_order_topk(n_values):
+    """The early-stopping metric's fast top-K gives `order_topk`'s lists, ties and padding included:
+    shuffled rows, lists shorter than k, a user without candidates, candidates of users outside the
+    set, and retriever ranks that repeat (items from other sources share one rank)."""
+    rng = np.random.default_rng(n_values)
+    sizes = rng.integers(1, 40, 60)
+    u = np.repeat(np.arange(60) * 2, sizes)
+    cands = pd.DataFrame({"user": u, "item": rng.integers(0, 500, len(u)),
+                          "retriever_rank": rng.integers(1, 15, len(u))}).sample(frac=1.0, random_state=0)
+    users = np.r_[np.arange(0, 100, 2), 7]                    # 100..118 left out; 7 has no candidates
+    rng.shuffle(users)
+    fast = rk.RepeatedTopK(cands, users, k_keep=10)
+    for seed in range(3):
+        scores = np.random.default_rng(seed).integers(0, n_values, len(cands)).astype(np.float64)
+        expected = rk.order_topk(cands, scores, users, 10)
+        np.testing.assert_array_equal(fast(scores), expected)
+    assert (expected[users == 7] == -1).all() and (expected == -1).any(axis=1).sum() > 1
+
+
 @pytest.mark.parametrize("variant, cls", [("id_mlp", R.IdMLPReranker), ("mlp_features", R.FeatureMLPReranker),
                                           ("lgbm", R.LGBMReranker)])
 def test_save_load_round_trip_dispatches_on_the_recorded_kind(setup, tmp_path, variant, cls):
