@@ -210,9 +210,11 @@ def design_as_run(run: Run, valid: StageInputs, test: StageInputs, retriever, ep
             "fit_seconds": float(model.info["fit_seconds"])}
 
 
-def in_fold_audit(run: Run, valid: StageInputs) -> list[dict]:
+def in_fold_audit(run: Run, valid: StageInputs, stale: StageInputs | None = None) -> list[dict]:
     """Each saved re-ranker (``models/reranker_*.pt``) scored on the validation users it trained on
-    (in-fold, the seed protocol), on those it did not (out-of-fold), and its recorded test score."""
+    (in-fold, the seed protocol), on those it did not (out-of-fold), and its recorded test score.
+    With ``stale`` (the stale validation lists it trained on, ``reranker.stale_lists``) both are
+    also scored on those lists: the fresh lists alone understate what it memorised."""
     import json
 
     from .experiment import read_json
@@ -225,6 +227,9 @@ def in_fold_audit(run: Run, valid: StageInputs) -> list[dict]:
                      "seed protocol: valid users it trained on": in_fold_ranked(m, valid).means()["ndcg@10"],
                      "out-of-fold valid users": out_of_fold_ranked(m, valid).means()["ndcg@10"],
                      "honest test": read_json(run.dir, "metrics", f"{label}.json")["test"]["ndcg@10"]})
+        if stale is not None:
+            rows[-1]["stale lists it trained on: its users"] = in_fold_ranked(m, stale).means()["ndcg@10"]
+            rows[-1]["stale lists: out-of-fold users"] = out_of_fold_ranked(m, stale).means()["ndcg@10"]
     return rows
 
 

@@ -1,5 +1,6 @@
-"""``reranker.stale_lists`` end to end: 25_label_window and 30_reranker rerun on a copy of the
-session's pipeline run (synthetic-tiny, quick) with the option on and LightGBM variants only."""
+"""``reranker.stale_lists`` end to end: 25_label_window, 30_reranker and 50_leakage_audit rerun on
+a copy of the session's pipeline run (synthetic-tiny, quick) with the option on and LightGBM
+variants only."""
 from __future__ import annotations
 
 import json
@@ -18,8 +19,8 @@ def test_stale_lists_train_the_reranker_and_validation_scores_the_fresh_lists(bu
     shutil.copytree(data, tmp_path / "data", symlinks=True)
     monkeypatch.setenv("RECSYS_DATA_DIR", str(tmp_path / "data"))
     monkeypatch.setenv("RECSYS_REPORTS_DIR", str(tmp_path / "reports"))
-    pipeline.run_pipeline("synthetic-tiny", "quick", only=["25", "30"], render=False, timeout=600,
-                          overrides=["reranker.stale_lists=0.1", "reranker.variants=[lgbm]"])
+    pipeline.run_pipeline("synthetic-tiny", "quick", only=["25", "30", "50"], render=False, timeout=600,
+                          overrides=["reranker.stale_lists=0.1", "reranker.variants=[lgbm]", "audit.design_runs=[]"])
     run = tmp_path / "data" / "runs" / "synthetic-tiny" / "quick"
     stale = json.loads((run / "stale" / "summary.json").read_text())
     window = json.loads((run / "window" / "summary.json").read_text())   # both from one refit
@@ -35,6 +36,10 @@ def test_stale_lists_train_the_reranker_and_validation_scores_the_fresh_lists(bu
     chosen = next(r for r in m["search"] if r["variant"] == "lgbm")
     # the choice scored the stale lists; the record re-ranks the fresh ones
     assert chosen["held_out_ndcg"] != pytest.approx(m["valid"]["ndcg@10"], abs=1e-9)
+    # the leakage audit scores the re-ranker on the stale lists it trained on, too
+    (row,) = json.loads((run / "analysis" / "audit.json").read_text())["reranker"]
+    assert row["stale lists it trained on: its users"] > row["stale lists: out-of-fold users"]
+    assert row["stale lists: out-of-fold users"] == pytest.approx(chosen["held_out_ndcg"], abs=1e-9)
     with pytest.raises(Exception, match="LightGBM variants only"):
         pipeline.run_pipeline("synthetic-tiny", "quick", only=["25"], render=False, timeout=600,
                               overrides=["reranker.stale_lists=0.1"])
