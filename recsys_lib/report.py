@@ -502,10 +502,14 @@ def _audit_sentence(audit: dict | None, records: dict) -> str:
                 f"trained on measures memorisation, not recommendation.")
     chosen = ((records.get("two_stage") or {}).get("params") or {}).get("reranker")
     row = next((r for r in audit.get("reranker", []) if r["re-ranker"] == chosen), None)
-    if row is not None and row["seed protocol: valid users it trained on"] > 1.1 * row["out-of-fold valid users"]:
-        return (f"Leakage audit: scored on the validation users it trained on, as the seed design scores, the "
-                f"chosen re-ranker ({chosen}) reaches nDCG@10 {fmt_metric(row['seed protocol: valid users it trained on'], 3)}, "
-                f"against {fmt_metric(row['out-of-fold valid users'], 3)} on users it never saw and "
+    stale = row is not None and "stale lists it trained on: its users" in row   # the lists it learnt from
+    inside_key, out_key, lists = (("stale lists it trained on: its users", "stale lists: out-of-fold users",
+                                   "the stale validation lists of ") if stale else
+                                  ("seed protocol: valid users it trained on", "out-of-fold valid users", ""))
+    if row is not None and row[inside_key] > 1.1 * row[out_key]:
+        return (f"Leakage audit: scored on {lists}the validation users it trained on, as the seed design scores, "
+                f"the chosen re-ranker ({chosen}) reaches nDCG@10 {fmt_metric(row[inside_key], 3)}, "
+                f"against {fmt_metric(row[out_key], 3)} on users it never saw and "
                 f"{fmt_metric(row['honest test'], 3)} on test: a score on training users rewards memorisation.")
     if most:
         return (f"Leakage audit: trained and scored as the seed design does, its re-ranker scores nDCG@10 "

@@ -248,6 +248,11 @@ def test_the_audit_sentence_follows_its_numbers(tmp_path):
     few["reranker"][0]["seed protocol: valid users it trained on"] = 0.232
     text = report._audit_sentence(few, {"two_stage": {"params": {"reranker": "lgbm_lr02"}}})
     assert "0.033 in-sample and 0.036 on test after 2 optimizer steps: too few to memorise" in text
+    # trained on stale lists: judged on the lists it learnt from
+    few["reranker"][0].update({"stale lists it trained on: its users": 0.2812, "stale lists: out-of-fold users": 0.2205})
+    text = report._audit_sentence(few, {"two_stage": {"params": {"reranker": "lgbm_lr02"}}})
+    assert "scored on the stale validation lists of the validation users it trained on" in text
+    assert "reaches nDCG@10 0.281, against 0.221 on users it never saw" in text
 
 
 def test_abstract_says_which_notebook_is_missing(tmp_path):
