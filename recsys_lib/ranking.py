@@ -45,7 +45,7 @@ class RepeatedTopK:
     def __init__(self, cands: pd.DataFrame, users: np.ndarray, k_keep: int = 10):
         users = np.asarray(users, dtype=np.int64)
         u = cands["user"].to_numpy(np.int64)
-        tie = cands["retriever_rank"].to_numpy(np.int64) if "retriever_rank" in cands else cands["item"].to_numpy(np.int64)
+        tie = cands["retriever_rank" if "retriever_rank" in cands else "item"].to_numpy(np.int64)
         order = np.lexsort((tie, u))                      # stable: equal ties keep the frame's order
         sorter = np.argsort(users, kind="stable")
         where = np.searchsorted(users, u[order], sorter=sorter).clip(0, max(len(users) - 1, 0))
