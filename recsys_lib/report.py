@@ -8,11 +8,15 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import nbformat
 
 from . import config
 from .experiment import collect_metrics
+
+if TYPE_CHECKING:                   # annotations only: pandas is imported where the tables are built
+    import pandas as pd
 
 TEMPLATES = Path(__file__).with_name("templates")
 
