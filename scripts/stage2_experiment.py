@@ -7,8 +7,8 @@ this script. It never reads test rows: it builds the validation features (and, w
 ``--set`` overrides, trains the named re-ranker variants with cross-fitting inside the leakage guard
 (on the stale lists when they are on), and prints their out-of-fold table. ``--reuse-lists`` takes
 the run's own lists and features instead of rebuilding them (each is checked against the
-checkpoints it came from), so only the re-rankers are fit. It works on a *copy* of the run folder (``--into``): the run's own files,
-metrics and report stay as they are.
+checkpoints it came from), so only the re-rankers are fit. It works on a *copy* of the run folder
+(``--into``): the run's own files, metrics and report stay as they are.
 
     python scripts/stage2_experiment.py --dataset synthetic-32m --into /tmp/exp \\
         --set reranker.recent_items=[10,50] --variants mlp_features lgbm_lr02
@@ -118,17 +118,15 @@ def main() -> None:
     if saved != ["retriever", *tt.get("candidate_sources", [])]:      # the run's lists are reused
         raise SystemExit(f"the run's candidates come from {saved}, but two_tower.candidate_sources is "
                          f"{tt.get('candidate_sources', [])}: rerun the pipeline from 20_two_tower first")
-    if a.reuse_lists:                            # the run's own lists, checked against its checkpoints
-        built = {k: {} for k, key in (("window", "label_window"), ("stale", "stale_lists")) if section.get(key)}
-    else:
-        built = two_stage.build_refit_lists(run, retriever, two_stage.load_baselines(run, tt.get("candidate_sources", [])),
-                                            extra)
-    for kind, summary in built.items() if not a.reuse_lists else ():
-        print(f"{kind}: {summary}" if kind == "refit" else f"{kind}: {summary['users']:,} users, {summary['rows']:,} rows, "
-              f"{summary['seconds']:.0f}s", flush=True)
+    kinds = {kind for kind, key in (("window", "label_window"), ("stale", "stale_lists")) if section.get(key)}
+    if not a.reuse_lists:                        # else the run's own lists, checked against its checkpoints
+        sources = two_stage.load_baselines(run, tt.get("candidate_sources", []))
+        for kind, summary in two_stage.build_refit_lists(run, retriever, sources, extra).items():
+            print(f"{kind}: {summary}" if kind == "refit" else f"{kind}: {summary['users']:,} users, "
+                  f"{summary['rows']:,} rows, {summary['seconds']:.0f}s", flush=True)
     valid = two_stage.stage_inputs(run, retriever, "valid", extra)
-    window = two_stage.load_label_window(run, valid.names) if "window" in built else None
-    train_lists = two_stage.load_stale_lists(run, valid) if "stale" in built else valid
+    window = two_stage.load_label_window(run, valid.names) if "window" in kinds else None
+    train_lists = two_stage.load_stale_lists(run, valid) if "stale" in kinds else valid
     names = lambda v: v if isinstance(v, str) else v["name"]
     unknown = set(a.variants) - {names(v) for v in section["variants"]}
     if unknown:
