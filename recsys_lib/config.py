@@ -1,7 +1,8 @@
 """Paths, parameters, seeding and device: every path derives from here, never from a notebook's cwd.
 
 ``RECSYS_DATA_DIR`` moves the data folder (tests point it at a temporary directory);
-``MOVIELENS_MIRROR`` names a local folder holding ``NAME.zip`` or ``NAME/`` for offline use.
+``MOVIELENS_MIRROR`` names a local folder holding ``NAME.zip`` or ``NAME/`` for offline use;
+``RECSYS_TORCH_THREADS`` fixes torch's intra-op threads in every process of a run (`torch_threads`).
 """
 from __future__ import annotations
 
@@ -130,6 +131,28 @@ def seed_everything(seed: int) -> None:
         torch.manual_seed(seed)
     except ImportError:  # pragma: no cover
         pass
+
+
+THREADS_ENV = "RECSYS_TORCH_THREADS"
+
+
+def torch_threads() -> int:
+    """Apply ``$RECSYS_TORCH_THREADS`` (a positive integer) to torch's intra-op thread count, and
+    return the count in force. Unset or empty: torch's own default (the cores it sees).
+
+    Why: float sums are reduced in another order with another thread count, so the last bits of
+    a training move and small trainings end elsewhere. One machine and one setting give the same
+    numbers run after run; ``RECSYS_TORCH_THREADS=1`` stands in for another machine's CPU (the
+    test suite passes under both). The pipeline's kernels and torchrun workers inherit the
+    variable, and `experiment.Run.open` and the worker apply it."""
+    import torch
+    value = os.environ.get(THREADS_ENV, "").strip()
+    if value:
+        if not value.isdigit() or int(value) < 1:
+            raise ConfigError(f"{THREADS_ENV}={value!r}: expected a positive integer (torch threads), or unset")
+        if torch.get_num_threads() != int(value):
+            torch.set_num_threads(int(value))
+    return torch.get_num_threads()
 
 
 def resolve_device(name: str = "auto"):

@@ -390,6 +390,7 @@ def _main(argv: list[str] | None = None) -> int:
     out = Path(args.out_dir).resolve() if args.out_dir else run_dir / "dist" / args.model
     out.mkdir(parents=True, exist_ok=True)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))   # torchrun stops the others: clean up temp files
+    config.torch_threads()                               # $RECSYS_TORCH_THREADS, when set, over OMP_NUM_THREADS
     job = config.load_torch(args.job) if args.job else None
     fields = None if job else _run_params(run_dir, args.set)
     if fields and args.model == "reranker":

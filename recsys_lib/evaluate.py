@@ -59,6 +59,12 @@ class Labels:
     def n_pos(self) -> np.ndarray:
         return np.diff(self.positives.indptr)
 
+    def random_ndcg(self, k: int = 10) -> float:
+        """Expected nDCG@k of a uniformly random ranking of each scored user's unseen catalogue
+        (`metrics.random_ndcg_at_k`): the floor a learnt model must clear."""
+        unseen = self.n_items - np.diff(self.ctx.seen[self.users].indptr)
+        return float(metrics.random_ndcg_at_k(self.n_pos, unseen, k).mean()) if len(self.users) else 0.0
+
 
 @dataclass
 class EvalResult:

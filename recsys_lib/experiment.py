@@ -59,6 +59,7 @@ class Run:
         run_dir = Path(run_dir) if run_dir else default_run_dir(dataset, profile)
         run_dir.mkdir(parents=True, exist_ok=True)
         params = runstate.tracked_params(params, run_dir)   # under the pipeline: note what is read
+        config.torch_threads()
         config.seed_everything(seed)
         return cls(dataset=dataset, profile=profile, dir=run_dir, params=params, seed=seed,
                    device=config.resolve_device(device_name))

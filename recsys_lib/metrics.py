@@ -16,7 +16,8 @@ import numpy as np
 import scipy.sparse as sp
 
 __all__ = ["ndcg_at_k", "recall_at_k", "hit_rate_at_k", "mrr_at_k", "precision_at_k",
-           "coverage_at_k", "ranked_hits", "bootstrap_ci", "paired_bootstrap", "discounts"]
+           "coverage_at_k", "ranked_hits", "bootstrap_ci", "paired_bootstrap", "discounts",
+           "random_ndcg_at_k"]
 
 
 def _top(hits: np.ndarray, k: int) -> np.ndarray:
@@ -56,6 +57,28 @@ def ndcg_at_k(hits: np.ndarray, n_pos: np.ndarray, k: int) -> np.ndarray:
     dcg = top @ disc
     ideal = np.concatenate([[0.0], np.cumsum(disc)])[np.minimum(n_pos, k).clip(0)]
     out = np.zeros(top.shape[0], dtype=np.float64)
+    np.divide(dcg, ideal, out=out, where=ideal > 0)
+    return out
+
+
+def random_ndcg_at_k(n_pos: np.ndarray, n_candidates: np.ndarray, k: int) -> np.ndarray:
+    """Expected nDCG@k of a uniformly random ranking, per user, where ``n_candidates`` items are
+    ranked and ``n_pos`` of them are the user's positives:
+
+        E[DCG@k] = n_pos / n_candidates * sum_{r=1..min(k, n_candidates)} 1 / log2(r + 1)
+
+    (every rank holds a positive with probability n_pos / n_candidates), divided by IDCG@k as in
+    `ndcg_at_k`. The floor any learnt model must clear by a wide margin; 0 when n_pos == 0."""
+    n_pos = np.asarray(n_pos, dtype=np.float64).reshape(-1)
+    n_cand = np.asarray(n_candidates, dtype=np.int64).reshape(-1)
+    if n_cand.shape != n_pos.shape:
+        raise ValueError(f"n_candidates has {n_cand.shape[0]} entries for {n_pos.shape[0]} users")
+    if (n_pos > n_cand).any():
+        raise ValueError("a user has more positives than ranked candidates")
+    cum = np.concatenate([[0.0], np.cumsum(discounts(k))])
+    dcg = np.divide(n_pos, n_cand, out=np.zeros_like(n_pos), where=n_cand > 0) * cum[np.minimum(n_cand, k)]
+    ideal = cum[np.minimum(n_pos.astype(np.int64), k)]
+    out = np.zeros_like(n_pos)
     np.divide(dcg, ideal, out=out, where=ideal > 0)
     return out
 

@@ -1,13 +1,28 @@
-"""Shared fixtures: a small split with planted structure, built without the data layer."""
+"""Shared fixtures: a small split with planted structure, built without the data layer.
+
+Threads: ``RECSYS_TORCH_THREADS=1 make test`` runs the whole suite with one torch thread (this
+process, the pipeline's kernels and torchrun workers, which inherit the variable); unset, torch's
+default. Another thread count changes the last bits of float sums, as another machine's CPU does,
+so every assertion on a trained model must hold under both (see README, "Determinism")."""
 from __future__ import annotations
 
+import os
 import types
 
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
+from recsys_lib import config as recsys_config
 from recsys_lib.features import SplitData
+
+TORCH_THREADS = recsys_config.torch_threads()
+
+
+def pytest_report_header(config) -> str:
+    how = "forced by" if os.environ.get(recsys_config.THREADS_ENV) else "torch's default; force with"
+    return f"torch {torch.__version__}: {TORCH_THREADS} intra-op thread(s) ({how} {recsys_config.THREADS_ENV})"
 
 
 def toy_interactions(n_users: int = 300, n_items: int = 200, per_user: int = 40, dim: int = 4,

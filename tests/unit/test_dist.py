@@ -26,7 +26,7 @@ import torch.nn.functional as F
 import yaml
 
 from recsys_lib import dist, dist_train, guard
-from recsys_lib.config import PARAMS_DIR, load_params, load_torch
+from recsys_lib.config import PARAMS_DIR, THREADS_ENV, load_params, load_torch
 from recsys_lib.errors import ConfigError
 from recsys_lib.models.two_tower import _same_item_pairs
 from svd_retriever import SVDRetriever
@@ -180,7 +180,8 @@ def tiny_run(tmp_path_factory):
     mp = pytest.MonkeyPatch()
     mp.setenv("RECSYS_DATA_DIR", str(root / "data"))
     before = torch.get_num_threads()
-    torch.set_num_threads(1)                         # as each of 2 workers on 2 cores
+    # as each of 2 workers on 2 cores (dist_train.worker_env), or $RECSYS_TORCH_THREADS, which they obey
+    torch.set_num_threads(int(os.environ.get(THREADS_ENV) or 1))
     run = Run.open("synthetic-tiny", "quick", root / "run", OVERRIDES, 42, "cpu")
     ds = data.load_dataset("synthetic-tiny")
     split = splitting.make_split("synthetic-tiny", run.params["split"], interactions=ds.interactions)

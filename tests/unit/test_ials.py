@@ -11,7 +11,6 @@ from recsys_lib import guard, tuning
 from recsys_lib.evaluate import Evaluator
 from recsys_lib.models.ials import IALS, IALSConfig
 
-torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="module")

@@ -171,3 +171,21 @@ def test_paired_bootstrap():
     assert M.paired_bootstrap(a, a[::-1], seed=5) == M.paired_bootstrap(a, a[::-1], seed=5)
     with pytest.raises(ValueError):
         M.paired_bootstrap(a, a[:10])
+
+
+def test_random_ndcg_is_the_mean_over_every_ordering_and_matches_a_simulation():
+    import itertools
+    # exact: 2 positives among 4 candidates, every one of the 24 orderings equally likely
+    hits = np.array([list(p) for p in itertools.permutations([1, 1, 0, 0])], dtype=bool)
+    exact = M.ndcg_at_k(hits, np.full(len(hits), 2), 3).mean()
+    assert M.random_ndcg_at_k([2], [4], 3)[0] == pytest.approx(exact, abs=1e-12)
+    # fewer candidates than k: ranks beyond the list hold nothing
+    assert M.random_ndcg_at_k([1], [2], 10)[0] == pytest.approx((1 + 1 / np.log2(3)) / 2, abs=1e-12)
+    assert M.random_ndcg_at_k([0, 3], [5, 3], 10)[0] == 0.0 and M.random_ndcg_at_k([3], [3], 10)[0] == 1.0
+    # simulated shuffles of 200 candidates, 7 of them positives
+    rng = np.random.default_rng(0)
+    sims = np.array([rng.permutation(200)[:10] < 7 for _ in range(20_000)])
+    assert M.ndcg_at_k(sims, np.full(len(sims), 7), 10).mean() == pytest.approx(
+        M.random_ndcg_at_k([7], [200], 10)[0], rel=0.03)
+    with pytest.raises(ValueError):
+        M.random_ndcg_at_k([5], [4], 10)

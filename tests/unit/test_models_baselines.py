@@ -23,7 +23,6 @@ from recsys_lib.models.mf import MF, MFConfig
 from recsys_lib.models.neumf import NeuMF, NeuMFConfig
 from recsys_lib.models.popularity import Popularity, PopularityConfig
 
-torch.set_num_threads(1)
 
 QUIET = dict(device="cpu", progress=False, verbose=False)
 

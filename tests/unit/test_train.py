@@ -11,7 +11,6 @@ import torch
 from recsys_lib.train import (LoopConfig, NegativeSampler, adam, count_parameters, fit_loop, load_checkpoint,
                               permuted_batches, positive_batches, save_checkpoint)
 
-torch.set_num_threads(1)
 
 
 def dense_known(n_users=30, n_items=12, density=0.6, seed=0) -> sp.csr_matrix:
