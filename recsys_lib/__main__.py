@@ -20,14 +20,14 @@ def _cmd_fetch(args: argparse.Namespace) -> None:
 
 
 def _cmd_synth(args: argparse.Namespace) -> None:
-    from .synthetic import generate
+    from .data.synthetic import generate
     path = generate(args.preset, seed=args.seed, force=args.force)
     print(path)
 
 
 def _cmd_split(args: argparse.Namespace) -> None:
     from .config import apply_overrides, load_params
-    from .split import make_split
+    from .protocol.split import make_split
     params = load_params(args.profile, args.name)["split"]
     if args.strategy:
         params["strategy"] = args.strategy

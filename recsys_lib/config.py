@@ -238,10 +238,32 @@ def finite_json(obj: Any) -> Any:
     return obj
 
 
+#: modules whose classes files of earlier versions pickled (a run's ``data.pt`` holds a SplitData),
+#: under their names since the move into stage sub-packages: such files still load
+MOVED_MODULES = {"recsys_lib.features": "recsys_lib.protocol.splitdata",
+                 "recsys_lib.evaluate": "recsys_lib.protocol.evaluate",
+                 "recsys_lib.train": "recsys_lib.models.train",
+                 "recsys_lib.models.reranker": "recsys_lib.stage2.rerankers"}
+
+
+def _pickle_module():
+    """``pickle`` with an Unpickler that finds classes under their moved modules (`MOVED_MODULES`)."""
+    import pickle
+    import types
+
+    class Unpickler(pickle.Unpickler):
+        def find_class(self, module: str, name: str):
+            return super().find_class(MOVED_MODULES.get(module, module), name)
+
+    return types.SimpleNamespace(**{k: getattr(pickle, k) for k in ("load", "loads", "UnpicklingError")},
+                                 Unpickler=Unpickler, __name__="pickle")
+
+
 def load_torch(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
     """``torch.load`` of a file this project wrote; a truncated or corrupt file raises
     PipelineError naming it. Rerunning the pipeline reruns the notebook that writes it, because
-    the file no longer matches that notebook's completion record."""
+    the file no longer matches that notebook's completion record. Files pickled before a module
+    moved load too (`MOVED_MODULES`)."""
     import pickle
     import zipfile
 
@@ -249,7 +271,7 @@ def load_torch(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
     from .errors import PipelineError
     path = Path(path)
     try:
-        return torch.load(path, map_location=map_location, weights_only=False)
+        return torch.load(path, map_location=map_location, weights_only=False, pickle_module=_pickle_module())
     except FileNotFoundError:
         raise
     except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile) as exc:

@@ -8,7 +8,7 @@ Each notebook runs in a fresh kernel (the named `recsys` kernel) with the shared
 (DATASET, PROFILE, RUN_DIR, SEED, DEVICE, OVERRIDES, FORCE) and an execution timeout.
 
 - **Resume.** A notebook that finished has a completion record in ``<run>/state/``
-  (``recsys_lib.runstate``). A rerun skips every notebook whose record still holds. It starts at
+  (``recsys_lib.run.state``). A rerun skips every notebook whose record still holds. It starts at
   the first one that changed (its parameters, its notebook, the library code, or a file it wrote)
   or that did not finish, and runs everything after it. ``--force`` starts the run folder afresh.
   ``--from NN`` reruns from a notebook. ``--only`` runs the named notebooks and nothing else.
@@ -34,9 +34,11 @@ import sys
 import time
 from pathlib import Path
 
-from . import config, runstate
+from . import config
+from .run import state as runstate
 from .errors import PipelineError, RecsysError
-from .experiment import default_run_dir
+from .run.experiment import default_run_dir
+from .run.layout import notebooks
 
 KERNEL = "recsys"
 
@@ -47,16 +49,6 @@ class Interrupted(PipelineError):
     def __init__(self, notebook: str):
         super().__init__(f"interrupted in {notebook}; rerun the same command to resume")
         self.notebook = notebook
-
-
-def notebooks(only: list[str] | None = None) -> list[Path]:
-    """The pipeline's notebooks in order (``NN_name.ipynb``), optionally a subset by prefix/name."""
-    found = sorted(p for p in config.notebooks_dir().glob("[0-9][0-9]_*.ipynb"))
-    if only:
-        found = [p for p in found if any(p.stem == o or p.stem.startswith(o) for o in only)]
-        if not found:
-            raise PipelineError(f"--only {only} matches no notebook in {config.notebooks_dir()}")
-    return found
 
 
 def ensure_kernel(name: str = KERNEL) -> str:
@@ -180,7 +172,7 @@ def run_pipeline(dataset: str = "synthetic", profile: str = "full", overrides: l
     the named notebooks; ``force`` removes the run folder first."""
     import papermill as pm
     from .data import dataset_info
-    from .param_check import check_overrides
+    from .params import check_overrides
     dataset_info(dataset)                                          # fail fast, before anything is written:
     check_overrides(config.load_params(profile, dataset), overrides)   # unknown dataset, profile or key,
     params = config.load_params(profile, dataset, overrides)      # a value of the wrong type or range
@@ -285,7 +277,7 @@ def render_report(dataset: str, run_dir: Path, report_dir: Path, timings: dict |
     """Render a run folder's executed notebooks into ``report_dir``: a page per notebook (with
     code), index.html from 90_report (without code), and metrics.json. The folder is built
     beside the old one and swapped in whole, so a reader never sees a mix of two runs."""
-    from .report import render_notebook, write_metrics_json
+    from .report.render import render_notebook, write_metrics_json
     run_dir, report_dir = Path(run_dir), Path(report_dir)
     src = run_dir / "notebooks"
     if run is None:

@@ -18,6 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from recsys_lib import config, data  # noqa: E402
+from recsys_lib.data import load  # noqa: E402
 
 
 def _rss_mb(who: int) -> float:
@@ -34,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[tuple[str, str]] = []
     gen_s = gen_rss = None
     if data.read_marker(path) is None:
-        code = (f"from recsys_lib import synthetic; "
+        code = (f"from recsys_lib.data import synthetic; "
                 f"synthetic.generate({info.preset!r}, seed={info.seed}, out_dir={str(path)!r})")
         print(f"generating {name} (preset {info.preset}, seed {info.seed}) into {path} ...", flush=True)
         t = time.perf_counter()
@@ -46,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(("generate", f"skipped ({path} exists)"))
 
     ratings = path / "ratings.csv"
-    cache = data._cache_file(ratings)
+    cache = load._cache_file(ratings)
     cache.unlink(missing_ok=True)
     t = time.perf_counter()
     first = data.load_interactions(path)

@@ -14,8 +14,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from recsys_lib.evaluate import Evaluator
-from recsys_lib.features import SplitData
+from recsys_lib.protocol.evaluate import Evaluator
+from recsys_lib.protocol.splitdata import SplitData
 
 
 def random_split(n_users: int, n_items: int, train_per_user: int, valid_per_user: int, seed: int = 0):

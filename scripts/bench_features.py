@@ -11,8 +11,8 @@ import time
 
 import numpy as np
 
-from recsys_lib import rerank_features as rf
-from recsys_lib.features import Period, last_items
+from recsys_lib.stage2 import features as rf
+from recsys_lib.protocol.splitdata import Period, last_items
 
 
 def main() -> None:

@@ -40,7 +40,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import psutil  # noqa: E402
 
 from recsys_lib import config, pipeline  # noqa: E402
-from recsys_lib.experiment import collect_metrics, default_run_dir  # noqa: E402
+from recsys_lib.run import layout  # noqa: E402
+from recsys_lib.run.experiment import collect_metrics, default_run_dir  # noqa: E402
 
 GB = 1024 ** 3
 SMOKE_ONLY = ["00", "01", "10", "90"]
@@ -328,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
     only = args.only if args.only is not None else (SMOKE_ONLY if args.smoke else None)
     out = Path(args.out).resolve() if args.out else config.reports_dir("bench")
     config.load_params(profile, dataset, args.set)          # fail fast on a bad profile / override
-    nbs = pipeline.notebooks(only)
+    nbs = layout.notebooks(only)
     run_dir = default_run_dir(dataset, profile)
     complete_study = only is None
 
@@ -388,7 +389,7 @@ def main(argv: list[str] | None = None) -> int:
     failed = False
     try:
         if dataset == "synthetic-32m" and not config.raw_dir(dataset).exists():
-            code = "from recsys_lib import synthetic; synthetic.generate('32m', seed=0)"
+            code = "from recsys_lib.data import synthetic; synthetic.generate('32m', seed=0)"
             rec = run_stage("generate", lambda: subprocess.run([sys.executable, "-c", code], check=True,
                                                                cwd=config.PROJECT_ROOT))
             if rec["error"] is None:

@@ -4,7 +4,7 @@ The seed design (embedding 128, LSTM 64 over 5 items, MLPs 256-128-128, batch 40
 table sizes of synthetic-32m from 2018 (52,702 users, 65,583 items), on random batches: mean
 forward, backward and optimizer milliseconds per step over ``--steps`` steps (after 2 warm-up
 steps) and the triplets/s they imply, for Adam as torch's default picks it and for
-``recsys_lib.train.adam`` (fused where available), which every model uses."""
+``recsys_lib.models.train.adam`` (fused where available), which every model uses."""
 from __future__ import annotations
 
 import argparse
@@ -14,7 +14,7 @@ import torch
 
 from recsys_lib.config import resolve_device
 from recsys_lib.models.two_tower import TwoTowerConfig, TwoTowerNet
-from recsys_lib.train import adam
+from recsys_lib.models.train import adam
 
 
 def time_steps(net: TwoTowerNet, opt: torch.optim.Optimizer, batches: list, warmup: int = 2) -> dict:
@@ -59,7 +59,7 @@ def main() -> None:
     print(f"two-tower seed design, {nu:,} users x {ni:,} items, batch {b}, {torch.get_num_threads()} "
           f"threads on {dev}")
     for name, make in (("torch.optim.Adam (default)", lambda p: torch.optim.Adam(p, lr=1e-3)),
-                       ("recsys_lib.train.adam (fused)", lambda p: adam(p, lr=1e-3))):
+                       ("recsys_lib.models.train.adam (fused)", lambda p: adam(p, lr=1e-3))):
         torch.manual_seed(0)
         net = TwoTowerNet(TwoTowerConfig(variant="seed"), nu, ni, genres, year, tags, 20, 30, 100,
                           torch.zeros(ni)).to(dev)

@@ -30,10 +30,11 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from recsys_lib import candidates as cand
-from recsys_lib import evaluate, two_stage
-from recsys_lib.experiment import Run
-from recsys_lib.models import reranker as rr
+from recsys_lib.stage2 import candidates as cand
+from recsys_lib.protocol import evaluate
+from recsys_lib.stage2 import system as two_stage
+from recsys_lib.run.experiment import Run
+from recsys_lib.stage2 import rerankers as rr
 
 STAGE1 = ("data.pt", "dataset.json", "run.json", "models", "metrics", "curves", "candidates")
 REFIT_LISTS = ("window", "stale", "features")   # linked too with --reuse-lists (each is key-checked)

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from recsys_lib import config as recsys_config
-from recsys_lib.features import SplitData
+from recsys_lib.protocol.splitdata import SplitData
 
 TORCH_THREADS = recsys_config.torch_threads()
 

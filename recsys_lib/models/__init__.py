@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from ..features import ScoringContext
+from ..protocol.splitdata import ScoringContext
 
 
 class Recommender:
@@ -51,12 +51,12 @@ class PairwiseModule:
         return self(users.to(self.device), items.to(self.device)).float().cpu()       # (N,)
 
     def save(self, path) -> None:
-        from ..train import save_checkpoint
+        from .train import save_checkpoint
         save_checkpoint(path, self, self.cfg, n_users=self.n_users, n_items=self.n_items)
 
     @classmethod
     def load(cls, path, device: str | None = None):
-        from ..train import load_checkpoint
+        from .train import load_checkpoint
         ckpt = load_checkpoint(path)
         cfg = cls.Config(**ckpt["config"])
         if device is not None:

@@ -22,10 +22,10 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from .. import tuning
+from . import tuning
 from ..config import resolve_device
-from ..features import ScoringContext, SplitData
-from ..train import load_checkpoint, save_checkpoint
+from ..protocol.splitdata import ScoringContext, SplitData
+from .train import load_checkpoint, save_checkpoint
 from . import Recommender
 
 

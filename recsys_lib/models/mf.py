@@ -14,10 +14,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .. import tuning
+from . import tuning
 from ..config import resolve_device
-from ..features import ScoringContext, SplitData
-from ..train import LoopConfig, adam, count_parameters, fit_loop, positive_batches
+from ..protocol.splitdata import ScoringContext, SplitData
+from .train import LoopConfig, adam, count_parameters, fit_loop, positive_batches
 from . import PairwiseModule, Recommender
 
 

@@ -17,11 +17,11 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from .. import tuning
+from . import tuning
 from ..config import resolve_device
 from ..errors import ConfigError
-from ..features import ScoringContext, SplitData
-from ..train import LoopConfig, adam, count_parameters, fit_loop, positive_batches
+from ..protocol.splitdata import ScoringContext, SplitData
+from .train import LoopConfig, adam, count_parameters, fit_loop, positive_batches
 from . import PairwiseModule, Recommender
 
 

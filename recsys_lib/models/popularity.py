@@ -13,10 +13,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .. import tuning
+from . import tuning
 from ..config import resolve_device
-from ..features import ScoringContext, SplitData
-from ..train import load_checkpoint, save_checkpoint
+from ..protocol.splitdata import ScoringContext, SplitData
+from .train import load_checkpoint, save_checkpoint
 from . import Recommender
 
 SECONDS_PER_DAY = 86_400

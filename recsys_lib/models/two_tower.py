@@ -35,13 +35,13 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from .. import dist, guard
+from .. import dist
+from ..protocol import guard
 from ..config import resolve_device, seed_everything
 from ..errors import ConfigError
-from ..evaluate import DEFAULT_KS
-from ..features import CHUNK_ROWS, ScoringContext, SplitData, histories_before_rows
-from ..train import (LoopConfig, NegativeSampler, adam, count_parameters, fit_loop, load_checkpoint,
-                     permuted_batches, save_checkpoint)
+from ..protocol.evaluate import DEFAULT_KS
+from ..protocol.splitdata import CHUNK_ROWS, ScoringContext, SplitData, histories_before_rows
+from .train import (LoopConfig, NegativeSampler, adam, count_parameters, fit_loop, load_checkpoint, permuted_batches, save_checkpoint)
 from . import Recommender
 from .layers import mlp
 
@@ -497,7 +497,7 @@ def tune(data: SplitData, params_section: dict, validate_recall: Callable[[Any],
     (e.g. ``lambda m: Evaluator(data, "valid", ks=(10, 50, 500))(m)``) or a float (the selection
     metric itself). Early stopping and selection use ``metric`` (default: ``selection_metric``
     of the section's ``candidate_k``). When it returns a float and carries an ``evaluator``
-    attribute (recsys_lib.tuning.validator) the evaluator is called once after fitting for the
+    attribute (recsys_lib.models.tuning.validator) the evaluator is called once after fitting for the
     table's Recall@50/500 and nDCG@10. Returns ``(best_model, table)``: one row per variant.
 
     This is the tuning contract of every model (`Run.fit_model`), so 20_two_tower calls

@@ -8,14 +8,14 @@ from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError
 
 from recsys_lib import config, pipeline
+from recsys_lib.run import layout
 
 
 def _first_source() -> str:
     """The notebook of the retriever's first candidate source under the default parameters (the
     retriever's notebook checks its sources before it trains), else 01_split."""
-    from recsys_lib import two_stage
     sources = config.load_params("full", "synthetic")["two_tower"].get("candidate_sources") or []
-    return two_stage.notebook_of(sources[0]) if sources else "01_split"
+    return layout.notebook_of(sources[0]) if sources else "01_split"
 
 
 #: notebook -> the notebook its first missing file names
@@ -45,7 +45,7 @@ def test_a_notebook_run_too_early_names_the_notebook_to_run_first(name, first, t
 def test_default_parameters_name_the_default_run_folder():
     """The parameters cell's defaults are the pipeline's shared keys, so the same notebook runs
     under papermill and, untouched, in JupyterLab."""
-    for path in pipeline.notebooks():
+    for path in layout.notebooks():
         nb = nbformat.read(path, as_version=4)
         cells = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
         assert len(cells) == 1, path.name

@@ -6,8 +6,9 @@ import json
 import pytest
 
 from recsys_lib import config, pipeline
+from recsys_lib.run import layout
 from recsys_lib.errors import PipelineError
-from recsys_lib.evaluate import Labels
+from recsys_lib.protocol.evaluate import Labels
 
 MODELS = ["popularity", "mf", "neumf", "ease", "ials", "two_tower", "two_stage"]
 
@@ -27,7 +28,7 @@ def report(built_report):
 @pytest.mark.slow
 def test_every_notebook_ran_and_the_report_renders(report):
     out = report.parent
-    names = [p.stem for p in pipeline.notebooks()]
+    names = [p.stem for p in layout.notebooks()]
     for name in names:
         assert (out / "notebooks" / f"{name}.ipynb").exists(), name
         assert (out / "notebooks" / f"{name}.html").exists(), name

@@ -5,7 +5,7 @@ results table and each figure present, and nothing wider than the page. Screensh
 the report (screenshots/index-1280.png and index-1280-top.png)."""
 import pytest
 
-from recsys_lib import browser_check
+from recsys_lib.report import browser_check
 
 #: the figures every full run's report shows (recsys_lib.report.Captions ids in 90_report)
 FIGURES = {"forest", "segments", "hit-popularity", "recall", "source-recall", "learning-curves", "search", "timing"}

@@ -18,10 +18,11 @@ import sys
 import torch
 
 from recsys_lib import config, dist
-from recsys_lib.candidates import generate_candidates
-from recsys_lib.evaluate import Labels
-from recsys_lib.models import mf, neumf, reranker, two_tower
-from recsys_lib.rerank_features import build_features, retriever_user_table
+from recsys_lib.stage2.candidates import generate_candidates
+from recsys_lib.protocol.evaluate import Labels
+from recsys_lib.models import mf, neumf, two_tower
+from recsys_lib.stage2 import rerankers as reranker
+from recsys_lib.stage2.features import build_features, retriever_user_table
 from svd_retriever import SVDRetriever
 
 NOISE = 1e-7          # a parameter whose whole gradient is below this is rounding noise (BPR-invariant biases)

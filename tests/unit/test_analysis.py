@@ -5,7 +5,8 @@ import json
 import numpy as np
 import pandas as pd
 
-from recsys_lib import analysis, report
+from recsys_lib.report import analysis
+from recsys_lib import report
 
 
 def _rec(name, valid, test):
@@ -31,11 +32,11 @@ def test_paired_table_and_headline_follow_the_interval():
     assert abs(ease["target"] - ease["other"] - 0.03) < 1e-12
     paired = {"target": "two_stage", "strongest_single_stage": {"model": "ease", "valid_ndcg@10": 0.1},
               "rows": rows.to_dict("records")}
-    text = analysis.headline(paired)
+    text = report.headline(paired)
     assert "**ease**" in text and "beats it" in text and f"{ease['two_stage - other']:+.4f}" in text
     per_user["two_stage"] = per_user["ease"].assign(**{"ndcg@10": base + rng.normal(0, 0.01, 400)})
     rows = analysis.paired_table(per_user, "two_stage", n_bootstrap=200, seed=0)
-    assert "does not separate" in analysis.headline({**paired, "rows": rows.to_dict("records")})
+    assert "does not separate" in report.headline({**paired, "rows": rows.to_dict("records")})
 
 
 def test_tuning_table_flags_edges(tmp_path):

@@ -104,7 +104,8 @@ def test_notebooks_have_parameters_kernelspec_and_no_outputs():
 def test_dataset_sections_size_the_searches():
     """A dataset's grid merges key by key over the profile's: the ml-32m section lists every iALS
     key, so its search is the configurations it names, none of the demo grid's values."""
-    from recsys_lib import tuning, two_stage
+    from recsys_lib.models import tuning
+    from recsys_lib.stage2 import system as two_stage
     big = config.load_params("full", "ml-32m")
     demo = config.load_params("full")["ials"]["grid"]
     assert set(big["ials"]["grid"]) == set(demo)

@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 
 from recsys_lib import config, data
+from recsys_lib.data import download, load, verify
 from recsys_lib.errors import DataError
 
 MIRROR = Path(os.environ.get("MOVIELENS_MIRROR", config.PROJECT_ROOT.parent / "shared" / "movielens"))
@@ -80,8 +81,8 @@ def test_mirror_ml_latest_small_counts_and_noop(data_dir, monkeypatch):
     assert marker["verified_against"] == "registry md5"
     assert marker["checksums"]["ratings.csv"] == "ac0cf1d26aed3a5b6777a295231976ad"
     # a second fetch does nothing: no hashing, no copying
-    monkeypatch.setattr(data, "md5_file", lambda p: pytest.fail("second fetch hashed a file"))
-    monkeypatch.setattr(data.shutil, "copyfile", lambda *a: pytest.fail("second fetch copied"))
+    monkeypatch.setattr(verify, "md5_file", lambda p: pytest.fail("second fetch hashed a file"))
+    monkeypatch.setattr(download.shutil, "copyfile", lambda *a: pytest.fail("second fetch copied"))
     monkeypatch.setenv("MOVIELENS_MIRROR", str(MIRROR))
     assert data.fetch("ml-latest-small") == path
     monkeypatch.undo()
@@ -180,7 +181,7 @@ def test_dat_family_from_zip(tmp_path, data_dir):
     items = ds.items.set_index("item_id")
     assert items.loc[3, "title"] == "Ça commence aujourd'hui (1999)"   # latin-1 decoded
     assert items.loc[661, "genres"] == ["Animation", "Children's", "Musical"]
-    assert list(ds.tags.columns) == data.TAG_COLUMNS and len(ds.tags) == 0
+    assert list(ds.tags.columns) == load.TAG_COLUMNS and len(ds.tags) == 0
     assert ds.tags.dtypes.astype(str).tolist()[:2] == ["int32", "int32"]
     assert str(ds.tags["timestamp"].dtype) == "int64"
     assert set(ds.checksums) == {"movies.dat", "ratings.dat", "users.dat"}
@@ -275,7 +276,7 @@ def test_bad_movies_and_tags_files(tmp_path):
 def test_parquet_cache_is_used_and_invalidated(tmp_path, data_dir):
     folder = write_set(tmp_path / "set")
     first = data.load_interactions(folder)
-    cache = data._cache_file(folder / "ratings.csv")
+    cache = load._cache_file(folder / "ratings.csv")
     assert cache.is_file() and str(cache).startswith(str(data_dir / "processed"))
     assert sorted(p.name for p in folder.iterdir()) == ["movies.csv", "ratings.csv", "tags.csv"]
     pd.testing.assert_frame_equal(data.load_interactions(folder), first)

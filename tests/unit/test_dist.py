@@ -1,4 +1,4 @@
-"""Distributed training and scoring (recsys_lib.dist, recsys_lib.dist_train).
+"""Distributed training and scoring (recsys_lib.dist, recsys_lib.run.launch, recsys_lib.worker).
 
 Fast tests check the pieces in one process (row blocks, shard-aware dropout, the softmax's masked
 pairs, the gpu profile, parameters, torchrun's failure summary). The ``slow`` ones launch torchrun
@@ -25,7 +25,10 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from recsys_lib import dist, dist_train, guard
+from recsys_lib import dist
+from recsys_lib.run import launch
+from recsys_lib.stage2 import system as two_stage
+from recsys_lib.protocol import guard
 from recsys_lib.config import PARAMS_DIR, THREADS_ENV, load_params, load_torch
 from recsys_lib.errors import ConfigError
 from recsys_lib.models.two_tower import _same_item_pairs
@@ -90,13 +93,13 @@ def test_helpers_are_no_ops_outside_a_process_group():
 
 
 def test_settings_and_overrides():
-    from recsys_lib.param_check import check_overrides
+    from recsys_lib.params import check_overrides
     params = load_params("quick", "synthetic-tiny")
-    assert dist_train.settings(params)["nproc"] == 1 and not dist_train.distributed(params)
-    assert dist_train.distributed({"dist": {"nproc": 2}})
-    assert dist_train.settings({"dist": {"nproc": "auto"}})["nproc"] == max(torch.cuda.device_count(), 1)
+    assert launch.settings(params)["nproc"] == 1 and not launch.distributed(params)
+    assert launch.distributed({"dist": {"nproc": 2}})
+    assert launch.settings({"dist": {"nproc": "auto"}})["nproc"] == max(torch.cuda.device_count(), 1)
     with pytest.raises(ConfigError, match="rdzv_endpoint"):
-        dist_train.settings({"dist": {"nnodes": 2}})
+        launch.settings({"dist": {"nnodes": 2}})
     check_overrides(params, ["dist.nproc=2", "dist.nproc=auto", "dist.nnodes=2", "dist.rdzv_endpoint=h:29500"])
     with pytest.raises(ConfigError):
         check_overrides(params, ["dist.nproc=0"])
@@ -127,7 +130,7 @@ def test_gpu_profile_is_full_without_its_caps():
 def test_failure_message_names_the_failed_rank():
     summary = """
 ============================================================
-recsys_lib.dist_train FAILED
+recsys_lib.worker FAILED
 ------------------------------------------------------------
 Failures:
   <NO_OTHER_FAILURES>
@@ -142,16 +145,16 @@ Root Cause (first observed failure):
   traceback : Signal 9 (SIGKILL) received by PID 4242
 ============================================================
 """
-    msg = dist_train.failure_message("mf", 1, summary.splitlines(keepends=True))
+    msg = launch.failure_message("mf", 1, summary.splitlines(keepends=True))
     assert "rank 1 (local rank 1, pid 4242) was killed by SIGKILL" in msg and "No checkpoint" in msg
-    assert "torchrun exited with code 1" in dist_train.failure_message("mf", 1, ["boom\n"])
+    assert "torchrun exited with code 1" in launch.failure_message("mf", 1, ["boom\n"])
 
 
 def test_command_lines():
-    one = dist_train.command(["mf", "--run-dir", "r"], 2)
+    one = launch.command(["mf", "--run-dir", "r"], 2)
     assert "--standalone" in one and "--nproc-per-node=2" in one and one[-3:] == ["mf", "--run-dir", "r"]
-    assert one[one.index("-m", 3):][:2] == ["-m", "recsys_lib.dist_train"]
-    two = dist_train.command(["mf"], 8, nnodes=2, rdzv_endpoint="h:1", node_rank=1)
+    assert one[one.index("-m", 3):][:2] == ["-m", "recsys_lib.worker"]
+    two = launch.command(["mf"], 8, nnodes=2, rdzv_endpoint="h:1", node_rank=1)
     assert "--nnodes=2" in two and "--rdzv-endpoint=h:1" in two and "--node-rank=1" in two
 
 
@@ -173,14 +176,15 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     """01_split's run folder for synthetic-tiny (quick profile, seed 42, cpu)."""
-    from recsys_lib import data, split as splitting
-    from recsys_lib.experiment import Run
-    from recsys_lib.features import SplitData
+    from recsys_lib import data
+    from recsys_lib.protocol import split as splitting
+    from recsys_lib.run.experiment import Run
+    from recsys_lib.protocol.splitdata import SplitData
     root = tmp_path_factory.mktemp("dist")
     mp = pytest.MonkeyPatch()
     mp.setenv("RECSYS_DATA_DIR", str(root / "data"))
     before = torch.get_num_threads()
-    # as each of 2 workers on 2 cores (dist_train.worker_env), or $RECSYS_TORCH_THREADS, which they obey
+    # as each of 2 workers on 2 cores (launch.worker_env), or $RECSYS_TORCH_THREADS, which they obey
     torch.set_num_threads(int(os.environ.get(THREADS_ENV) or 1))
     run = Run.open("synthetic-tiny", "quick", root / "run", OVERRIDES, 42, "cpu")
     ds = data.load_dataset("synthetic-tiny")
@@ -207,7 +211,7 @@ def _means_close(a: dict, b: dict, tol: float = 1e-4) -> None:
 @pytest.mark.slow
 def test_retriever_two_processes_match_one(tiny_run):
     """Both variants (BPR; in-batch softmax over the gathered item embeddings) through the path
-    `Run.fit_model` takes: `dist_train.tune` in-process (nproc 1) and launched (nproc 2)."""
+    `Run.fit_model` takes: `launch.tune` in-process (nproc 1) and launched (nproc 2)."""
     from recsys_lib.models import two_tower
     run = tiny_run
     sec = run.params["two_tower"]
@@ -218,7 +222,7 @@ def test_retriever_two_processes_match_one(tiny_run):
         r = _with_nproc(run, nproc)
         validate = r.early_stopping_metric(None, metric, H)       # built before the fit, as fit_model does
         with guard.fitting("two_tower"):
-            fits[nproc] = dist_train.tune(r, "two_tower", two_tower.tune, validate, metric=metric, history_len=H)
+            fits[nproc] = launch.tune(r, "two_tower", two_tower.tune, validate, metric=metric, history_len=H)
     (ref, ref_search), (got, search) = fits[1], fits[2]
     assert list(search["name"]) == ["seed", "softmax"] and list(search["epochs"]) == list(ref_search["epochs"])
     softmax, seed = 1, 0
@@ -242,7 +246,7 @@ def test_one_step_gradients_of_every_model_match_one_process(tiny_run, tmp_path)
     worker = Path(__file__).with_name("dist_step_worker.py")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(worker),
            str(tiny_run.dir), str(out)]
-    proc = subprocess.run(cmd, env=dist_train.worker_env(2), capture_output=True, text=True, timeout=240)
+    proc = subprocess.run(cmd, env=launch.worker_env(2), capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     worst = json.loads(out.read_text())
     assert len(worst) == 7 and max(worst.values()) < 1e-3, worst
@@ -252,9 +256,9 @@ def test_one_step_gradients_of_every_model_match_one_process(tiny_run, tmp_path)
 def test_mlp_rerankers_two_processes_match_one(tiny_run):
     """Both MLP kinds (dropout 0.3: shard-aware masks), cross-fitted on 2 folds, through the
     launcher `two_stage.fit` uses."""
-    from recsys_lib.candidates import generate_candidates
-    from recsys_lib.models import reranker as rr
-    from recsys_lib.rerank_features import build_features, retriever_user_table
+    from recsys_lib.stage2.candidates import generate_candidates
+    from recsys_lib.stage2 import rerankers as rr
+    from recsys_lib.stage2.features import build_features, retriever_user_table
     run = tiny_run
     retriever = SVDRetriever(run.data)
     labels = run.evaluator("valid").labels
@@ -265,7 +269,7 @@ def test_mlp_rerankers_two_processes_match_one(tiny_run):
     section = run.params["reranker"]
     with guard.fitting("reranker", allow=("train", "valid")):
         _, ref_table, ref = rr.tune(section, inputs, run.data, retriever, seed=run.seed)
-        _, table, got = dist_train.fit_reranker(_with_nproc(run, 2), inputs, retriever, section)
+        _, table, got = two_stage.fit_distributed(_with_nproc(run, 2), inputs, retriever, section)
     assert list(got) == list(ref) == ["id_mlp", "mlp_features"]
     for label in ref:
         a, b = got[label].info, ref[label].info
@@ -279,17 +283,17 @@ def test_mlp_rerankers_two_processes_match_one(tiny_run):
 def test_two_nodes_on_localhost_match_one_process_and_sharded_scoring_is_exact(tiny_run, tmp_path):
     """``--nnodes=2 --nproc-per-node=1``, c10d rendezvous: two torchrun agents, as on two machines,
     running the command line entry point with ``--score valid``."""
-    from recsys_lib.evaluate import evaluate_ranking, rank_topk
+    from recsys_lib.protocol.evaluate import evaluate_ranking, rank_topk
     from recsys_lib.models import neumf
     run = tiny_run
     validate = run.early_stopping_metric()
     with guard.fitting("neumf"):
-        _, ref_search = dist_train.tune(run, "neumf", neumf.tune, validate)
+        _, ref_search = launch.tune(run, "neumf", neumf.tune, validate)
     endpoint = f"localhost:{_free_port()}"
     out = tmp_path / "out"
     args = ["neumf", "--run-dir", str(run.dir), "--out-dir", str(out), "--score", "valid"]
-    env = dist_train.worker_env(2)             # two processes on this machine
-    nodes = [subprocess.Popen(dist_train.command(args, 1, 2, endpoint, "two-nodes", node_rank=r), env=env,
+    env = launch.worker_env(2)             # two processes on this machine
+    nodes = [subprocess.Popen(launch.command(args, 1, 2, endpoint, "two-nodes", node_rank=r), env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in (0, 1)]
     logs = [p.communicate(timeout=240)[0] for p in nodes]
     assert [p.returncode for p in nodes] == [0, 0], logs
@@ -320,8 +324,8 @@ def test_a_killed_rank_fails_the_run_naming_it_and_leaves_no_checkpoint(tiny_run
             os.kill(pids[1], signal.SIGKILL)           # only the worker this test started
             killed.set()
 
-    with pytest.raises(dist_train.DistributedError) as err:
-        dist_train.launch(["mf", "--run-dir", str(tiny_run.dir), "--out-dir", str(out), "--set", "mf.epochs=500",
+    with pytest.raises(launch.DistributedError) as err:
+        launch.launch(["mf", "--run-dir", str(tiny_run.dir), "--out-dir", str(out), "--set", "mf.epochs=500",
                            "--set", "mf.patience=0"], nproc=2, on_line=on_line)
         assert killed.is_set(), f"the run ended without the test killing rank 1 (pids seen: {pids})"
     assert killed.is_set()

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from recsys_lib.evaluate import Evaluator, compare, evaluate
+from recsys_lib.protocol.evaluate import Evaluator, compare, evaluate
 
 
 class Popularity:

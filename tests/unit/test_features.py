@@ -6,9 +6,9 @@ import pandas as pd
 import pytest
 import torch
 
-from recsys_lib import guard
+from recsys_lib.protocol import guard
 from recsys_lib.errors import LeakageError
-from recsys_lib.features import IdMap, SplitData, histories_before_rows, last_items
+from recsys_lib.protocol.splitdata import IdMap, SplitData, histories_before_rows, last_items
 
 
 def naive_histories(user, item, n, prefix=None):
@@ -114,7 +114,7 @@ def test_guard_blocks_test_rows_while_fitting(toy_data):
 
 
 def test_run_clear_records_removes_only_the_family(tmp_path):
-    from recsys_lib.experiment import Run
+    from recsys_lib.run.experiment import Run
     run = Run.open("synthetic-tiny", "quick", tmp_path)
     for name in ("two_stage", "two_stage_lgbm", "ease"):
         run.path("metrics", f"{name}.json").write_text("{}")

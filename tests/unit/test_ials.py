@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from recsys_lib import guard, tuning
-from recsys_lib.evaluate import Evaluator
+from recsys_lib.protocol import guard
+from recsys_lib.models import tuning
+from recsys_lib.protocol.evaluate import Evaluator
 from recsys_lib.models.ials import IALS, IALSConfig
 
 

@@ -1,4 +1,4 @@
-"""Tests of recsys_lib.metrics: hand-computed cases, limits, agreement with ranx, bootstrap."""
+"""Tests of recsys_lib.protocol.metrics: hand-computed cases, limits, agreement with ranx, bootstrap."""
 from __future__ import annotations
 
 import warnings
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from recsys_lib import metrics as M
+from recsys_lib.protocol import metrics as M
 
 L2 = np.log2
 

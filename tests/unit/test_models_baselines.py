@@ -13,10 +13,11 @@ import pandas as pd
 import pytest
 import torch
 
-from recsys_lib import guard, tuning
+from recsys_lib.protocol import guard
+from recsys_lib.models import tuning
 from recsys_lib.errors import ConfigError, LeakageError
-from recsys_lib.evaluate import Evaluator, rank_topk
-from recsys_lib.features import IdMap, Period, SplitData
+from recsys_lib.protocol.evaluate import Evaluator, rank_topk
+from recsys_lib.protocol.splitdata import IdMap, Period, SplitData
 from recsys_lib.models import Recommender
 from recsys_lib.models.ease import EASE, EASEConfig, ease_weights, gram
 from recsys_lib.models.mf import MF, MFConfig

@@ -10,7 +10,7 @@ import pytest
 
 from recsys_lib import config, pipeline
 from recsys_lib.errors import ConfigError
-from recsys_lib.param_check import check_overrides
+from recsys_lib.params import check_overrides
 
 BASE = config.load_params("quick", "synthetic-tiny")
 

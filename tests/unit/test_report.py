@@ -10,7 +10,8 @@ import pytest
 
 matplotlib.use("Agg")
 
-from recsys_lib import analysis, plots, report  # noqa: E402
+from recsys_lib.report import analysis, audit, plots, tables
+from recsys_lib import report  # noqa: E402
 
 
 # ---------------------------------------------------------------- formatting
@@ -39,7 +40,7 @@ def test_tidy_formats_every_cell_for_reading():
 
 
 def test_searched_values_keep_three_significant_digits():
-    assert report._fmt(0.000333333) == "0.000333" and report._fmt(1000.0) == "1000" and report._fmt(True) == "True"
+    assert tables._fmt(0.000333333) == "0.000333" and tables._fmt(1000.0) == "1000" and tables._fmt(True) == "True"
 
 
 # ---------------------------------------------------------------- tables
@@ -243,14 +244,14 @@ def test_the_audit_sentence_follows_its_numbers(tmp_path):
     few = {"design_as_run": [{"optimizer steps": 2, "in-sample valid (protocol IDCG)": 0.033, "honest test": 0.036}],
            "reranker": [{"re-ranker": "lgbm_lr02", "seed protocol: valid users it trained on": 0.29954,
                          "out-of-fold valid users": 0.2310, "honest test": 0.2573}]}
-    text = report._audit_sentence(few, {"two_stage": {"params": {"reranker": "lgbm_lr02"}}})
+    text = audit.audit_sentence(few, {"two_stage": {"params": {"reranker": "lgbm_lr02"}}})
     assert "chosen re-ranker (lgbm_lr02) reaches nDCG@10 0.300, against 0.231" in text
     few["reranker"][0]["seed protocol: valid users it trained on"] = 0.232
-    text = report._audit_sentence(few, {"two_stage": {"params": {"reranker": "lgbm_lr02"}}})
+    text = audit.audit_sentence(few, {"two_stage": {"params": {"reranker": "lgbm_lr02"}}})
     assert "0.033 in-sample and 0.036 on test after 2 optimizer steps: too few to memorise" in text
     # trained on stale lists: judged on the lists it learnt from
     few["reranker"][0].update({"stale lists it trained on: its users": 0.2812, "stale lists: out-of-fold users": 0.2205})
-    text = report._audit_sentence(few, {"two_stage": {"params": {"reranker": "lgbm_lr02"}}})
+    text = audit.audit_sentence(few, {"two_stage": {"params": {"reranker": "lgbm_lr02"}}})
     assert "scored on the stale validation lists of the validation users it trained on" in text
     assert "reaches nDCG@10 0.281, against 0.221 on users it never saw" in text
 
@@ -272,9 +273,9 @@ def test_provenance_footer(tmp_path):
 
 # ---------------------------------------------------------------- which notebook to run first
 def test_missing_stage_one_artefacts_name_their_notebook(tmp_path):
-    from recsys_lib import two_stage
+    from recsys_lib.stage2 import system as two_stage
     from recsys_lib.errors import PipelineError
-    from recsys_lib.experiment import Run
+    from recsys_lib.run.experiment import Run
     run = Run.open("synthetic-tiny", "quick", tmp_path)
     with pytest.raises(PipelineError, match=r"ease\.pt is missing: run 13_ease first"):
         two_stage.load_baselines(run, ["ease"])

@@ -12,11 +12,12 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from recsys_lib import evaluate, guard, two_stage
-from recsys_lib import ranking as rk
-from recsys_lib import rerank_features as rf
+from recsys_lib.protocol import evaluate, guard
+from recsys_lib.stage2 import system as two_stage
+from recsys_lib.stage2 import ranking as rk
+from recsys_lib.stage2 import features as rf
 from recsys_lib.errors import LeakageError
-from recsys_lib.models import reranker as R
+from recsys_lib.stage2 import rerankers as R
 from svd_retriever import SVDRetriever
 
 K = 50
@@ -24,7 +25,7 @@ K = 50
 
 def make_candidates(retriever, labels, k=K):
     try:
-        from recsys_lib.candidates import generate_candidates
+        from recsys_lib.stage2.candidates import generate_candidates
         return generate_candidates(retriever, labels, k=k)
     except ImportError:  # pragma: no cover - before candidates.py landed
         top = evaluate.rank_topk(retriever, labels.users, labels.ctx, k, labels.n_items)
@@ -344,7 +345,7 @@ def test_out_of_fold_ndcg_is_mean_over_users_of_per_fold_evaluations(setup, cros
 
 
 def test_two_stage_out_of_fold_and_in_fold_ranked(setup, crossed):
-    from recsys_lib import two_stage
+    from recsys_lib.stage2 import system as two_stage
     _, _, models = crossed
     valid = two_stage.StageInputs(setup["labels"], setup["cands"], setup["X"], setup["names"], _user_table(setup))
     for m in models.values():
@@ -440,8 +441,8 @@ def test_stage_features_are_cached_and_invalidated(tmp_path, toy_data, monkeypat
     """two_stage.stage_inputs writes features/<period>.npz and reuses it only while its inputs hold."""
     import os
     import numpy as np
-    from recsys_lib import candidates as cand, two_stage
-    from recsys_lib.experiment import Run
+    from recsys_lib.stage2 import candidates as cand, system as two_stage
+    from recsys_lib.run.experiment import Run
     run = Run.open("synthetic-tiny", "quick", tmp_path)
     run._data = toy_data
     calls = []
@@ -505,7 +506,7 @@ def test_label_window_lists_train_lgbm_less_the_held_out_users(setup, monkeypatc
 
 
 def test_time_features_count_only_rows_before_the_users_time():
-    from recsys_lib.features import Period
+    from recsys_lib.protocol.splitdata import Period
     day = rf.DAY
     # item 0 rated at days 1, 5, 40; item 1 at day 39; user 0 lives at day 41, user 1 at day 6
     rows = Period(user=np.array([2, 2, 0, 3, 1, 0]), item=np.array([0, 0, 1, 0, 1, 1]),
@@ -545,8 +546,8 @@ def test_tune_compares_named_lgbm_configurations(setup):
 def test_label_window_lists_are_refused_when_stale(tmp_path, toy_data):
     """save/load_label_window round-trips, and a re-fit stage-1 checkpoint makes the lists stale."""
     import os
-    from recsys_lib import two_stage
-    from recsys_lib.experiment import Run
+    from recsys_lib.stage2 import system as two_stage
+    from recsys_lib.run.experiment import Run
     run = Run.open("synthetic-tiny", "quick", tmp_path)
     for name in ("two_tower", "ease"):
         run.path("models", f"{name}.pt").write_bytes(b"x")
@@ -604,7 +605,7 @@ def test_stage1_refit_fits_each_model_once_on_the_rows_before_the_window(toy_dat
 def test_stale_lists_options_are_checked_and_their_files_refused_when_stale(tmp_path, setup):
     import os
     from recsys_lib.errors import ConfigError
-    from recsys_lib.experiment import Run
+    from recsys_lib.run.experiment import Run
     lgbm_only = {"variants": ["lgbm", {"name": "lgbm_x", "variant": "lgbm"}], "label_window": 0.1}
     assert two_stage.refit_share({**lgbm_only, "stale_lists": 0.1}) == 0.1
     assert two_stage.refit_share({**lgbm_only, "label_window": None, "stale_lists": 0.2}) == 0.2
@@ -629,7 +630,7 @@ def test_stale_lists_options_are_checked_and_their_files_refused_when_stale(tmp_
 
 
 def test_sequence_features_count_what_others_rated_next():
-    from recsys_lib.features import Period
+    from recsys_lib.protocol.splitdata import Period
     # user 0 rates 1, 2, 3 in time order; user 1 rates 1 then 3; user 2 (scored) last rated item 1
     rows = Period(user=np.array([0, 1, 0, 1, 0]), item=np.array([1, 1, 2, 3, 3]),
                   rating=np.full(5, 4.0, np.float32), timestamp=np.array([1, 2, 3, 4, 5]))
@@ -682,21 +683,21 @@ def test_no_held_out_users_means_every_epoch_runs(setup):
 
 
 def test_audit_summary_says_what_each_step_adds():
-    from recsys_lib import analysis
+    from recsys_lib.report import audit
     row = lambda e, b, steps, ins, test: {"epochs": e, "batch_size": b, "optimizer steps": steps,
                                            "training positives": 3000, "in-sample valid (protocol IDCG)": ins,
                                            "in-sample valid (positives among candidates)": ins + 0.01,
                                            "honest test": test}
-    audit = {"design_as_run": [row(12, 4096, 12, 0.05, 0.04), row(200, 256, 2400, 0.52, 0.049)],
+    audited = {"design_as_run": [row(12, 4096, 12, 0.05, 0.04), row(200, 256, 2400, 0.52, 0.049)],
              "popularity_gain": [{"popularity nDCG@10 (valid)": "graded gain (seed protocol)", "value": 0.07},
                                  {"popularity nDCG@10 (valid)": "binary gain (our protocol)", "value": 0.06}]}
-    text = analysis.audit_summary(audit)
+    text = audit.audit_summary(audited)
     assert "12 optimizer steps" in text and "0.520 in-sample" in text and "0.049" in text and "0.070" in text
-    assert "not re-run" in analysis.audit_summary({})
+    assert "not re-run" in audit.audit_summary({})
 
 
 def test_last_rows_matrix_keeps_each_users_newest_rows():
-    from recsys_lib.features import Period
+    from recsys_lib.protocol.splitdata import Period
     # user 0: items 1 (t=1), 2 (t=5, rating 2), 3 (t=3); user 1: item 4 (t=2)
     rows = Period(user=np.array([0, 1, 0, 0]), item=np.array([1, 4, 3, 2]),
                   rating=np.array([4.0, 5.0, 4.5, 2.0], np.float32), timestamp=np.array([1, 2, 3, 5]))

@@ -9,7 +9,8 @@ import copy
 import pytest
 import torch
 
-from recsys_lib import config, runstate
+from recsys_lib import config
+from recsys_lib.run import state as runstate
 from recsys_lib.errors import PipelineError
 
 IDENTITY = {"DATASET": "d", "PROFILE": "p", "SEED": 1, "DEVICE": ""}
@@ -115,7 +116,7 @@ def test_forget_removes_later_records_and_their_files(done):
     assert runstate.run_summary(nbs, run)["complete"] is False
 
 
-HOLD = ("import sys; from recsys_lib import runstate\n"
+HOLD = ("import sys; from recsys_lib.run import state as runstate\n"
         "with runstate.RunLock(sys.argv[1]):\n    print('ready', flush=True); sys.stdin.read()")
 
 
@@ -153,6 +154,6 @@ def test_a_truncated_checkpoint_names_the_file(tmp_path):
     path.write_bytes(path.read_bytes()[:300])
     with pytest.raises(PipelineError, match=r"two_tower\.pt is corrupt or truncated.*rerun"):
         config.load_torch(path)
-    from recsys_lib.train import load_checkpoint
+    from recsys_lib.models.train import load_checkpoint
     with pytest.raises(PipelineError, match="two_tower.pt"):
         load_checkpoint(path)

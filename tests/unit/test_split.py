@@ -1,4 +1,4 @@
-"""Tests of recsys_lib.split against PROTOCOL.md, "Splits": hand-made cases, a naive reference
+"""Tests of recsys_lib.protocol.split against PROTOCOL.md, "Splits": hand-made cases, a naive reference
 implementation compared on random frames (hypothesis), the invariants, and persistence."""
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from recsys_lib import split as S
+from recsys_lib.protocol import split as S
 from recsys_lib.errors import ConfigError
 
 COLS = ["user_id", "item_id", "rating", "timestamp"]

@@ -9,7 +9,8 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from recsys_lib import data, synthetic
+from recsys_lib import data
+from recsys_lib.data import synthetic
 from recsys_lib.errors import DataError
 
 TITLE = re.compile(r"^.+ \((\d{4})\)$")

@@ -8,8 +8,7 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from recsys_lib.train import (LoopConfig, NegativeSampler, adam, count_parameters, fit_loop, load_checkpoint,
-                              permuted_batches, positive_batches, save_checkpoint)
+from recsys_lib.models.train import (LoopConfig, NegativeSampler, adam, count_parameters, fit_loop, load_checkpoint, permuted_batches, positive_batches, save_checkpoint)
 
 
 

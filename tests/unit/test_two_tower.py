@@ -5,16 +5,13 @@ import numpy as np
 import pytest
 import torch
 
-from recsys_lib import guard
-from recsys_lib.candidates import (candidate_recall, generate_candidates, load_candidates,
-                                   save_candidates)
+from recsys_lib.protocol import guard
+from recsys_lib.stage2.candidates import (candidate_recall, generate_candidates, load_candidates, save_candidates)
 from recsys_lib.config import load_params
 from recsys_lib.errors import LeakageError
-from recsys_lib.evaluate import Evaluator, Labels
-from recsys_lib.features import ScoringContext
-from recsys_lib.models.two_tower import (TwoTower, TwoTowerConfig, _variant_configs,
-                                         history_len_needed, measure_throughput,
-                                         selection_metric, tune)
+from recsys_lib.protocol.evaluate import Evaluator, Labels
+from recsys_lib.protocol.splitdata import ScoringContext
+from recsys_lib.models.two_tower import (TwoTower, TwoTowerConfig, _variant_configs, history_len_needed, measure_throughput, selection_metric, tune)
 
 SMALL = dict(dim=32, side_dim=8, lstm_hidden=16, user_hidden=[64], item_hidden=[32], batch_size=512,
              lr=1e-3, max_lr=1e-2, epochs=5, patience=2, device="cpu", seed=0)
@@ -147,7 +144,7 @@ def test_candidates_from_several_sources(fitted, toy_data):
     """The union of the retriever's list and another source's: every proposed item once, each
     source's rank (k + 1 where it did not propose the item), the retriever's score for every pair,
     and the union's recall at least each source's."""
-    from recsys_lib.candidates import add_sources, source_names
+    from recsys_lib.stage2.candidates import add_sources, source_names
     from recsys_lib.models.ease import EASE, EASEConfig
     model, _ = fitted["softmax"]
     labels = Labels.build(toy_data, "valid")
@@ -176,7 +173,7 @@ def test_candidates_from_several_sources(fitted, toy_data):
     assert r_own == pytest.approx(candidate_recall(own, labels, ks=(k,))[f"recall@{k}"])
     assert r_union >= max(r_own, r_ease) and r_union > min(r_own, r_ease)
     # the re-ranker sees each source's rank and the number of sources
-    from recsys_lib.rerank_features import build_features
+    from recsys_lib.stage2.features import build_features
     X, names = build_features(union, toy_data, labels.ctx, "valid")
     assert {"ease_log_rank", "n_sources"} <= set(names)
     np.testing.assert_allclose(X[:, names.index("ease_log_rank")], np.log(union["ease_rank"].to_numpy()), rtol=1e-6)

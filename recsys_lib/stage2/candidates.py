@@ -15,9 +15,9 @@ import pandas as pd
 import scipy.sparse as sp
 import torch
 
-from .config import atomic_write
-from .evaluate import DEFAULT_KS, Labels, rank_topk
-from .features import ScoringContext
+from ..config import atomic_write
+from ..protocol.evaluate import DEFAULT_KS, Labels, rank_topk
+from ..protocol.splitdata import ScoringContext
 
 COLUMNS = ("user", "item", "retriever_score", "retriever_rank")
 

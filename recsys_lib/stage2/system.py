@@ -18,41 +18,33 @@ import pandas as pd
 import scipy.sparse as sp
 
 from . import candidates as cand
-from . import config, guard
-from .errors import ConfigError
-from .evaluate import DEFAULT_KS, EvalResult, Labels, evaluate_ranking
-from .experiment import Run
-from .features import SplitData
-from .models import reranker as rr
-from .models.reranker import StageInputs
+from .. import config
+from ..protocol import guard
+from ..errors import ConfigError
+from ..protocol.evaluate import DEFAULT_KS, EvalResult, Labels, evaluate_ranking
+from ..models.registry import spec
+from ..run import launch
+from ..run.experiment import Run
+from ..run.layout import notebook_of
+from ..protocol.splitdata import SplitData
+from . import rerankers as rr
+from .rerankers import StageInputs
 from .ranking import candidate_labels, split_users, subset_labels
-from .rerank_features import build_features, retriever_user_table
-
-BASELINE_CLASSES = {"ease": ("ease", "EASE"), "mf": ("mf", "MF"), "neumf": ("neumf", "NeuMF"),
-                    "popularity": ("popularity", "Popularity"), "ials": ("ials", "IALS")}
-
+from .features import _as_np, build_features, retriever_user_table
 
 def load_retriever(run: Run):
-    from .models.two_tower import TwoTower
+    from ..models.two_tower import TwoTower
     return TwoTower.load(run.require("models", "two_tower.pt", stage="20_two_tower"), device=str(run.device))
-
-
-def notebook_of(model: str) -> str:
-    """The pipeline notebook that fits ``model`` (``ease`` -> ``13_ease``), for error messages."""
-    from .pipeline import notebooks
-    return next((p.stem for p in notebooks() if p.stem.split("_", 1)[-1] == model), f"the notebook of {model}")
 
 
 def load_baselines(run: Run, names: list[str]) -> dict:
     """Fitted baselines (from their notebooks' checkpoints): candidate sources or scorers whose
     scores become re-ranker features. A missing checkpoint is an error naming the notebook to run
     first: a silently skipped source would change the candidates and the features."""
-    import importlib
     out = {}
     for name in names:
-        module, cls = BASELINE_CLASSES[name]
         path = run.require("models", f"{name}.pt", stage=notebook_of(name))
-        out[name] = getattr(importlib.import_module(f"recsys_lib.models.{module}"), cls).load(path, device=str(run.device))
+        out[name] = spec(name).cls.load(path, device=str(run.device))
     return out
 
 
@@ -63,7 +55,7 @@ def write_candidates(run: Run, retriever, sources: dict) -> dict:
     validation period, test candidates from histories that include the validation rows.
     Also writes ``candidates/timing.json`` and ``candidates/recall.json`` (validation and test
     Recall@K of each source and of the union); returns the recall."""
-    from .models.two_tower import history_len_needed
+    from ..models.two_tower import history_len_needed
     section = run.params["two_tower"]
     k, history_len = int(section["candidate_k"]), history_len_needed(section)
     timing, recall = {}, {}
@@ -108,6 +100,45 @@ def stage_inputs(run: Run, retriever, period: str, extra: dict, cache: bool = Tr
     return StageInputs(labels, cands, X, names, user_emb, seconds)
 
 
+#: the stage-1 models whose scores of a candidate are re-ranker features, when the params name none
+SCORERS = ("ease", "mf", "ials")
+
+
+def scorer_names(section: dict) -> list[str]:
+    """``reranker.extra_scorers``: the stage-1 models whose scores are re-ranker features."""
+    return list(section.get("extra_scorers", SCORERS))
+
+
+@dataclass
+class TrainingInputs:
+    """Everything a re-ranker fit reads, as 30_reranker, the torchrun worker and
+    scripts/stage2_experiment.py assemble it (`training_inputs`)."""
+
+    retriever: object                 # the frozen two-tower retriever (its embeddings are features)
+    scorers: dict                     # name -> stage-1 model whose scores are features
+    valid: StageInputs                # validation lists of the models fit on train: the record's score
+    train: StageInputs                # the lists the re-ranker learns from: ``valid``, or the stale lists
+    window: rr.ExtraLists | None      # the label window's lists (LightGBM), or None
+
+    @property
+    def stale(self) -> bool:
+        return self.train is not self.valid
+
+
+def training_inputs(run: Run) -> TrainingInputs:
+    """The re-ranker's inputs from the run folder: the retriever (20_two_tower), the scorers'
+    checkpoints, the validation lists with their features (`stage_inputs`), and, where the params
+    turn them on, 25_label_window's lists: the label window's (``reranker.label_window``) and the
+    stale validation lists the re-ranker then learns from instead (``reranker.stale_lists``)."""
+    section = run.params["reranker"]
+    retriever = load_retriever(run)
+    scorers = load_baselines(run, scorer_names(section))
+    valid = stage_inputs(run, retriever, "valid", scorers)
+    window = load_label_window(run, valid.names) if section.get("label_window") else None
+    train = load_stale_lists(run, valid) if section.get("stale_lists") else valid
+    return TrainingInputs(retriever, scorers, valid, train, window)
+
+
 def recent_items(run: Run) -> tuple[int, ...]:
     """``reranker.recent_items``: the N of the recent-taste features (scores from a user's last N
     rows, `rerank_features.recent_context`); empty: none."""
@@ -116,7 +147,7 @@ def recent_items(run: Run) -> tuple[int, ...]:
 
 def _feature_key(run: Run, cand_path, extra: dict) -> str:
     """What the features depend on: candidates, retriever and extra scorers' files (mtime, size)."""
-    from .rerank_features import FEATURES_VERSION
+    from .features import FEATURES_VERSION
     files = [cand_path, run.dir / "models" / "two_tower.pt"] + [run.dir / "models" / f"{n}.pt" for n in sorted(extra)]
     return f"v{FEATURES_VERSION};" + ";".join(f"{f.name}:{f.stat().st_mtime_ns}:{f.stat().st_size}" for f in files if f.exists())
 
@@ -125,18 +156,34 @@ def fit(run: Run, valid: StageInputs, retriever, section: dict, window: rr.Extra
     """Train every re-ranker variant on validation candidates (and the label window's lists, when
     given) inside the guard: train and validation rows only; returns (chosen model, table, all
     models). With ``dist.nproc`` > 1 in the params the MLP variants train in that many torchrun
-    processes (`dist_train.fit_reranker`); with 1, here, as always."""
-    from . import dist_train
+    processes (`fit_distributed`); with 1, here, as always."""
     refit_share(section)                      # stale lists: LightGBM variants only
     with guard.fitting("reranker", allow=("train", "valid")):
-        if dist_train.distributed(run.params) and _has_mlp_variant(section):
-            return dist_train.fit_reranker(run, valid, retriever, section, window)
+        if launch.distributed(run.params) and _has_mlp_variant(section):
+            return fit_distributed(run, valid, retriever, section, window)
         return rr.tune(section, valid, run.data, retriever, seed=run.seed, extra=window, progress=True)
+
+
+def fit_distributed(run: Run, valid: StageInputs, retriever, section: dict, window: rr.ExtraLists | None = None):
+    """`rerankers.tune` on ``valid`` -> (chosen, table, models by label), with the MLP variants in
+    ``dist.nproc`` torchrun processes (`recsys_lib.worker`; LightGBM variants on rank 0). The
+    workers get the inputs in a job file (candidates, features, the retriever's frozen user and
+    item tables), so they never rebuild features."""
+    if valid.user_emb is None and retriever is not None:
+        labels = valid.labels
+        valid = replace(valid, user_emb=retriever_user_table(retriever, labels.users, labels.ctx, run.data.n_users))
+    table = _as_np(retriever.item_embeddings()).astype(np.float32) if retriever is not None else None
+    job = {"kind": "reranker", "name": "reranker", "section": dict(section), "inputs": valid,
+           "extra": window, "item_table": table, **launch.run_fields(run), "device": "cpu"}   # its MLPs run on cpu
+    with launch.workspace(run.dir, "reranker") as work:
+        result = launch.run_job(job, run.dir, work, launch.settings(run.params))
+    models = {label: rr.Reranker.from_blob(blob) for label, blob in result["models"].items()}
+    return models[result["chosen"]], result["search"], models
 
 
 def _has_mlp_variant(section: dict) -> bool:
     variants = section.get("variants", rr.VARIANTS)
-    return any((v if isinstance(v, str) else v.get("variant")) in ("id_mlp", "mlp_features") for v in variants)
+    return any((v if isinstance(v, str) else v.get("variant")) in rr.MLP_KINDS for v in variants)
 
 
 def record_variants(run: Run, chosen: rr.Reranker, search, models: dict[str, rr.Reranker],
@@ -218,7 +265,7 @@ def in_fold_audit(run: Run, valid: StageInputs, stale: StageInputs | None = None
     nDCG@10 is kept, so lists stop at 10 (each ensemble scoring costs ~10 s at ml-32m sizes)."""
     import json
 
-    from .experiment import read_json
+    from ..run.experiment import read_json
     chosen = json.loads(run.require("metrics", "two_stage.json", stage="30_reranker").read_text())["params"]["reranker"]
     rows = []
     for path in sorted((run.dir / "models").glob("reranker_*.pt")):
@@ -350,7 +397,7 @@ def build_label_window(run: Run, w: SplitData, refits: Stage1, k: int) -> tuple[
 
 def best_epoch_of(run: Run, name: str) -> int | None:
     """The epoch a trained baseline kept (its curve's best epoch), or None (closed-form models)."""
-    from .experiment import read_json
+    from ..run.experiment import read_json
     curve = read_json(run.dir, "curves", f"{name}.json")
     return int(curve["best_epoch"]) if curve and curve.get("best_epoch", -1) > 0 else None
 

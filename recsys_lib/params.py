@@ -11,21 +11,17 @@ with one line naming the key and what is valid:
 """
 from __future__ import annotations
 
-import importlib
 from dataclasses import fields
 from numbers import Number
 from typing import Any
 
 from .config import parse_override
 from .errors import ConfigError
+from .models.registry import REGISTRY
+from .stage2.rerankers import RerankerConfig
 
-# params section -> (module, config class) of the model it configures
-SECTION_CONFIGS = {
-    "popularity": ("models.popularity", "PopularityConfig"), "mf": ("models.mf", "MFConfig"),
-    "neumf": ("models.neumf", "NeuMFConfig"), "ease": ("models.ease", "EASEConfig"),
-    "ials": ("models.ials", "IALSConfig"), "two_tower": ("models.two_tower", "TwoTowerConfig"),
-    "reranker": ("models.reranker", "RerankerConfig"),
-}
+#: params section -> the config dataclass whose fields it may set
+SECTION_CONFIGS = {**{name: spec.config for name, spec in REGISTRY.items()}, "reranker": RerankerConfig}
 AT_LEAST_ONE = {"epochs", "batch_size", "dim", "dim_gmf", "dim_mlp", "factors", "iterations", "n_estimators",
                 "folds", "candidate_k", "users_per_batch", "history_len", "num_leaves", "emb_dim",
                 "early_stopping_rounds", "n_bootstrap", "batch_users", "core", "train_core", "eval_core",
@@ -39,11 +35,7 @@ SHARES = {"held_out_share", "label_window", "stale_lists", "train_frac", "valid_
 
 
 def _config_fields(section: str) -> set[str]:
-    if section not in SECTION_CONFIGS:
-        return set()
-    module, name = SECTION_CONFIGS[section]
-    cls = getattr(importlib.import_module(f"recsys_lib.{module}"), name)
-    return {f.name for f in fields(cls)}
+    return {f.name for f in fields(SECTION_CONFIGS[section])} if section in SECTION_CONFIGS else set()
 
 
 def _check_value(key: str, leaf: str, old: Any, new: Any) -> None:

@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from . import metrics
-from .features import SplitData
+from ..protocol import metrics
+from ..protocol.splitdata import SplitData
 
 
 def aligned(per_user: dict[str, pd.DataFrame], metric: str = "ndcg@10") -> pd.DataFrame:
@@ -116,39 +116,6 @@ def hit_popularity(per_user: dict[str, pd.DataFrame], data: SplitData, positives
     return pd.DataFrame(rows)
 
 
-def graded_ndcg_at_k(topk: np.ndarray, gains, k: int = 10) -> np.ndarray:
-    """nDCG@k with graded gain (the rating of each rated item in the period), as the seed design
-    used for its popularity baseline: DCG = sum gain(item at r) / log2(r + 1), IDCG from the
-    user's k largest gains. Only for the leakage audit; the study's metric is binary (PROTOCOL.md).
-    ``gains`` is a (U, n_items) csr aligned with ``topk`` rows."""
-    import scipy.sparse as sp
-    g = sp.csr_matrix(gains)
-    top = np.asarray(topk)[:, :k]
-    rows = np.arange(top.shape[0])[:, None]
-    valid = top >= 0
-    got = np.asarray(g[np.broadcast_to(rows, top.shape)[valid], top[valid]]).ravel()
-    gain = np.zeros(top.shape)
-    gain[valid] = got
-    disc = 1.0 / np.log2(np.arange(2, k + 2))
-    dcg = (gain * disc[: top.shape[1]]).sum(axis=1)
-    row_of = np.repeat(np.arange(g.shape[0]), np.diff(g.indptr))
-    order = np.lexsort((-g.data, row_of))                  # each user's gains, largest first
-    pos = np.arange(g.nnz) - g.indptr[row_of[order]]
-    keep = pos < k
-    idcg = np.bincount(row_of[order][keep], weights=g.data[order][keep] * disc[pos[keep]],
-                       minlength=g.shape[0])
-    return np.divide(dcg, idcg, out=np.zeros_like(dcg), where=idcg > 0)
-
-
-def period_ratings(data: SplitData, period: str, users: np.ndarray):
-    """(len(users), n_items) csr of the ratings given in ``period`` (graded gains for the audit)."""
-    import scipy.sparse as sp
-    p = data.period(period)
-    m = sp.csr_matrix((p.rating.astype(np.float64), (p.user, p.item)), shape=(data.n_users, data.n_items))
-    m.sum_duplicates()
-    return m[users]
-
-
 def is_two_stage(name: str) -> bool:
     """Two-stage systems are recorded as ``two_stage`` and ``two_stage_<variant>``."""
     return name == "two_stage" or name.startswith("two_stage_")
@@ -164,55 +131,3 @@ def strongest_single_stage(records: list[dict], metric: str = "ndcg@10") -> dict
         return None
     score, name = max(rows)
     return {"model": name, f"valid_{metric}": float(score)}
-
-
-def headline(paired: dict, metric: str = "ndcg@10") -> str:
-    """The study's headline, in words, from ``analysis/paired.json`` (written by 40_evaluation)."""
-    best = paired.get("strongest_single_stage")
-    if not best:
-        return "No single-stage model was scored, so there is no comparison to report."
-    row = next((r for r in paired["rows"] if r["against"] == best["model"]), None)
-    if row is None:
-        return f"The strongest single-stage model on validation is {best['model']}; it has no test scores."
-    target = paired["target"]
-    diff, lo, hi = row[f"{target} - other"], row["95% CI lo"], row["95% CI hi"]
-    verdict = ("beats it: the whole 95% CI is above zero" if lo > 0 else
-               "is worse: the whole 95% CI is below zero" if hi < 0 else
-               "does not separate from it: the 95% CI includes zero")
-    rel = f" ({100 * diff / row['other']:+.1f}%)" if row.get("other") else ""
-    return (f"The strongest single-stage model on validation is **{best['model']}** (validation {metric} "
-            f"{best[f'valid_{metric}']:.4f}). On the test period the two-stage system ({target}) scores "
-            f"{row['target']:.4f} against its {row['other']:.4f}: a paired difference of **{diff:+.4f}**{rel} "
-            f"[{lo:+.4f}, {hi:+.4f}], so the two-stage system {verdict}.")
-
-
-# The design's own published figure (../shared/PROTOCOL.md, "Why it exists"): an external number this
-# study cannot recompute (its run is not ours to repeat), quoted once, in the leakage audit only.
-DESIGN_REPORTED_NDCG10 = 0.5466
-
-
-def audit_summary(audit: dict, reported: float = DESIGN_REPORTED_NDCG10) -> str:
-    """What each step of the design's protocol adds, in words, from ``analysis/audit.json``
-    (written by 50_leakage_audit): in-sample scoring of the design's re-ranker as run, at its own
-    setting and at the most optimizer steps tried, against the honest test period, and graded
-    against binary gain for popularity."""
-    design = audit.get("design_as_run") or []
-    if not design:
-        return "The design's re-ranker was not re-run (params `audit.design_runs` is empty)."
-    own, most = design[0], max(design, key=lambda r: r["optimizer steps"])
-    text = (f"The design reported nDCG@10 = {reported} on MovieLens-32M. Trained as its code runs "
-            f"({own['epochs']} epochs at batch {own['batch_size']}: {own['optimizer steps']} optimizer steps "
-            f"over {own['training positives']:,} positives here), its re-ranker scores "
-            f"{own['in-sample valid (protocol IDCG)']:.3f} on the validation users it trained on, and "
-            f"{own['honest test']:.3f} on the test period.")
-    if most is not own:
-        text += (f" With {most['optimizer steps']:,} steps ({most['epochs']} epochs at batch "
-                 f"{most['batch_size']}) it memorises: {most['in-sample valid (protocol IDCG)']:.3f} in-sample "
-                 f"({most['in-sample valid (positives among candidates)']:.3f} counting only the positives "
-                 f"among its candidates), while its test score stays at {most['honest test']:.3f}.")
-    gain = {r["popularity nDCG@10 (valid)"]: r["value"] for r in audit.get("popularity_gain", [])}
-    graded, binary = gain.get("graded gain (seed protocol)"), gain.get("binary gain (our protocol)")
-    if graded is not None and binary is not None:
-        text += (f" Mixed gains move the baselines too: popularity scores {graded:.3f} with graded gain "
-                 f"against {binary:.3f} with binary gain on validation.")
-    return text

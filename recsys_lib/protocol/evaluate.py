@@ -2,7 +2,7 @@
 
 Users are scored in batches; items a user rated before the period are masked; a per-batch
 top-K in torch keeps memory at (batch, n_items). Per-user metric arrays are kept so that
-bootstrap CIs and paired comparisons can be computed (recsys_lib.metrics).
+bootstrap CIs and paired comparisons can be computed (recsys_lib.protocol.metrics).
 
 Labels (positives, masks, histories) are precomputed by `Evaluator` *outside* any fitting
 context, so early stopping on validation never lets fitting code read validation rows.
@@ -19,8 +19,9 @@ import scipy.sparse as sp
 import torch
 from tqdm.auto import tqdm
 
-from . import dist, metrics
-from .features import ScoringContext, SplitData
+from .. import dist
+from . import metrics
+from .splitdata import ScoringContext, SplitData
 
 DEFAULT_KS = (10, 50, 100, 200, 500, 1000)
 HEADLINE = "ndcg@10"

@@ -15,7 +15,7 @@ import threading
 from contextlib import contextmanager
 from typing import Iterator
 
-from .errors import LeakageError
+from ..errors import LeakageError
 
 _state = threading.local()
 

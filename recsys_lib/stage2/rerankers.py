@@ -27,7 +27,7 @@ Kinds (``RerankerConfig.variant``), one class each behind the `Reranker` interfa
   retriever's frozen item embedding, genre / year / tag embeddings -> MLP (256 -> 128 -> 1,
   dropout 0.3), BPR loss over (positive, sampled negative candidates of the same user). A user-id
   embedding only helps users trained on; others keep their near-zero initial vector.
-- ``mlp_features`` (`FeatureMLPReranker`): the production features (`recsys_lib.rerank_features`,
+- ``mlp_features`` (`FeatureMLPReranker`): the production features (`recsys_lib.stage2.features`,
   standardised with train-user statistics) + frozen retriever user and item embeddings -> MLP;
   BPR or listwise softmax loss over each user's candidate list.
 - ``lgbm`` (`LGBMReranker`): LightGBM LambdaRank on the production features, grouped by user,
@@ -37,7 +37,7 @@ Kinds (``RerankerConfig.variant``), one class each behind the `Reranker` interfa
 ``folds`` > 1); `topk` turns scores into each user's top list (padding -1, which never hits);
 `out_of_fold_topk` / `in_fold_topk` rank validation users with an ensemble's members that did
 not / did train on them (`two_stage.ranked` / `out_of_fold_ranked` / `in_fold_ranked` score
-those lists under the protocol). Ranking helpers live in `recsys_lib.ranking`.
+those lists under the protocol). Ranking helpers live in `recsys_lib.stage2.ranking`.
 """
 from __future__ import annotations
 
@@ -51,14 +51,13 @@ import pandas as pd
 import torch
 from torch import nn
 
-from .. import evaluate as ev
-from .. import rerank_features as rf
+from ..protocol import evaluate as ev
+from . import features as rf
 from ..config import atomic_write
-from ..features import CHUNK_ROWS
-from ..ranking import (RETRIEVER_ORDER, RepeatedTopK, candidate_labels, fold_users, ndcg_of, ndcg_per_user,
-                       order_topk, per_user_zscore, retriever_order, split_users, subset_labels)
-from ..train import LoopConfig, adam, fit_loop, load_checkpoint, permuted_batches
-from .layers import mlp
+from ..protocol.splitdata import CHUNK_ROWS
+from .ranking import (RETRIEVER_ORDER, RepeatedTopK, candidate_labels, fold_users, ndcg_of, ndcg_per_user, order_topk, per_user_zscore, retriever_order, split_users, subset_labels)
+from ..models.train import LoopConfig, adam, fit_loop, load_checkpoint, permuted_batches
+from ..models.layers import mlp
 
 
 @dataclass
@@ -721,6 +720,7 @@ KINDS: dict[str, type[Reranker]] = {c.kind: c for c in (IdMLPReranker, FeatureML
 #: the variants a config may name, and the class that fits each
 RERANKERS: dict[str, type[Reranker]] = {c.kind: c for c in (IdMLPReranker, FeatureMLPReranker, LGBMReranker)}
 VARIANTS = tuple(RERANKERS)
+MLP_KINDS = ("id_mlp", "mlp_features")       # the kinds trained with torch (torchrun can share them out)
 
 
 # ---------------------------------------------------------------- ranking with a model

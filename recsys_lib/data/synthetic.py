@@ -50,9 +50,6 @@ Planted structure (what a recommender can find)
 from __future__ import annotations
 
 import csv
-import hashlib
-import json
-import os
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -63,8 +60,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
 
-from . import config
-from .errors import DataError
+from .. import config
+from ..errors import DataError
+from .verify import MARKER, md5_file, read_marker, write_marker
 
 GENRES = ["Action", "Adventure", "Animation", "Children", "Comedy", "Crime", "Documentary", "Drama",
           "Fantasy", "Film-Noir", "Horror", "IMAX", "Musical", "Mystery", "Romance", "Sci-Fi",
@@ -531,14 +529,6 @@ def _write_table(f, cols: dict) -> None:
     pacsv.write_csv(table, f, pacsv.WriteOptions(include_header=False, quoting_style="none"))
 
 
-def _md5(path: Path) -> str:
-    h = hashlib.md5()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _write_all(p: Preset, seed: int, folder: Path) -> dict[str, str]:
     world = _build_world(p, seed)
     plan = _user_plan(p, seed, world)
@@ -581,7 +571,7 @@ def _write_all(p: Preset, seed: int, folder: Path) -> dict[str, str]:
                                   "tag": pa.array(vocab[tg].tolist(), pa.string()),
                                   "timestamp": pa.array(tt)})
             del uid, item, ts, code
-    sums = {name: _md5(folder / name) for name in FILES}
+    sums = {name: md5_file(folder / name) for name in FILES}
     (folder / "checksums.txt").write_text("".join(f"{sums[n]}  {n}\n" for n in FILES))
     return sums
 
@@ -596,7 +586,6 @@ def generate(preset: str = "demo", seed: int = 0, out_dir: Path | None = None,
     """
     if preset not in PRESETS:
         raise DataError(f"unknown synthetic preset {preset!r}; valid presets: {sorted(PRESETS)}")
-    from .data import MARKER, read_marker, write_marker
     target = Path(out_dir) if out_dir is not None else config.raw_dir(DATASET_OF_PRESET[preset])
     if target.exists() and not force:
         marker = read_marker(target)

@@ -1,8 +1,8 @@
 """Contiguous ids, item features and user histories: the tensors every model and evaluation uses.
 
-`SplitData.from_split(split, items, tags)` encodes a protocol split (recsys_lib.split.Split) into
+`SplitData.from_split(split, items, tags)` encodes a protocol split (recsys_lib.protocol.split.Split) into
 contiguous ids over the train catalogue and exposes each period through the leakage guard
-(recsys_lib.guard): fitting code that reads a period it may not learn from raises LeakageError.
+(recsys_lib.protocol.guard): fitting code that reads a period it may not learn from raises LeakageError.
 
 Id conventions: users and items are 0..n-1 (train users, train items). Padded index tensors
 (genres, tags, histories) shift everything by +1 so that 0 means "nothing".

@@ -38,9 +38,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from . import config
-from .errors import ConfigError, DataError
-from .features import POSITIVE_RATING   # PROTOCOL.md: a positive is a row with rating >= 4.0
+from .. import config
+from ..errors import ConfigError, DataError
+from .splitdata import POSITIVE_RATING   # PROTOCOL.md: a positive is a row with rating >= 4.0
 
 #: bump when the splitting code changes in a way that changes its output: old folders are then
 #: not reused (the version is part of the split id's hash).
@@ -385,7 +385,7 @@ def make_split(dataset: str, params: dict | None = None, mirror=None, force: boo
                 return split
             warnings.warn(f"split {path} was made from other interactions; splitting again")
     if interactions is None:
-        from .data import load_dataset
+        from ..data import load_dataset
         interactions = load_dataset(dataset, mirror=mirror).interactions
         fingerprint = _fingerprint(interactions)
     split = apply_strategy(interactions, p)

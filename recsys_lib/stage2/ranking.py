@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from . import evaluate as ev
+from ..protocol import evaluate as ev
 
 RETRIEVER_ORDER = "retriever_order"   # the retriever's own order, a row of every re-ranker table
 

@@ -2,7 +2,7 @@
 
 PROTOCOL.md: every model, baselines included, is tuned on validation with comparable effort, and
 the report says what was searched. ``grid_search`` tries each configuration, fits it, scores it
-with a validation callback built *before* fitting (recsys_lib.evaluate.Evaluator) and keeps the
+with a validation callback built *before* fitting (recsys_lib.protocol.evaluate.Evaluator) and keeps the
 best; its table (one row per configuration: parameters, validation score, fit seconds) is what
 the report shows. ``tune_model`` does it for one model class from a ``params/<profile>.yaml``
 section, fitting inside ``guard.fitting`` so a fit that reads validation or test rows fails.
@@ -23,10 +23,10 @@ from typing import Any, Callable, Iterable
 
 import pandas as pd
 
-from . import guard
-from .config import seed_everything
-from .errors import ConfigError
-from .evaluate import HEADLINE
+from ..protocol import guard
+from ..config import seed_everything
+from ..errors import ConfigError
+from ..protocol.evaluate import HEADLINE
 
 SEARCH_KEYS = ("grid", "max_edge_steps")     # params keys that steer the search, not the model
 

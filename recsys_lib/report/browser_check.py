@@ -1,6 +1,6 @@
 """Open a rendered report in headless Chromium and check what a reader would see.
 
-    python -m recsys_lib.browser_check reports/ml-latest-small/index.html   # prints JSON, exit 1 on a problem
+    python -m recsys_lib.report.browser_check reports/ml-latest-small/index.html   # prints JSON, exit 1 on a problem
 
 Playwright (pinned in requirements.txt) drives the system's Chromium (Debian's ``chromium``
 package, or ``$RECSYS_CHROMIUM``): no browser is downloaded. The page is opened from ``file://``
@@ -120,7 +120,7 @@ def problems(result: dict) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     import argparse
-    parser = argparse.ArgumentParser(prog="python -m recsys_lib.browser_check", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m recsys_lib.report.browser_check", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("index", help="a rendered report, e.g. reports/synthetic/index.html")
     parser.add_argument("--width", type=int, default=1280)

@@ -180,7 +180,7 @@ def segment_bars(frame: pd.DataFrame, segment: str, value: str = "ndcg@10", hue:
 def forest(frame: pd.DataFrame, target: str = "two_stage", metric: str = "nDCG@10"):
     """Paired differences (``target`` minus each model) with 95% CIs, one row per model, and a
     line at zero: a whisker that does not cross it separates the two systems.
-    ``frame`` has model, diff, lo, hi (recsys_lib.analysis.forest_data)."""
+    ``frame`` has model, diff, lo, hi (recsys_lib.report.analysis.forest_data)."""
     fig, (ax,) = _fig(width=8, height=0.32 * len(frame) + 1.4)
     y = np.arange(len(frame))
     above = (frame["lo"] > 0).to_numpy()

@@ -26,8 +26,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import config
-from .errors import PipelineError
+from .. import config
+from ..errors import PipelineError
 
 STATE = "state"                               # records and reads, inside the run folder
 UNTRACKED = (STATE, "logs", "notebooks")      # written by the pipeline itself, not by notebooks

@@ -49,8 +49,8 @@ import pandas as pd
 import scipy.sparse as sp
 import torch
 
-from . import guard
-from .features import CHUNK_ROWS, POSITIVE_RATING, ScoringContext, SplitData
+from ..protocol import guard
+from ..protocol.splitdata import CHUNK_ROWS, POSITIVE_RATING, ScoringContext, SplitData
 from .ranking import per_user_zscore
 
 DAY = 86_400

@@ -25,10 +25,16 @@ import numpy as np
 import pandas as pd
 import torch
 
-from . import config, guard, runstate, tuning
-from .errors import PipelineError
-from .evaluate import DEFAULT_KS, HEADLINE, EvalResult, Evaluator
-from .features import SplitData
+from .. import config
+from ..protocol import guard
+from . import state as runstate
+from . import launch
+from .layout import notebook_of
+from ..models import tuning
+from ..models.registry import REGISTRY
+from ..errors import PipelineError
+from ..protocol.evaluate import DEFAULT_KS, HEADLINE, EvalResult, Evaluator
+from ..protocol.splitdata import SplitData
 
 
 def default_run_dir(dataset: str, profile: str) -> Path:
@@ -119,24 +125,25 @@ class Run:
         """Evaluate a fitted model on each period (full catalogue, seen items masked)."""
         return {p: self.evaluator(p, history_len=history_len)(model, progress=True) for p in periods}
 
-    def fit_model(self, name: str, tune: Any, section: str | None = None,
+    def fit_model(self, name: str, tune: Any = None, section: str | None = None,
                   early_stopping_users: int | None = None, metric: str = HEADLINE,
                   history_len: int | None = None, **extra: Any) -> tuple[Any, pd.DataFrame, dict[str, EvalResult]]:
         """Tune and fit a model on train (validation for selection and early stopping only), score
         it on validation and test, save its checkpoint and metrics. ``tune(data, params_section,
-        validate, device, seed) -> (model, search_table)`` runs inside the leakage guard: it may
-        read the train period only (the validation callback's labels are built here, before).
+        validate, device, seed) -> (model, search_table)`` (default: the registry's, `models.registry`)
+        runs inside the leakage guard: it may read the train period only (the validation
+        callback's labels are built here, before).
 
         ``validate(model) -> float`` is validation ``metric`` (nDCG@10 for every baseline; the
         retriever passes its Recall@candidate_k) over histories of ``history_len`` items (the
         params' ``history_len`` unless given; the evaluations on validation and test use the same).
         ``extra`` keys are written into the metrics JSON."""
         section = section or name
+        tune = tune or REGISTRY[name].tune
         validate = self.early_stopping_metric(early_stopping_users, metric, history_len)
         t0 = time.perf_counter()
-        from . import dist_train      # dist.nproc > 1: the same search in torchrun processes
-        with guard.fitting(name):
-            model, search = dist_train.tune(self, name, tune, validate, section, metric, history_len,
+        with guard.fitting(name):     # dist.nproc > 1: the same search in torchrun processes
+            model, search = launch.tune(self, name, tune, validate, section, metric, history_len,
                                             early_stopping_users)
         fit_seconds = time.perf_counter() - t0
         cfg = getattr(model, "cfg", None) or getattr(model, "config", None)
@@ -188,9 +195,7 @@ class Run:
         return removed
 
     def per_user(self, name: str, period: str) -> pd.DataFrame:
-        from .two_stage import notebook_of
-        stage = "30_reranker" if name.startswith("two_stage") else notebook_of(name)
-        return pd.read_parquet(self.require("per_user", f"{name}-{period}.parquet", stage=stage))
+        return pd.read_parquet(self.require("per_user", f"{name}-{period}.parquet", stage=notebook_of(name)))
 
     def save_curve(self, name: str, history: Any) -> None:
         config.write_json(self.path("curves", f"{name}.json"),
@@ -202,38 +207,6 @@ def collect_metrics(run_dir: str | os.PathLike) -> list[dict]:
     files = sorted(Path(run_dir, "metrics").glob("*.json"))
     rows = [json.loads(f.read_text()) for f in files]
     return sorted(rows, key=lambda r: r.get("written", ""))
-
-
-def results_table(run_dir: str | os.PathLike, period: str = "test",
-                  columns=("ndcg@10", "recall@10", "recall@100", "recall@500", "hit_rate@10", "mrr@10",
-                           "coverage@10")) -> pd.DataFrame:
-    """One row per model: nDCG@10 with its 95% CI and the other metrics of ``period``."""
-    rows = []
-    for m in collect_metrics(run_dir):
-        s = m.get(period)
-        if not s:
-            continue
-        row = {"model": m["model"]}
-        for c in columns:
-            row[c] = s.get(c, np.nan)
-        lo, hi = s.get("ndcg@10_ci", [np.nan, np.nan])
-        row["ndcg@10 95% CI"] = f"[{lo:.4f}, {hi:.4f}]"
-        row["users"] = s.get("users")
-        row["fit s"] = m.get("fit_seconds")
-        row["scoring s / 1k users"] = s.get("scoring_seconds_per_1000_users")
-        rows.append(row)
-    return pd.DataFrame(rows)
-
-
-def ci_table(run_dir: str | os.PathLike, period: str = "test", metric: str = "ndcg@10") -> pd.DataFrame:
-    """model, metric, lo, hi (95% bootstrap CI) of every model scored on ``period``."""
-    rows = []
-    for m in collect_metrics(run_dir):
-        s = m.get(period)
-        if s and metric in s:
-            lo, hi = s.get(f"{metric}_ci", [np.nan, np.nan])
-            rows.append({"model": m["model"], metric: s[metric], "lo": lo, "hi": hi})
-    return pd.DataFrame(rows)
 
 
 def read_json(run_dir: str | os.PathLike, *parts: str) -> Any:

@@ -3,7 +3,7 @@
 Batches are index tensors drawn from in-memory tensors (no per-row Dataset over a DataFrame);
 negatives are sampled uniformly, excluding each user's known positives; early stopping keeps
 the best state by a validation metric computed by a callback built outside the fitting
-context (recsys_lib.evaluate.Evaluator).
+context (recsys_lib.protocol.evaluate.Evaluator).
 """
 from __future__ import annotations
 
@@ -19,8 +19,8 @@ import scipy.sparse as sp
 import torch
 from tqdm.auto import tqdm
 
-from . import dist
-from .config import atomic_write, load_torch
+from .. import dist
+from ..config import atomic_write, load_torch
 
 
 @dataclass
