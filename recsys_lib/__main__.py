@@ -3,6 +3,7 @@
     python -m recsys_lib fetch ml-latest-small          # download (or take from $MOVIELENS_MIRROR), verify, extract
     python -m recsys_lib synth --preset demo --seed 0    # write the embedded synthetic data set
     python -m recsys_lib split synthetic --strategy user_temporal --set core=5
+    python -m recsys_lib params --dataset ml-32m --profile full  # every resolved parameter and its layer
 """
 from __future__ import annotations
 
@@ -37,6 +38,15 @@ def _cmd_split(args: argparse.Namespace) -> None:
     print(json.dumps(split.stats, indent=2))
 
 
+def _cmd_params(args: argparse.Namespace) -> None:
+    from .params import describe
+    rows = describe(args.profile, args.dataset, args.set)
+    width = min(max(len(f"{k} = {v!r}") for k, v, _ in rows), 64)
+    print(f"# dataset {args.dataset}, profile {args.profile}: each value, then the layer it came from")
+    for key, value, origin in rows:
+        print(f"{f'{key} = {value!r}':<{width}}  # {origin}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m recsys_lib", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -63,6 +73,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mirror", default=None)
     p.add_argument("--force", action="store_true")
     p.set_defaults(func=_cmd_split)
+
+    p = sub.add_parser("params", help="print a run's resolved parameters and the layer each came from")
+    p.add_argument("--dataset", default="synthetic")
+    p.add_argument("--profile", default="full")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="an override, as the pipeline takes it")
+    p.set_defaults(func=_cmd_params)
 
     args = parser.parse_args(argv)
     try:

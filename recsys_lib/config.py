@@ -65,10 +65,15 @@ def mirror_dir(mirror: str | os.PathLike | None = None) -> Path | None:
 
 
 # ---------------------------------------------------------------- parameters
+#: keys whose value is one whole thing: a later layer's ``grid`` is the whole search it names, never
+#: merged axis by axis over an earlier layer's (lists, ``variants`` among them, always replace)
+REPLACED_KEYS = frozenset({"grid"})
+
+
 def _deep_merge(base: dict, extra: dict) -> dict:
     out = copy.deepcopy(base)
     for key, value in (extra or {}).items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and key not in REPLACED_KEYS:
             out[key] = _deep_merge(out[key], value)
         else:
             out[key] = copy.deepcopy(value)
@@ -85,11 +90,14 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.strip().split("."), yaml.safe_load(raw)
 
 
+def _override_items(overrides: list[str] | dict | None) -> list[tuple[list[str], Any]]:
+    items = overrides.items() if isinstance(overrides, dict) else [parse_override(o) for o in overrides or []]
+    return [(key.split(".") if isinstance(key, str) else list(key), value) for key, value in items]
+
+
 def apply_overrides(params: dict, overrides: list[str] | dict | None) -> dict:
     out = copy.deepcopy(params)
-    items = overrides.items() if isinstance(overrides, dict) else [parse_override(o) for o in overrides or []]
-    for key, value in items:
-        path = key.split(".") if isinstance(key, str) else key
+    for path, value in _override_items(overrides):
         node = out
         for part in path[:-1]:
             node = node.setdefault(part, {})
@@ -99,26 +107,77 @@ def apply_overrides(params: dict, overrides: list[str] | dict | None) -> dict:
     return out
 
 
-def load_params(profile: str = "full", dataset: str | None = None,
-                overrides: list[str] | dict | None = None) -> dict:
-    """Parameters of a run: ``params/<profile>.yaml``, then the dataset's section of
-    ``params/datasets.yaml`` (split strategy and sizes), then the profile's ``datasets.<name>``
-    section if any, then ``overrides`` ("section.key=value" strings or a dotted-key dict)."""
+def _profile_chain(profile: str, seen: tuple[str, ...] = ()) -> list[tuple[str, dict]]:
+    """(file, contents) of ``params/<profile>.yaml`` and every profile it ``extends``, base first."""
     path = PARAMS_DIR / f"{profile}.yaml"
     if not path.exists():
         valid = sorted(p.stem for p in PARAMS_DIR.glob("*.yaml") if p.stem != "datasets")
         raise ConfigError(f"unknown profile {profile!r}: no {path}; valid profiles: {valid}")
-    params = yaml.safe_load(path.read_text()) or {}
-    per_profile = params.pop("datasets", {}) or {}
+    raw = yaml.safe_load(path.read_text()) or {}
+    parent = raw.pop("extends", None)
+    if parent in (*seen, profile):
+        raise ConfigError(f"params/{profile}.yaml extends {parent!r}, which extends it back")
+    chain = _profile_chain(parent, (*seen, profile)) if parent else []
+    return [*chain, (f"params/{profile}.yaml", raw)]
+
+
+def param_layers(profile: str = "full", dataset: str | None = None) -> list[tuple[str, dict]]:
+    """The layers a run's parameters are merged from, first to last, each named by where it lives:
+    the profiles ``extends`` chains (base first), ``params/datasets.yaml``'s ``default`` and the
+    dataset's own section, then the profile's ``datasets.<name>`` section. A profile's ``datasets``
+    adjustments are its own, never inherited: they are the budget caps of that profile's runs."""
+    chain = _profile_chain(profile)
+    layers = [(name, {k: v for k, v in raw.items() if k != "datasets"}) for name, raw in chain]
     if dataset is not None:
         table = yaml.safe_load((PARAMS_DIR / "datasets.yaml").read_text()) or {}
-        params = _deep_merge(params, table.get("default", {}))
         family = "synthetic" if dataset.startswith("synthetic") and dataset not in table else dataset
-        params = _deep_merge(params, table.get(family, {}))
-        params = _deep_merge(params, per_profile.get(dataset, {}))
-        params["dataset"] = dataset
-    params["profile"] = profile
+        per_profile = chain[-1][1].get("datasets") or {}
+        layers += [("params/datasets.yaml: default", table.get("default") or {}),
+                   (f"params/datasets.yaml: {family}", table.get(family) or {}),
+                   (f"{chain[-1][0]}: datasets.{dataset}", per_profile.get(dataset) or {}),
+                   ("the dataset", {"dataset": dataset})]
+    return [*layers, ("the profile", {"profile": profile})]
+
+
+def load_params(profile: str = "full", dataset: str | None = None,
+                overrides: list[str] | dict | None = None) -> dict:
+    """Parameters of a run: the layers of ``param_layers`` merged in order (dicts key by key, a
+    ``grid`` or a list replaced whole), then ``overrides`` ("section.key=value" strings or a
+    dotted-key dict). ``python -m recsys_lib params`` prints where each value came from."""
+    params: dict = {}
+    for _, layer in param_layers(profile, dataset):
+        params = _deep_merge(params, layer)
     return apply_overrides(params, overrides)
+
+
+def _leaves(node: Any, path: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...], Any]]:
+    if isinstance(node, dict) and node:
+        return [leaf for k, v in node.items() for leaf in _leaves(v, (*path, str(k)))]
+    return [(path, node)]
+
+
+def param_origins(profile: str = "full", dataset: str | None = None,
+                  overrides: list[str] | dict | None = None) -> dict[tuple[str, ...], str]:
+    """For every leaf of ``load_params(profile, dataset, overrides)``, the layer that set it."""
+    origin: dict[tuple[str, ...], str] = {}
+
+    def visit(layer: dict, name: str, path: tuple[str, ...]) -> None:
+        for key, value in layer.items():
+            p = (*path, str(key))
+            merged_into = any(o[:len(p)] == p and len(o) > len(p) for o in origin)   # a section already
+            if isinstance(value, dict) and key not in REPLACED_KEYS and (value or merged_into):
+                origin.pop(p, None)
+                visit(value, name, p)
+                continue
+            for old in [o for o in origin if o[:len(p)] == p]:     # a replaced value's old leaves go
+                del origin[old]
+            for leaf, _ in _leaves(value, p):
+                origin[leaf] = name
+    for name, layer in param_layers(profile, dataset):
+        visit(layer, name, ())
+    for path, value in _override_items(overrides):
+        visit({path[-1]: value}, "--set", tuple(path[:-1]))
+    return origin
 
 
 # ---------------------------------------------------------------- runtime

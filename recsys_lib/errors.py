@@ -14,7 +14,7 @@ class ConfigError(RecsysError):
 
 
 class LeakageError(RecsysError):
-    """Fitting code touched rows it may not learn from (see PROTOCOL.md, "Who learns from what")."""
+    """Fitting code touched rows it may not learn from (see docs/PROTOCOL.md, "Who learns from what")."""
 
 
 class PipelineError(RecsysError):

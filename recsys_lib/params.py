@@ -31,6 +31,7 @@ AT_LEAST_ZERO = {"patience", "n_neg", "negatives", "n_uniform_neg", "max_edge_st
 ABOVE_ZERO = {"lr", "max_lr", "learning_rate", "reg", "regularization", "alpha", "temperature",
               "timeout_minutes"}
 WORDS = {"nproc": ("auto",)}                 # keys that take a word besides a number
+RUN_FIELDS = {"seed", "device", "progress", "verbose"}   # config fields the run sets, never params/
 SHARES = {"held_out_share", "label_window", "stale_lists", "train_frac", "valid_frac"}
 
 
@@ -82,3 +83,27 @@ def check_overrides(params: dict, overrides: list[str] | None) -> None:
             if not last and node is not None and not isinstance(node, dict):
                 raise ConfigError(f"--set {key}: {'.'.join(path[:depth + 1])} is a value, not a section")
         _check_value(key, path[-1], node, value)
+
+
+def describe(profile: str, dataset: str | None = None, overrides: list[str] | None = None) -> list[tuple[str, Any, str]]:
+    """Every resolved parameter of a run as (dotted key, value, where it came from), in the params'
+    order: the yaml layer or ``--set`` that set it, or ``default (MFConfig)`` for a field of a
+    section's config dataclass that no layer sets (the value the code uses). Fields the run itself
+    fills in (``RUN_FIELDS``: its seed and device, progress output) are left out."""
+    from dataclasses import MISSING
+
+    from .config import _leaves, load_params, param_origins
+    if dataset is not None:
+        check_overrides(load_params(profile, dataset), overrides)
+    params = load_params(profile, dataset, overrides)
+    origin = param_origins(profile, dataset, overrides)
+    rows = [(".".join(path), value, origin[path]) for path, value in _leaves(params)]
+    for section, cls in SECTION_CONFIGS.items():
+        for f in fields(cls):
+            if section in params and f.name not in params[section] and f.init and f.name not in RUN_FIELDS:
+                default = f.default if f.default is not MISSING else (
+                    f.default_factory() if f.default_factory is not MISSING else MISSING)
+                if default is not MISSING:
+                    rows.append((f"{section}.{f.name}", default, f"default ({cls.__name__})"))
+    order = {k: i for i, k in enumerate(dict.fromkeys(key.split(".")[0] for key, _, _ in rows))}
+    return sorted(rows, key=lambda r: order[r[0].split(".")[0]])     # stable: defaults after their section

@@ -294,8 +294,10 @@ def render_report(dataset: str, run_dir: Path, report_dir: Path, timings: dict |
         report_nb = src / "90_report.ipynb"
         if report_nb.exists():
             render_notebook(report_nb, tmp / "index.html", include_code=False)
+        paired = Path(run_dir, "analysis", "paired.json")   # the headline's paired test differences
         write_metrics_json(run_dir, tmp / "metrics.json",
-                           {"notebook_seconds": seconds, "run": {**run, "run_dir": str(run_dir)}})
+                           {"notebook_seconds": seconds, "run": {**run, "run_dir": str(run_dir)},
+                            "paired": json.loads(paired.read_text()) if paired.exists() else None})
         config.replace_dir(tmp, report_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

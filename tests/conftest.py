@@ -62,7 +62,7 @@ def toy_interactions(n_users: int = 300, n_items: int = 200, per_user: int = 40,
 
 
 def toy_split(inter: pd.DataFrame) -> types.SimpleNamespace:
-    """Per-user last 10% test, previous 10% validation (PROTOCOL.md user_temporal, no core filter)."""
+    """Per-user last 10% test, previous 10% validation (docs/PROTOCOL.md user_temporal, no core filter)."""
     df = inter.sort_values(["user_id", "timestamp", "item_id"]).reset_index(drop=True)
     n = df.groupby("user_id")["item_id"].transform("size").to_numpy()
     k = np.maximum(1, n // 10)

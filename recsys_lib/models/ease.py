@@ -7,7 +7,7 @@ B = I - P / diag(P), i.e. B_ij = -P_ij / P_jj off the diagonal and B_jj = 0.
 Scores are x_u B where x_u is the user's row of the same kind of matrix B was learnt from, built
 from the rows *before the scored period*: every rated item (``ctx.seen``), or with
 ``positives_only`` the positives only (``ctx.seen_positive``); train rows for validation, train and
-validation rows for test (PROTOCOL.md: histories at scoring time include earlier periods, and a
+validation rows for test (docs/PROTOCOL.md: histories at scoring time include earlier periods, and a
 model scores a user from the same kind of input it was fit on). B comes from train rows only.
 
 Memory: G, its Cholesky factor and B are dense (n_items, n_items); float64 for catalogues up to

@@ -1,6 +1,6 @@
 """Hyper-parameter search on validation, with the same small effort for every model.
 
-PROTOCOL.md: every model, baselines included, is tuned on validation with comparable effort, and
+docs/PROTOCOL.md: every model, baselines included, is tuned on validation with comparable effort, and
 the report says what was searched. ``grid_search`` tries each configuration, fits it, scores it
 with a validation callback built *before* fitting (recsys_lib.protocol.evaluate.Evaluator) and keeps the
 best; its table (one row per configuration: parameters, validation score, fit seconds) is what
@@ -141,7 +141,7 @@ def step_out(values: list[float], edge: float, up: bool) -> float | None:
 
 def extend_axes(grid: dict[str, list], rows: list[dict], state: dict,
                 run: Callable[[dict, str, str], float], max_steps: int = 4) -> None:
-    """Edge extension (PROTOCOL.md: a best value on the edge of its grid is searched further out
+    """Edge extension (docs/PROTOCOL.md: a best value on the edge of its grid is searched further out
     along that axis until validation stops improving). Each round looks at every numeric axis of
     the current best configuration; where its value is the smallest or largest tried, the next value
     out (``step_out``) is fitted with the other parameters held at the best. Rounds go on while a

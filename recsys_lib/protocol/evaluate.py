@@ -1,4 +1,4 @@
-"""Full-catalogue evaluation under PROTOCOL.md: every scored user against every train item.
+"""Full-catalogue evaluation under docs/PROTOCOL.md: every scored user against every train item.
 
 Users are scored in batches; items a user rated before the period are masked; a per-batch
 top-K in torch keeps memory at (batch, n_items). Per-user metric arrays are kept so that

@@ -1,6 +1,6 @@
 """Leakage guard: fitting code may only read the periods it is allowed to learn from.
 
-PROTOCOL.md: test rows never fit, tune or early-stop anything. `SplitData` asks this module
+docs/PROTOCOL.md: test rows never fit, tune or early-stop anything. `SplitData` asks this module
 before handing out a period's rows (or anything derived from them: positives, seen items,
 histories). Inside ``with fitting("mf"):`` only the train period is readable; the re-ranker,
 which learns from validation candidates, is fit inside ``fitting("reranker", allow=("train", "valid"))``.
@@ -30,7 +30,7 @@ def _stack() -> list[tuple[str, frozenset[str]]]:
 def fitting(model: str, allow: tuple[str, ...] = ("train",)) -> Iterator[None]:
     """Mark the enclosed code as fitting ``model``; reading any other period raises LeakageError."""
     if "test" in allow:
-        raise LeakageError(f"{model}: no model may be fit on the test period (PROTOCOL.md)")
+        raise LeakageError(f"{model}: no model may be fit on the test period (docs/PROTOCOL.md)")
     _stack().append((model, frozenset(allow)))
     try:
         yield
@@ -51,4 +51,4 @@ def check_read(period: str, what: str = "rows") -> None:
         model, allowed = ctx
         raise LeakageError(
             f"{model} read the {period} period's {what} while fitting; it may only learn from "
-            f"{sorted(allowed)} (PROTOCOL.md, 'Who learns from what')")
+            f"{sorted(allowed)} (docs/PROTOCOL.md, 'Who learns from what')")

@@ -1,4 +1,4 @@
-"""Ranking metrics over a boolean hit matrix, as ../shared/PROTOCOL.md, "Metrics", defines them.
+"""Ranking metrics over a boolean hit matrix, as docs/PROTOCOL.md, "Metrics", defines them.
 
 Every metric takes ``hits``, a ``(U, >= k)`` boolean matrix where ``hits[u, r]`` says whether
 the item user ``u`` was shown at rank ``r + 1`` is one of that user's positives (binary

@@ -1,4 +1,4 @@
-"""Train / validation / test splits exactly as ../shared/PROTOCOL.md, "Splits", describes them.
+"""Train / validation / test splits exactly as docs/PROTOCOL.md, "Splits", describes them.
 
 Two strategies, both deterministic (ties in time break by user_id, then item_id; rating is a
 last tie-breaker so even duplicate rows come out in one order) and fully vectorised:
@@ -40,7 +40,7 @@ import pandas as pd
 
 from .. import config
 from ..errors import ConfigError, DataError
-from .splitdata import POSITIVE_RATING   # PROTOCOL.md: a positive is a row with rating >= 4.0
+from .splitdata import POSITIVE_RATING   # docs/PROTOCOL.md: a positive is a row with rating >= 4.0
 
 #: bump when the splitting code changes in a way that changes its output: old folders are then
 #: not reused (the version is part of the split id's hash).
@@ -181,7 +181,7 @@ def _make_stats(strategy: str, before: pd.DataFrame, train: pd.DataFrame, valid:
 # ---------------------------------------------------------------- strategies
 def global_temporal(interactions: pd.DataFrame, min_date: str | None = None, train_frac: float = 0.8,
                     valid_frac: float = 0.1, train_core: int = 20, eval_core: int = 10) -> Split:
-    """Global time split (PROTOCOL.md, ``global_temporal``); see the module docstring."""
+    """Global time split (docs/PROTOCOL.md, ``global_temporal``); see the module docstring."""
     _check_interactions(interactions)
     f_train, f_valid = _frac(train_frac, "train_frac"), _frac(valid_frac, "valid_frac")
     if f_train + f_valid > 1:
@@ -222,7 +222,7 @@ def global_temporal(interactions: pd.DataFrame, min_date: str | None = None, tra
 
 def user_temporal(interactions: pd.DataFrame, core: int = 5, valid_frac: float = 0.1,
                   test_frac: float = 0.1) -> Split:
-    """Per-user time split (PROTOCOL.md, ``user_temporal``); see the module docstring.
+    """Per-user time split (docs/PROTOCOL.md, ``user_temporal``); see the module docstring.
 
     A user with fewer than 3 rows (possible only with ``core`` < 3) may get no train or no
     validation row: the last row always goes to test first."""

@@ -209,7 +209,7 @@ class ScoringContext:
     before it (masked from rankings), the positives among them, and their last items.
 
     ``seen`` is what every ranking masks. A model fit on positives only builds a user's vector
-    from ``seen_positive`` (PROTOCOL.md: a model scores a user from the same kind of input it was
+    from ``seen_positive`` (docs/PROTOCOL.md: a model scores a user from the same kind of input it was
     fit on); ``input_matrix`` picks the right one."""
 
     period: str
@@ -293,7 +293,7 @@ class SplitData:
         return self.period(period).matrix(self.n_users, self.n_items, positives_only=True)
 
     def scored_users(self, period: str) -> np.ndarray:
-        """Users with at least one positive in ``period`` (PROTOCOL.md), sorted."""
+        """Users with at least one positive in ``period`` (docs/PROTOCOL.md), sorted."""
         p = self.period(period)
         return np.unique(p.user[p.positive])
 
@@ -328,7 +328,7 @@ class SplitData:
                               seen_positive=self.seen_before(period, positives_only=True))
 
     def label_window(self, share: float = 0.1) -> "SplitData":
-        """The label window (PROTOCOL.md, "Who learns from what"): a SplitData over the train rows
+        """The label window (docs/PROTOCOL.md, "Who learns from what"): a SplitData over the train rows
         only, whose ``train`` is the rows before the window and whose ``valid`` is the window (and
         ``test`` empty), with the same ids and item features. Under ``user_temporal`` the window is
         each user's last max(1, floor(share n)) train rows; under ``global_temporal`` the last

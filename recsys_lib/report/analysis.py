@@ -1,6 +1,6 @@
 """Comparisons for the final evaluation: paired bootstrap tables, user-activity segments and the
 popularity of the hits. Everything reads the per-user files of the run folder, so all models are
-compared on the same scored users (PROTOCOL.md)."""
+compared on the same scored users (docs/PROTOCOL.md)."""
 from __future__ import annotations
 
 import numpy as np

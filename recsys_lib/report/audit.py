@@ -8,7 +8,7 @@ import numpy as np
 from ..protocol.splitdata import SplitData
 from .tables import fmt_count, fmt_metric
 
-# The design's own published figure (../shared/PROTOCOL.md, "Why it exists"): an external number this
+# The design's own published figure (docs/PROTOCOL.md, "Why it exists"): an external number this
 # study cannot recompute (its run is not ours to repeat), quoted once, in the leakage audit only.
 DESIGN_REPORTED_NDCG10 = 0.5466
 
@@ -41,7 +41,7 @@ def audit_summary(audit: dict, reported: float = DESIGN_REPORTED_NDCG10) -> str:
 def graded_ndcg_at_k(topk: np.ndarray, gains, k: int = 10) -> np.ndarray:
     """nDCG@k with graded gain (the rating of each rated item in the period), as the seed design
     used for its popularity baseline: DCG = sum gain(item at r) / log2(r + 1), IDCG from the
-    user's k largest gains. Only for the leakage audit; the study's metric is binary (PROTOCOL.md).
+    user's k largest gains. Only for the leakage audit; the study's metric is binary (docs/PROTOCOL.md).
     ``gains`` is a (U, n_items) csr aligned with ``topk`` rows."""
     import scipy.sparse as sp
     g = sp.csr_matrix(gains)

@@ -183,11 +183,11 @@ def ci_frame(run_dir: str | os.PathLike, period: str = "test", metric: str = "nd
     return pd.DataFrame(rows, columns=["model", metric, "lo", "hi"])
 
 
-def readme_table(metrics_json: str | os.PathLike, period: str = "test") -> str:
-    """A Markdown table of every model's ``period`` metrics from a report's metrics.json
-    (``python -c "from recsys_lib.report import readme_table; print(readme_table('reports/X/metrics.json'))"``)."""
+def readme_table(metrics_json: str | os.PathLike | dict, period: str = "test") -> str:
+    """A Markdown table of every model's ``period`` metrics from a report's metrics.json (a path or
+    the loaded dict), in pipeline order. ``scripts/readme_results.py`` writes it into the README."""
     import json
-    m = json.loads(Path(metrics_json).read_text())
+    m = metrics_json if isinstance(metrics_json, dict) else json.loads(Path(metrics_json).read_text())
     lines = ["| model | nDCG@10 [95% CI] | Recall@10 | Recall@100 | Recall@500 | HitRate@10 | MRR@10 | coverage@10 | fit s |",
              "|---|---|---|---|---|---|---|---|---|"]
     for name, rec in m["models"].items():
@@ -198,7 +198,7 @@ def readme_table(metrics_json: str | os.PathLike, period: str = "test") -> str:
         fit = rec.get("fit_seconds")
         lines.append(f"| {name} | {s['ndcg@10']:.4f} [{lo:.4f}, {hi:.4f}] | {s['recall@10']:.4f} | "
                      f"{s['recall@100']:.4f} | {s['recall@500']:.4f} | {s['hit_rate@10']:.4f} | "
-                     f"{s['mrr@10']:.4f} | {s['coverage@10']:.4f} | {fit:.0f} |" if fit is not None else "")
+                     f"{s['mrr@10']:.4f} | {s['coverage@10']:.4f} | {'' if fit is None else f'{fit:.0f}'} |")
     return "\n".join(lines)
 
 def scored_users(run_dir: str | os.PathLike, period: str = "test") -> int | None:

@@ -1,6 +1,6 @@
 """Candidate generation: the retriever's top-``k`` unseen items per user, with scores and ranks.
 
-PROTOCOL.md, "Who learns from what": the re-ranker learns from the validation period's
+docs/PROTOCOL.md, "Who learns from what": the re-ranker learns from the validation period's
 candidates (histories and seen items up to validation: ``Labels.build(data, "valid")``) and is
 scored on the test period's candidates (histories and seen items include validation rows:
 ``Labels.build(data, "test")``). A positive the retriever did not propose is a miss, so

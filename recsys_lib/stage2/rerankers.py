@@ -1,4 +1,4 @@
-"""The second stage: re-rank the retriever's candidates (PROTOCOL.md, "Who learns from what").
+"""The second stage: re-rank the retriever's candidates (docs/PROTOCOL.md, "Who learns from what").
 
 Training data are the *validation* period's candidates (retriever fit on train, histories up
 to validation), labelled 1 when (user, item) is a validation positive. Everything a re-ranker
@@ -198,7 +198,7 @@ class ExtraLists:
     and scored by stage-1 models refit on the train rows before the window), their features (same
     columns as the validation features) and labels (window positives). The lgbm variant adds them
     to every fit's training groups, less the lists of the users that fit is early-stopped and
-    scored on (PROTOCOL.md: held-out validation users are never in its training lists)."""
+    scored on (docs/PROTOCOL.md: held-out validation users are never in its training lists)."""
 
     cands: pd.DataFrame          # user, item, ... sorted by user
     X: np.ndarray                # (n_rows, F) float32

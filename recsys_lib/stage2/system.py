@@ -1,6 +1,6 @@
 """The two-stage system end to end: retriever candidates -> features -> re-ranker -> top lists.
 
-PROTOCOL.md, "Who learns from what": the re-ranker learns from the validation period's candidates
+docs/PROTOCOL.md, "Who learns from what": the re-ranker learns from the validation period's candidates
 (a share of validation users held out for its early stopping and choice of variant, or, with
 ``reranker.folds`` > 1, K-fold cross-fitting: every validation user is held out from exactly one
 fold model, and `out_of_fold_ranked` scores each user with that model); the test
@@ -376,7 +376,7 @@ def refit(model, data, best_epoch: int | None = None):
 
 # ---------------------------------------------------------------- the label window
 def build_label_window(run: Run, w: SplitData, refits: Stage1, k: int) -> tuple[rr.ExtraLists, dict]:
-    """The label window's training lists for the re-ranker (PROTOCOL.md, "Label window").
+    """The label window's training lists for the re-ranker (docs/PROTOCOL.md, "Who learns from what", label window).
 
     ``w`` is ``run.data.label_window(share)`` and ``refits`` the stage-1 models refit on its train
     rows (`refit_stage1`); they propose the window users' candidates (the same union as for

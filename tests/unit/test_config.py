@@ -102,8 +102,8 @@ def test_notebooks_have_parameters_kernelspec_and_no_outputs():
 
 
 def test_dataset_sections_size_the_searches():
-    """A dataset's grid merges key by key over the profile's: the ml-32m section lists every iALS
-    key, so its search is the configurations it names, none of the demo grid's values."""
+    """A dataset's grid replaces the profile's whole: the ml-32m search is the configurations its
+    section names, none of the demo grid's values."""
     from recsys_lib.models import tuning
     from recsys_lib.stage2 import system as two_stage
     big = config.load_params("full", "ml-32m")
@@ -127,3 +127,40 @@ def test_atomic_write_temp_names_are_unique_per_writer(tmp_path):
         a.write_text("1")
         b.write_text("2")
     assert target.read_text() == "1" and not list(tmp_path.glob(".m.tmp-*"))
+
+
+def test_profiles_extend_full_and_grids_replace_whole():
+    quick, full = config.load_params("quick", "synthetic-tiny"), config.load_params("full", "synthetic-tiny")
+    assert quick["mf"]["grid"] == {"lr": [0.01, 0.03]}              # not merged with full's dim axis
+    assert quick["mf"]["l2"] == full["mf"]["l2"] and quick["history_len"] == full["history_len"]  # inherited
+    assert config.load_params("full", "ml-32m")["mf"]["grid"] == {"dim": [16, 32, 64], "lr": [0.003]}
+    assert config.load_params("full", "synthetic")["neumf"]["grid"] == {"lr": [0.003], "n_neg": [4, 16]}
+    assert config.load_params("quick", "ml-32m")["mf"]["epochs"] == 2   # full's dataset caps are full's own
+
+
+def test_a_profile_that_extends_itself_is_refused(tmp_path, monkeypatch):
+    (tmp_path / "a.yaml").write_text("extends: b\nseed: 1\n")
+    (tmp_path / "b.yaml").write_text("extends: a\n")
+    (tmp_path / "c.yaml").write_text("extends: nowhere\n")
+    monkeypatch.setattr(config, "PARAMS_DIR", tmp_path)
+    with pytest.raises(ConfigError, match="extends"):
+        config.load_params("a")
+    with pytest.raises(ConfigError, match="unknown profile 'nowhere'"):
+        config.load_params("c")
+
+
+@pytest.mark.parametrize("profile,dataset", [("quick", "synthetic-tiny"), ("full", "ml-32m"), ("gpu", "ml-32m"),
+                                             ("full", "ml-latest-small")])
+def test_every_resolved_value_has_its_layer(profile, dataset):
+    overrides = ["mf.epochs=7", "ials.grid.factors=[4, 8]"]
+    params = config.load_params(profile, dataset, overrides)
+    origin = config.param_origins(profile, dataset, overrides)
+    assert set(origin) == {path for path, _ in config._leaves(params)}
+    assert origin[("mf", "epochs")] == origin[("ials", "grid", "factors")] == "--set"
+    assert origin[("mf", "l2")] == "params/full.yaml"
+    assert origin[("split", "strategy")].startswith("params/datasets.yaml")
+    if dataset == "ml-32m" and profile == "full":
+        assert origin[("ials", "grid", "alpha")] == "params/full.yaml: datasets.ml-32m"
+        assert ("ials", "grid", "iterations") in origin
+    if profile == "quick":
+        assert origin[("mf", "dim")] == "params/quick.yaml" and ("mf", "grid", "dim") not in origin

@@ -23,13 +23,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-import yaml
 
 from recsys_lib import dist
 from recsys_lib.run import launch
 from recsys_lib.stage2 import system as two_stage
 from recsys_lib.protocol import guard
-from recsys_lib.config import PARAMS_DIR, THREADS_ENV, load_params, load_torch
+from recsys_lib.config import THREADS_ENV, load_params, load_torch
 from recsys_lib.errors import ConfigError
 from recsys_lib.models.two_tower import _same_item_pairs
 from svd_retriever import SVDRetriever
@@ -106,25 +105,15 @@ def test_settings_and_overrides():
 
 
 def test_gpu_profile_is_full_without_its_caps():
-    """params/gpu.yaml is full.yaml except the keys listed here (so the two cannot drift apart)."""
-    full = yaml.safe_load((PARAMS_DIR / "full.yaml").read_text())
-    gpu = yaml.safe_load((PARAMS_DIR / "gpu.yaml").read_text())
-    allowed = {"dist.nproc", "eval.batch_users", "mf.epochs", "neumf.epochs", "two_tower.epochs",
-               "two_tower.amp_bf16", "reranker.id_mlp.epochs", "reranker.mlp_features.epochs",
-               "reranker.lgbm.num_threads", "datasets.synthetic", "datasets.ml-32m", "datasets.synthetic-32m"}
-
-    def diff(a, b, path=""):
-        if isinstance(a, dict) and isinstance(b, dict):
-            for k in set(a) | set(b):
-                yield from diff(a.get(k), b.get(k), f"{path}.{k}" if path else k)
-        elif a != b:
-            yield path
-    extra = {d for d in diff(full, gpu) if not any(d == a or d.startswith(a + ".") for a in allowed)}
-    assert not extra, extra
-    g = load_params("gpu", "ml-32m")
+    """params/gpu.yaml extends full.yaml: full's values, its own epoch caps and devices, and none of
+    full.yaml's per-dataset budget caps at ml-32m."""
+    full, g = load_params("full", "ml-32m"), load_params("gpu", "ml-32m")
     assert g["dist"]["nproc"] == "auto" and len(g["two_tower"]["variants"]) == 3
     assert g["ease"]["max_items"] is None and g["reranker"]["label_window"] == 0.1
-    assert g["mf"]["grid"] == full["mf"]["grid"] and g["two_tower"]["amp_bf16"] is True
+    assert g["mf"]["grid"] == load_params("full")["mf"]["grid"] != full["mf"]["grid"]
+    assert g["two_tower"]["amp_bf16"] is True and g["mf"]["epochs"] == 100
+    assert g["reranker"]["lgbm"]["learning_rate"] == full["reranker"]["lgbm"]["learning_rate"]   # inherited
+    assert g["audit"]["design_runs"] == [[12, 4096], [20, 2048]]
 
 
 def test_failure_message_names_the_failed_rank():

@@ -62,3 +62,16 @@ def test_json_is_strict(tmp_path):
     got = json.loads(path.read_text(), parse_constant=refuse)
     assert got == {"a": None, "b": [None, 1.5], "c": [None, 2.0], "d": 0.5}
     assert not math.isnan(got["d"])
+
+
+def test_params_command_names_each_values_layer(capsys):
+    from recsys_lib.__main__ import main
+    assert main(["params", "--dataset", "ml-32m", "--profile", "full", "--set", "mf.dim=8"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    line = {l.split(" = ")[0]: l for l in out if " = " in l}
+    assert line["mf.dim"].endswith("# --set") and line["mf.epochs"].endswith("# params/full.yaml: datasets.ml-32m")
+    assert line["mf.init_std"].endswith("# default (MFConfig)") and "mf.seed" not in line
+    assert line["split.min_date"].endswith("# params/datasets.yaml: ml-32m")
+    keys = [l.split(" = ")[0] for l in out if " = " in l]
+    assert keys.index("mf.init_std") < keys.index("neumf.dim_gmf")     # defaults listed with their section
+    assert main(["params", "--dataset", "ml-32m", "--set", "mf.dimm=8"]) == 2

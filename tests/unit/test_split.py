@@ -1,4 +1,4 @@
-"""Tests of recsys_lib.protocol.split against PROTOCOL.md, "Splits": hand-made cases, a naive reference
+"""Tests of recsys_lib.protocol.split against docs/PROTOCOL.md, "Splits": hand-made cases, a naive reference
 implementation compared on random frames (hypothesis), the invariants, and persistence."""
 from __future__ import annotations
 

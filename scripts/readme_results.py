@@ -1,0 +1,77 @@
+"""Write each report's results into the README, so that no figure there is typed by hand.
+
+The README holds one block per data set::
+
+    <!-- results: ml-latest-small -->
+    ...generated: the test table, the headline and the commit that made them...
+    <!-- /results -->
+
+This script replaces each block's body from ``reports/<dataset>/metrics.json`` (written by the
+pipeline): the test metrics of every model (``report.readme_table``), the headline sentence
+(``report.text.headline``, from the run's paired differences) and the commit and command of the
+run. Run it after ``make report DATASET=...``::
+
+    .venv/bin/python scripts/readme_results.py            # every block whose report exists
+    .venv/bin/python scripts/readme_results.py --check    # exit 1 if the README is out of date
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+from recsys_lib import config
+from recsys_lib.report.tables import readme_table
+from recsys_lib.report.text import headline
+
+BLOCK = re.compile(r"(<!-- results: (?P<dataset>[\w.-]+) -->\n)(?P<body>.*?)(<!-- /results -->)", re.S)
+
+
+def results_block(metrics: dict) -> str:
+    """The generated body of one data set's block (ends with a newline)."""
+    test_users = {m["test"].get("users") for m in metrics["models"].values() if m.get("test")}
+    users = f"{test_users.pop():,} test users" if len(test_users) == 1 else "test users"
+    commit = (metrics.get("git_commit") or "unknown")[:7]
+    command = f"make report DATASET={metrics['dataset']}"
+    if metrics.get("profile") not in (None, "full"):
+        command += f" PROFILE={metrics['profile']}"
+    lines = [f"Test period, {users}, every model ranking the full catalogue minus what each user rated.",
+             f"Made by `{command}` at commit `{commit}`.", "", readme_table(metrics), ""]
+    if metrics.get("paired"):
+        lines += [headline(metrics["paired"]), ""]
+    return "\n".join(lines)
+
+
+def update(readme: str, reports: Path) -> tuple[str, list[str]]:
+    """The README with every block whose report exists rewritten, and the data sets rewritten."""
+    done = []
+
+    def repl(m: re.Match) -> str:
+        path = reports / m["dataset"] / "metrics.json"
+        if not path.exists():
+            return m[0]
+        done.append(m["dataset"])
+        return m[1] + results_block(json.loads(path.read_text())) + m[4]
+    return BLOCK.sub(repl, readme), done
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--readme", type=Path, default=config.PROJECT_ROOT / "README.md")
+    parser.add_argument("--reports", type=Path, default=config.PROJECT_ROOT / "reports")
+    parser.add_argument("--check", action="store_true", help="do not write; exit 1 if a block is out of date")
+    args = parser.parse_args(argv)
+    old = args.readme.read_text()
+    new, done = update(old, args.reports)
+    if args.check:
+        print("up to date" if new == old else f"out of date: {args.readme}")
+        return int(new != old)
+    args.readme.write_text(new)
+    print(f"rewrote {', '.join(done) or 'nothing (no report found)'} in {args.readme}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,69 @@
+"""The project's structure holds: one model registry that the notebooks agree with, a protocol
+that a clone contains, and a README whose links resolve."""
+import re
+from pathlib import Path
+
+import nbformat
+
+from recsys_lib.models.registry import REGISTRY
+from recsys_lib.run import layout
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_every_registered_model_is_fit_by_its_notebook():
+    stems = {p.stem: p for p in layout.notebooks()}
+    for name, spec in REGISTRY.items():
+        assert spec.notebook in stems, f"{name}: notebook {spec.notebook} is not in notebooks/"
+        code = "\n".join(c.source for c in nbformat.read(stems[spec.notebook], as_version=4).cells
+                         if c.cell_type == "code")
+        assert f'run.fit_model("{name}"' in code, f"{spec.notebook} does not fit {name}"
+        assert layout.notebook_of(name) == spec.notebook
+    assert layout.RERANKER_NOTEBOOK in stems
+    assert layout.notebook_of("two_stage_lgbm") == layout.RERANKER_NOTEBOOK
+
+
+def test_protocol_is_in_the_repo_and_every_cited_section_exists():
+    protocol = ROOT / "docs" / "PROTOCOL.md"
+    headings = {re.sub(r"[`#]", "", h).strip() for h in re.findall(r"^#+ .*$", protocol.read_text(), re.M)}
+    cited = set()
+    for path in [*ROOT.joinpath("recsys_lib").rglob("*.py"), *ROOT.joinpath("notebooks").glob("*.ipynb"),
+                 *ROOT.joinpath("params").glob("*.yaml")]:
+        text = path.read_text()
+        assert "shared/PROTOCOL" not in text, f"{path}: cite docs/PROTOCOL.md, which a clone contains"
+        cited |= set(re.findall(r"""PROTOCOL\.md[,:]? ["'`]+([^"'`]+)["'`]""", text))
+    assert cited, "the library cites the protocol's sections"
+    missing = {c for c in cited if not any(c == h or h.startswith(c) for h in headings)}
+    assert not missing, f"sections cited but not in docs/PROTOCOL.md: {missing}"
+
+
+def test_readme_is_a_front_page_whose_links_resolve():
+    readme = (ROOT / "README.md").read_text()
+    assert len(readme.splitlines()) <= 150
+    links = re.findall(r"\]\(([^)#]+)(?:#[^)]*)?\)", readme)
+    local = [l for l in links if not re.match(r"[a-z]+://", l)]
+    assert {"docs/PROTOCOL.md", "docs/experiments.md"} <= set(local)
+    for link in local:
+        assert (ROOT / link).exists(), f"README links {link}, which does not exist"
+
+
+def test_readme_results_are_written_from_metrics_json(tmp_path):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("readme_results", ROOT / "scripts" / "readme_results.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    scores = {"ndcg@10": 0.1234, "ndcg@10_ci": [0.1, 0.15], "recall@10": 0.2, "recall@100": 0.3,
+              "recall@500": 0.4, "hit_rate@10": 0.5, "mrr@10": 0.25, "coverage@10": 0.1, "users": 561}
+    metrics = {"dataset": "ml-latest-small", "profile": "full", "git_commit": "abcdef0123",
+               "models": {"ease": {"model": "ease", "test": scores, "fit_seconds": 11.4},
+                          "only_valid": {"model": "only_valid", "valid": scores}}}
+    (tmp_path / "ml-latest-small").mkdir()
+    (tmp_path / "ml-latest-small" / "metrics.json").write_text(__import__("json").dumps(metrics))
+    readme = ("intro\n<!-- results: ml-latest-small -->\nstale\n<!-- /results -->\n"
+              "<!-- results: synthetic -->\nkept\n<!-- /results -->\n")
+    new, done = mod.update(readme, tmp_path)
+    assert done == ["ml-latest-small"]
+    assert "stale" not in new and "kept" in new          # a block without a report stays as it was
+    assert "| ease | 0.1234 [0.1000, 0.1500] | 0.2000 |" in new and "only_valid" not in new
+    assert "561 test users" in new and "`abcdef0`" in new
+    assert mod.update(new, tmp_path)[0] == new            # idempotent: --check passes after a write
