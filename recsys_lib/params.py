@@ -18,10 +18,15 @@ from typing import Any
 from .config import parse_override
 from .errors import ConfigError
 from .models.registry import REGISTRY
-from .stage2.rerankers import RerankerConfig
+from .protocol.evaluate import EvalConfig
+from .stage2.leakage import AuditConfig
+from .stage2.rerankers import CONFIGS as RERANKER_CONFIGS
+from .stage2.section import RerankerSection
 
-#: params section -> the config dataclass whose fields it may set
-SECTION_CONFIGS = {**{name: spec.config for name, spec in REGISTRY.items()}, "reranker": RerankerConfig}
+#: params section (dotted for a sub-section) -> the config dataclass whose fields it may set
+SECTION_CONFIGS = {**{name: spec.config for name, spec in REGISTRY.items()}, "eval": EvalConfig,
+                   "audit": AuditConfig, "reranker": RerankerSection,
+                   **{f"reranker.{kind}": cls for kind, cls in RERANKER_CONFIGS.items()}}
 AT_LEAST_ONE = {"epochs", "batch_size", "dim", "dim_gmf", "dim_mlp", "factors", "iterations", "n_estimators",
                 "folds", "candidate_k", "users_per_batch", "history_len", "num_leaves", "emb_dim",
                 "early_stopping_rounds", "n_bootstrap", "batch_users", "core", "train_core", "eval_core",
@@ -74,7 +79,7 @@ def check_overrides(params: dict, overrides: list[str] | None) -> None:
         for depth, part in enumerate(path):
             last = depth == len(path) - 1
             known = set(node) if isinstance(node, dict) else set()
-            allowed = known | _config_fields(path[0]) if depth >= 1 else known
+            allowed = known | _config_fields(".".join(path[:depth])) if depth >= 1 else known
             if part not in allowed:
                 where = ".".join(path[:depth]) or "the parameters"
                 raise ConfigError(f"--set {key}: unknown parameter {part!r} in {where}; valid: "
@@ -99,8 +104,11 @@ def describe(profile: str, dataset: str | None = None, overrides: list[str] | No
     origin = param_origins(profile, dataset, overrides)
     rows = [(".".join(path), value, origin[path]) for path, value in _leaves(params)]
     for section, cls in SECTION_CONFIGS.items():
+        node: Any = params
+        for part in section.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
         for f in fields(cls):
-            if section in params and f.name not in params[section] and f.init and f.name not in RUN_FIELDS:
+            if isinstance(node, dict) and f.name not in node and f.init and f.name not in RUN_FIELDS | {"variant"}:
                 default = f.default if f.default is not MISSING else (
                     f.default_factory() if f.default_factory is not MISSING else MISSING)
                 if default is not MISSING:

@@ -34,7 +34,9 @@ from .protocol import guard
 from .protocol.evaluate import HEADLINE, evaluate_ranking, rank_topk
 from .run.experiment import Run
 from .run.launch import ref, resolve, settings
-from .stage2 import rerankers as rr
+from .stage2 import selection
+from .stage2.rerankers import MLP_KINDS, kind_of
+from .stage2.section import RerankerSection
 from .stage2 import system as two_stage
 from .stage2.features import _as_np
 
@@ -61,7 +63,7 @@ def run_of(job: dict, run_dir: Path, device: torch.device) -> Run:
 def _work_tune(job: dict, run_dir: Path, device: torch.device, out: Path) -> None:
     run = run_of(job, run_dir, device)
     config.seed_everything(run.seed)
-    validate = run.early_stopping_metric(job["early_stopping_users"], job["metric"], job["history_len"])
+    validate = run.early_stopping_metric(job["n_early_stopping_users"], job["metric"], job["history_len"])
     t0 = time.perf_counter()
     with guard.fitting(job["name"]):
         model, search = resolve(job["tune"])(run.data, run.params.get(job["section"], {}), validate,
@@ -70,32 +72,31 @@ def _work_tune(job: dict, run_dir: Path, device: torch.device, out: Path) -> Non
     scores = {}
     for period in job.get("score") or []:             # sharded full-catalogue ranking, every rank
         labels = run.evaluator(period, history_len=job["history_len"]).labels
-        ks = run.params.get("eval", {}).get("ks", (10, 50, 100, 200, 500, 1000))
+        ks = run.eval.ks
         t1 = time.perf_counter()
         items, values = rank_topk(model, labels.users, labels.ctx, max(ks), labels.n_items,
-                                  run.params.get("eval", {}).get("batch_users", 1024), with_scores=True)
+                                  run.eval.batch_users, with_scores=True)
         res = evaluate_ranking(items, labels, ks, seconds=time.perf_counter() - t1)
         scores[period] = {"users": labels.users, "items": items, "scores": values, "metrics": res.means(),
                           "seconds": res.seconds}
     if dist.is_main():
         model.save(out / "model.pt")
-        _save_result(out, {"class": ref(type(model)), "search": search, "history": getattr(model, "history", None),
+        _save_result(out, {"class": ref(type(model)), "search": search, "curve": getattr(model, "curve", None),
                            "fit_seconds": fit_seconds, "world": dist.world(), "device": str(device),
                            "scores": scores})
 
 
 def _work_reranker(job: dict, run_dir: Path, device: torch.device, out: Path) -> None:
     run = run_of(job, run_dir, device)
-    section = dict(job["section"])
+    section = RerankerSection.from_params(job["section"])
     if not dist.is_main():                            # LightGBM variants run on rank 0 only
-        section["variants"] = [v for v in section.get("variants", rr.VARIANTS)
-                               if (v if isinstance(v, str) else v.get("variant")) in rr.MLP_KINDS]
-        if not section["variants"]:
+        section.variants = [v for v in section.variants if kind_of(v) in MLP_KINDS]
+        if not section.variants:
             return
     retriever = FrozenItems(job["item_table"]) if job["item_table"] is not None else None
     with guard.fitting("reranker", allow=("train", "valid")):
-        best, table, models = rr.tune(section, job["inputs"], run.data, retriever, seed=run.seed,
-                                      extra=job["extra"], progress=True)
+        best, table, models = selection.tune(section, job["inputs"], run.data, retriever, seed=run.seed,
+                                             window=job["window"], progress=True)
     if dist.is_main():
         _save_result(out, {"chosen": best.label, "search": table, "world": dist.world(),
                            "models": {label: m.to_blob() for label, m in models.items()}})
@@ -133,7 +134,7 @@ def _job_from_run(name: str, run_dir: Path, fields: dict, score: list[str], out:
         n_items = config.load_torch(Path(run_dir, "data.pt")).n_items
         metric = two_tower.selection_metric(int(section.get("candidate_k", 500)), n_items)
     return {"kind": "tune", "name": name, "tune": ref(REGISTRY[name].tune), "section": name, "metric": metric,
-            "history_len": history_len, "early_stopping_users": None, "score": score, **fields}
+            "history_len": history_len, "n_early_stopping_users": None, "score": score, **fields}
 
 
 def _reranker_job_from_run(run_dir: Path, fields: dict, out: Path) -> dict:
@@ -144,7 +145,7 @@ def _reranker_job_from_run(run_dir: Path, fields: dict, out: Path) -> dict:
         run = run_of(fields, run_dir, config.resolve_device("cpu"))
         t = two_stage.training_inputs(run)
         job = {"kind": "reranker", "name": "reranker", "section": dict(run.params["reranker"]), "inputs": t.train,
-               "extra": t.window, "item_table": _as_np(t.retriever.item_embeddings()).astype(np.float32), **fields}
+               "window": t.window, "item_table": _as_np(t.retriever.item_embeddings()).astype(np.float32), **fields}
         with config.atomic_write(path) as tmp:
             torch.save(job, tmp)
     dist.barrier()

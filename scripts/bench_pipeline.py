@@ -207,7 +207,7 @@ def run_figures(run_dir: Path) -> dict:
                                                          "epochs": r.get("epochs"), "chosen": r.get("best")}
                                          for r in search}
             # the goal is stated at the seed design's sizes: its variant's rate; else the chosen one's
-            rows = ([r for r in search if r.get("variant") == "seed"]
+            rows = ([r for r in search if r.get("variant") in ("bpr", "seed")]
                     or [r for r in search if r.get("best") is True])
             rates = [v for v in (_num(r.get("triplets_per_s")) for r in rows) if v is not None]
             if rates:

@@ -61,7 +61,7 @@ def main() -> None:
     for name, make in (("torch.optim.Adam (default)", lambda p: torch.optim.Adam(p, lr=1e-3)),
                        ("recsys_lib.models.train.adam (fused)", lambda p: adam(p, lr=1e-3))):
         torch.manual_seed(0)
-        net = TwoTowerNet(TwoTowerConfig(variant="seed"), nu, ni, genres, year, tags, 20, 30, 100,
+        net = TwoTowerNet(TwoTowerConfig(variant="bpr"), nu, ni, genres, year, tags, 20, 30, 100,
                           torch.zeros(ni)).to(dev)
         r = time_steps(net, make(list(net.parameters())), batches)
         print(f"  {name:<32} forward {r['forward_ms']:6.1f} ms  backward {r['backward_ms']:6.1f} ms  "

@@ -16,7 +16,7 @@ checkpoints it came from), so only the re-rankers are fit. It works on a *copy* 
 ``--stale SHARE`` asks how the re-ranker fares when its stage-1 models are a period older than
 the history they score, as at test time (fit on train, scoring users whose history includes the
 validation rows). Every stage-1 model is refit on the train rows before the last SHARE of train
-(the label window's rows, `two_stage.refit_stage1`); the refits propose and score the validation users'
+(the label window's rows, `refit.refit_stage1`); the refits propose and score the validation users'
 candidates from their whole train history. On these "stale" lists it scores (a) the run's saved
 re-rankers of the named variants, trained on fresh lists as the pipeline trains them, and (b) the
 variants trained on the stale lists; each out-of-fold, paired against the refit iALS and EASE.
@@ -32,9 +32,8 @@ import pyarrow.parquet as pq
 
 from recsys_lib.stage2 import candidates as cand
 from recsys_lib.protocol import evaluate
-from recsys_lib.stage2 import system as two_stage
 from recsys_lib.run.experiment import Run
-from recsys_lib.stage2 import rerankers as rr
+from recsys_lib.stage2 import refit, rerankers as rr, system as two_stage
 
 STAGE1 = ("data.pt", "dataset.json", "run.json", "models", "metrics", "curves", "candidates")
 REFIT_LISTS = ("window", "stale", "features")   # linked too with --reuse-lists (each is key-checked)
@@ -58,18 +57,18 @@ def copy_stage1(src: Path, dst: Path, reuse_lists: bool = False) -> None:
             (dst / name).symlink_to(path.resolve())
 
 
-def stale_experiment(run: Run, src: Path, retriever, extra: dict, share: float, variants: list[str]) -> None:
+def stale_experiment(run: Run, src: Path, retriever, scorers: dict, share: float, variants: list[str]) -> None:
     """See ``--stale`` in the module docstring."""
     section, tt = run.params["reranker"], run.params["two_tower"]
     sources = two_stage.load_baselines(run, tt.get("candidate_sources", []))
-    _, fits, seconds = two_stage.refit_stage1(run, two_stage.Stage1(retriever, sources, extra), share)
+    _, fits, seconds = refit.refit_stage1(run, refit.Stage1(retriever, sources, scorers), share)
     print(f"stage-1 refits before the last {share} of train: {seconds:.0f}s", flush=True)
     ev = run.evaluator("valid", history_len=retriever.cfg.history_len)
     both = {**fits.sources, **fits.scorers}
     refit_baselines = {n: ev(both[n]) for n in ("ials", "ease") if n in both}
     for n, res in refit_baselines.items():
         print(f"{n} (refit) validation nDCG@10 {res.means()['ndcg@10']:.4f}", flush=True)
-    stale = fits.lists(run.data, ev.labels, int(tt["candidate_k"]), two_stage.recent_items(run))
+    stale = fits.lists(run.data, ev.labels, int(tt["candidate_k"]), refit.recent_items(run.params))
     labels, c, k = ev.labels, stale.cands, int(tt["candidate_k"])
     print("stale lists, validation recall:", cand.source_recall(c, labels, (10, 100, k)), flush=True)
 
@@ -111,30 +110,27 @@ def main() -> None:
     run = Run.open(a.dataset, a.profile, a.into, a.overrides, None, a.device or None)
     section, tt = run.params["reranker"], run.params["two_tower"]
     retriever = two_stage.load_retriever(run)
-    extra = two_stage.load_baselines(run, section.get("extra_scorers", []))
+    scorers = two_stage.load_baselines(run, two_stage.scorer_names(section))
     if a.stale:                                  # builds its own candidates from the refits
-        return stale_experiment(run, src, retriever, extra, a.stale, a.variants)
+        return stale_experiment(run, src, retriever, scorers, a.stale, a.variants)
     saved = pq.read_schema(run.require("candidates", "valid.parquet", stage="20_two_tower")).names
     saved = ["retriever"] + [c[:-5] for c in saved if c.endswith("_rank") and c != "retriever_rank"]
     if saved != ["retriever", *tt.get("candidate_sources", [])]:      # the run's lists are reused
         raise SystemExit(f"the run's candidates come from {saved}, but two_tower.candidate_sources is "
                          f"{tt.get('candidate_sources', [])}: rerun the pipeline from 20_two_tower first")
-    kinds = {kind for kind, key in (("window", "label_window"), ("stale", "stale_lists")) if section.get(key)}
     if not a.reuse_lists:                        # else the run's own lists, checked against its checkpoints
         sources = two_stage.load_baselines(run, tt.get("candidate_sources", []))
-        for kind, summary in two_stage.build_refit_lists(run, retriever, sources, extra).items():
+        for kind, summary in refit.build_refit_lists(run, retriever, sources, scorers).items():
             print(f"{kind}: {summary}" if kind == "refit" else f"{kind}: {summary['users']:,} users, "
                   f"{summary['rows']:,} rows, {summary['seconds']:.0f}s", flush=True)
-    valid = two_stage.stage_inputs(run, retriever, "valid", extra)
-    window = two_stage.load_label_window(run, valid.names) if "window" in kinds else None
-    train_lists = two_stage.load_stale_lists(run, valid) if "stale" in kinds else valid
+    t = two_stage.training_inputs(run)           # as 30_reranker builds them
     names = lambda v: v if isinstance(v, str) else v["name"]
     unknown = set(a.variants) - {names(v) for v in section["variants"]}
     if unknown:
         raise SystemExit(f"unknown variants {sorted(unknown)}; the run's: {[names(v) for v in section['variants']]}")
     section = dict(section, variants=[v for v in section["variants"] if names(v) in a.variants])
     t0 = time.perf_counter()
-    _, search, _ = two_stage.fit(run, train_lists, retriever, section, window)
+    _, search, _ = two_stage.fit(run, t.train, t.retriever, section, t.window)
     print(f"fit {time.perf_counter() - t0:.0f}s", flush=True)
     print(search.to_string(), flush=True)
 

@@ -13,13 +13,35 @@ from __future__ import annotations
 
 import torch
 
+from ..config import resolve_device
 from ..protocol.splitdata import ScoringContext
 
 
 class Recommender:
-    """Base class: subclasses implement ``fit`` and ``score_all``; ``score_pairs`` may be faster."""
+    """Base class: subclasses implement ``fit`` and ``score_all``; ``score_pairs`` may be faster.
+    ``Config`` is the model's config dataclass; `configure` and `from_checkpoint` are what every
+    model's ``__init__`` and ``load`` share."""
 
     name: str = "model"
+    Config: type = object
+
+    def configure(self, config=None, **overrides) -> None:
+        """``self.cfg`` (``config``, or the defaults, with keyword ``overrides``) and ``self.device``."""
+        cfg = config if config is not None else self.Config()
+        if overrides:
+            cfg = self.Config(**{**cfg.__dict__, **overrides})
+        self.cfg = cfg
+        self.device = resolve_device(cfg.device)
+
+    @classmethod
+    def from_checkpoint(cls, path, device: str | None = None) -> tuple["Recommender", dict]:
+        """(an unfitted model with the saved config, on ``device`` if given; the checkpoint)."""
+        from .train import load_checkpoint
+        ckpt = load_checkpoint(path)
+        cfg = cls.Config(**ckpt["config"])
+        if device is not None:
+            cfg.device = device
+        return cls(cfg), ckpt
 
     def fit(self, data, validate=None) -> dict:  # pragma: no cover - interface
         raise NotImplementedError
@@ -56,11 +78,7 @@ class PairwiseModule:
 
     @classmethod
     def load(cls, path, device: str | None = None):
-        from .train import load_checkpoint
-        ckpt = load_checkpoint(path)
-        cfg = cls.Config(**ckpt["config"])
-        if device is not None:
-            cfg.device = device
-        model = cls(cfg).build(ckpt["n_users"], ckpt["n_items"])
+        model, ckpt = cls.from_checkpoint(path, device)
+        model.build(ckpt["n_users"], ckpt["n_items"])
         model.load_state_dict(ckpt["state_dict"])
         return model.eval()

@@ -28,9 +28,8 @@ import scipy.sparse as sp
 import torch
 
 from . import tuning
-from ..config import resolve_device
 from ..protocol.splitdata import ScoringContext, SplitData
-from .train import load_checkpoint, save_checkpoint
+from .train import save_checkpoint
 from . import Recommender
 
 
@@ -77,10 +76,7 @@ class EASE(torch.nn.Module, Recommender):
 
     def __init__(self, config: EASEConfig | None = None, **overrides):
         super().__init__()
-        self.cfg = config if config is not None else EASEConfig()
-        if overrides:
-            self.cfg = EASEConfig(**{**self.cfg.__dict__, **overrides})
-        self.device = resolve_device(self.cfg.device)
+        self.configure(config, **overrides)
         self.register_buffer("B", torch.zeros(0, 0))                 # (n_kept, n_kept)
         self.register_buffer("kept", torch.zeros(0, dtype=torch.long))  # (n_kept,) item ids in B
         self.register_buffer("floor", torch.zeros(0))                 # (n_items,) score of uncapped items
@@ -165,11 +161,7 @@ class EASE(torch.nn.Module, Recommender):
 
     @classmethod
     def load(cls, path, device: str | None = None) -> "EASE":
-        ckpt = load_checkpoint(path)
-        cfg = EASEConfig(**ckpt["config"])
-        if device is not None:
-            cfg.device = device
-        model = cls(cfg)
+        model, ckpt = cls.from_checkpoint(path, device)
         state = ckpt["state_dict"]
         model.B = state["B"]
         model.kept = state.get("kept", torch.arange(state["B"].shape[0]))

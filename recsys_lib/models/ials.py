@@ -23,9 +23,8 @@ import scipy.sparse as sp
 import torch
 
 from . import tuning
-from ..config import resolve_device
 from ..protocol.splitdata import ScoringContext, SplitData
-from .train import load_checkpoint, save_checkpoint
+from .train import save_checkpoint
 from . import Recommender
 
 
@@ -68,10 +67,7 @@ class IALS(torch.nn.Module, Recommender):
 
     def __init__(self, config: IALSConfig | None = None, **overrides):
         super().__init__()
-        self.cfg = config if config is not None else IALSConfig()
-        if overrides:
-            self.cfg = IALSConfig(**{**self.cfg.__dict__, **overrides})
-        self.device = resolve_device(self.cfg.device)
+        self.configure(config, **overrides)
         self.register_buffer("item_factors", torch.zeros(0, 0))      # (n_items, factors)
         self._solver = None                                            # CPU ALS object for fold-in
 
@@ -125,11 +121,7 @@ class IALS(torch.nn.Module, Recommender):
 
     @classmethod
     def load(cls, path, device: str | None = None) -> "IALS":
-        ckpt = load_checkpoint(path)
-        cfg = IALSConfig(**ckpt["config"])
-        if device is not None:
-            cfg.device = device
-        model = cls(cfg)
+        model, ckpt = cls.from_checkpoint(path, device)
         model._set_solver(ckpt["state_dict"]["item_factors"].numpy().astype(np.float32))
         return model.to(model.device)
 

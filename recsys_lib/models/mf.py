@@ -10,12 +10,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from . import tuning
-from ..config import resolve_device
 from ..protocol.splitdata import ScoringContext, SplitData
 from .train import LoopConfig, adam, count_parameters, fit_loop, positive_batches
 from . import PairwiseModule, Recommender
@@ -44,12 +42,9 @@ class MF(PairwiseModule, torch.nn.Module, Recommender):
 
     def __init__(self, config: MFConfig | None = None, **overrides):
         super().__init__()
-        self.cfg = config if config is not None else MFConfig()
-        if overrides:
-            self.cfg = MFConfig(**{**self.cfg.__dict__, **overrides})
-        self.device = resolve_device(self.cfg.device)
+        self.configure(config, **overrides)
         self.n_users = self.n_items = 0
-        self.history = None                                            # FitHistory after fit
+        self.curve = None                                              # learning curve (FitHistory) after fit
 
     def build(self, n_users: int, n_items: int) -> "MF":
         """Create the embeddings (called by ``fit`` and ``load``)."""
@@ -98,7 +93,7 @@ class MF(PairwiseModule, torch.nn.Module, Recommender):
         hist = fit_loop(self, batches, loss_fn, optimizer, loop,
                         validate=(lambda: validate(self)) if validate is not None else None,
                         batch_size_of=lambda b: len(b[0]) * (1 + cfg.n_neg), name="mf")
-        self.history = hist                                            # learning curve (FitHistory)
+        self.curve = hist                                              # learning curve (FitHistory)
         return {**hist.as_dict(), "n_parameters": count_parameters(self), "n_positives": n_positives}
 
     # ------------------------------------------------------------ score

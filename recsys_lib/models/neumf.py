@@ -18,7 +18,6 @@ import torch
 import torch.nn.functional as F
 
 from . import tuning
-from ..config import resolve_device
 from ..errors import ConfigError
 from ..protocol.splitdata import ScoringContext, SplitData
 from .train import LoopConfig, adam, count_parameters, fit_loop, positive_batches
@@ -51,12 +50,9 @@ class NeuMF(PairwiseModule, torch.nn.Module, Recommender):
 
     def __init__(self, config: NeuMFConfig | None = None, **overrides):
         super().__init__()
-        self.cfg = config if config is not None else NeuMFConfig()
-        if overrides:
-            self.cfg = NeuMFConfig(**{**self.cfg.__dict__, **overrides})
-        self.device = resolve_device(self.cfg.device)
+        self.configure(config, **overrides)
         self.n_users = self.n_items = 0
-        self.history = None                                            # FitHistory after fit
+        self.curve = None                                              # learning curve (FitHistory) after fit
 
     def build(self, n_users: int, n_items: int) -> "NeuMF":
         """Create the embeddings and layers (called by ``fit`` and ``load``)."""
@@ -112,7 +108,7 @@ class NeuMF(PairwiseModule, torch.nn.Module, Recommender):
         hist = fit_loop(self, batches, loss_fn, optimizer, loop,
                         validate=(lambda: validate(self)) if validate is not None else None,
                         batch_size_of=lambda b: len(b[0]) * (1 + cfg.n_neg), name="neumf")
-        self.history = hist                                            # learning curve (FitHistory)
+        self.curve = hist                                              # learning curve (FitHistory)
         return {**hist.as_dict(), "n_parameters": count_parameters(self), "n_positives": n_positives}
 
     # ------------------------------------------------------------ score

@@ -14,9 +14,8 @@ import numpy as np
 import torch
 
 from . import tuning
-from ..config import resolve_device
 from ..protocol.splitdata import ScoringContext, SplitData
-from .train import load_checkpoint, save_checkpoint
+from .train import save_checkpoint
 from . import Recommender
 
 SECONDS_PER_DAY = 86_400
@@ -36,10 +35,7 @@ class Popularity(torch.nn.Module, Recommender):
 
     def __init__(self, config: PopularityConfig | None = None, **overrides):
         super().__init__()
-        self.cfg = config if config is not None else PopularityConfig()
-        if overrides:
-            self.cfg = PopularityConfig(**{**self.cfg.__dict__, **overrides})
-        self.device = resolve_device(self.cfg.device)
+        self.configure(config, **overrides)
         self.register_buffer("scores", torch.zeros(0))          # (n_items,) rank score, higher first
         self.register_buffer("counts", torch.zeros(0, dtype=torch.int64))  # (n_items,) primary count
 
@@ -84,11 +80,7 @@ class Popularity(torch.nn.Module, Recommender):
 
     @classmethod
     def load(cls, path, device: str | None = None) -> "Popularity":
-        ckpt = load_checkpoint(path)
-        cfg = PopularityConfig(**ckpt["config"])
-        if device is not None:
-            cfg.device = device
-        model = cls(cfg)
+        model, ckpt = cls.from_checkpoint(path, device)
         n = ckpt["n_items"]
         model.scores = torch.zeros(n)
         model.counts = torch.zeros(n, dtype=torch.int64)

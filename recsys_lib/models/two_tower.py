@@ -1,6 +1,6 @@
 """Two-tower retriever: a user tower (id + recent items) and an item tower (id + side features).
 
-The seed design is one configuration (``variant="seed"``):
+The seed design is one configuration (``variant="bpr"``):
 - user tower: user-id embedding and an LSTM (hidden 64) over the embeddings of the user's last 5
   items (item-id embeddings shared with the item tower; 0 = padding), concatenated, then an MLP
   256 -> 128 -> 128;
@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import numpy as np
@@ -37,20 +37,17 @@ import torch.nn.functional as F
 
 from .. import dist
 from ..protocol import guard
-from ..config import resolve_device, seed_everything
+from ..config import seed_everything
 from ..errors import ConfigError
 from ..protocol.evaluate import DEFAULT_KS
 from ..protocol.splitdata import CHUNK_ROWS, ScoringContext, SplitData, histories_before_rows
-from .train import (LoopConfig, NegativeSampler, adam, count_parameters, fit_loop, load_checkpoint, permuted_batches, save_checkpoint)
+from .train import (LoopConfig, NegativeSampler, adam, count_parameters, fit_loop, permuted_batches, save_checkpoint)
 from . import Recommender
 from .layers import mlp
 
-VARIANTS = ("seed", "softmax")
-
-
 @dataclass
 class TwoTowerConfig:
-    variant: str = "seed"             # "seed" (BPR) or "softmax" (in-batch sampled softmax + logQ)
+    variant: str = "bpr"              # "bpr" (the seed design) or "softmax" (in-batch sampled softmax + logQ)
     dim: int = 128                    # item-id / user-id embedding size and output size of both towers
     side_dim: int = 32                # genre, year and tag embedding size
     lstm_hidden: int = 64             # LSTM state size over the history
@@ -81,11 +78,12 @@ class TwoTowerConfig:
 
     def __post_init__(self):
         if self.variant not in VARIANTS:
-            raise ConfigError(f"two_tower variant {self.variant!r}; one of {VARIANTS}")
+            renamed = " (the variant called seed is now bpr: seed is the random seed)" if self.variant == "seed" else ""
+            raise ConfigError(f"two_tower variant {self.variant!r}; one of {VARIANTS}{renamed}")
         if self.user_encoder not in ("lstm", "attention"):
             raise ConfigError(f"two_tower user_encoder {self.user_encoder!r}; lstm or attention")
         if self.normalize is None:
-            self.normalize = self.variant == "softmax"
+            self.normalize = OBJECTIVES[self.variant].normalize
         self.user_hidden = list(self.user_hidden)
         self.item_hidden = list(self.item_hidden)
 
@@ -250,6 +248,57 @@ def shard_softmax(batch, lo: int, hi: int):
     return users[lo:hi], hist[lo:hi], pos, extra, (lo, hi)
 
 
+class BPRObjective:
+    """``bpr``, the seed design's objective: BPR over one uniformly sampled unseen negative per
+    positive, drawn afresh each epoch."""
+
+    name = "bpr"
+    normalize = False              # dot products of raw tower outputs
+    shard = None                   # DDP splits the batch's rows as they are
+    reads_temperature = False
+
+    @staticmethod
+    def epoch_negatives(sampler: NegativeSampler, users: np.ndarray, device) -> torch.Tensor:
+        return torch.from_numpy(sampler.sample(users, 1)[:, 0]).to(device)        # (n,)
+
+    @staticmethod
+    def batch_negatives(epoch_negatives, idx, cfg: "TwoTowerConfig", n_items: int, gen, device):
+        return epoch_negatives[idx]
+
+    @staticmethod
+    def loss(net: "TwoTowerNet", batch) -> torch.Tensor:
+        return net.bpr_loss(batch)
+
+
+class SampledSoftmaxObjective:
+    """``softmax``: in-batch sampled softmax with logQ correction (and ``n_uniform_neg`` shared
+    uniform negatives per batch), at ``temperature`` over normalised tower outputs."""
+
+    name = "softmax"
+    normalize = True
+    shard = staticmethod(shard_softmax)  # every rank needs all the batch's positives as columns
+    reads_temperature = True
+
+    @staticmethod
+    def epoch_negatives(sampler, users, device) -> None:
+        return None
+
+    @staticmethod
+    def batch_negatives(epoch_negatives, idx, cfg: "TwoTowerConfig", n_items: int, gen, device):
+        if cfg.n_uniform_neg > 0:
+            return torch.randint(0, n_items, (cfg.n_uniform_neg,), generator=gen).to(device)
+        return None
+
+    @staticmethod
+    def loss(net: "TwoTowerNet", batch) -> torch.Tensor:
+        return net.softmax_loss(batch)
+
+
+#: the retriever's training objectives, by the ``variant`` that names them
+OBJECTIVES = {o.name: o for o in (BPRObjective(), SampledSoftmaxObjective())}
+VARIANTS = tuple(OBJECTIVES)
+
+
 def _same_item_pairs(pos: torch.Tensor, cand: torch.Tensor, offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """(row, column) pairs with cand[column] == pos[row] and column != row + ``offset`` (rows
     ``pos`` are rows offset.. of the batch whose columns are ``cand``), without a B x B mask."""
@@ -275,12 +324,10 @@ class TwoTower(Recommender):
     Config = TwoTowerConfig
 
     def __init__(self, cfg: TwoTowerConfig | None = None, **overrides):
-        cfg = cfg or TwoTowerConfig()
-        self.cfg = replace(cfg, **overrides) if overrides else cfg
-        self.device = resolve_device(self.cfg.device)
+        self.configure(cfg, **overrides)
         self.net: TwoTowerNet | None = None
         self.sizes: dict = {}
-        self.history: dict = {}
+        self.curve: dict = {}                      # learning curve after fit (FitHistory.as_dict)
 
     # --------------------------------------------------------------- building
     def _build(self, data: SplitData) -> None:
@@ -315,25 +362,23 @@ class TwoTower(Recommender):
                 "pos": torch.from_numpy(train.item)[keep]}
 
     # --------------------------------------------------------------- fitting
+    @property
+    def objective(self):
+        """How the towers learn (`OBJECTIVES`): what a batch holds and its loss."""
+        return OBJECTIVES[self.cfg.variant]
+
     def _batches(self, tensors: dict, sampler: NegativeSampler, gen: torch.Tensor):
-        cfg, dev = self.cfg, self.device
+        cfg, dev, obj = self.cfg, self.device, self.objective
         users, hist, pos = (tensors[k].to(dev) for k in ("users", "hist", "pos"))
         n = len(users)
         users_np = tensors["users"].numpy()
         n_items = self.sizes["n_items"]
 
         def batches(epoch: int):
-            if cfg.variant == "seed":
-                neg = torch.from_numpy(sampler.sample(users_np, 1)[:, 0]).to(dev)    # (n,)
+            negatives = obj.epoch_negatives(sampler, users_np, dev)
             for idx in permuted_batches(n, cfg.batch_size, gen):
                 idx = idx.to(dev)
-                if cfg.variant == "seed":
-                    yield users[idx], hist[idx], pos[idx], neg[idx]
-                else:
-                    extra = None
-                    if cfg.n_uniform_neg > 0:
-                        extra = torch.randint(0, n_items, (cfg.n_uniform_neg,), generator=gen).to(dev)
-                    yield users[idx], hist[idx], pos[idx], extra
+                yield users[idx], hist[idx], pos[idx], obj.batch_negatives(negatives, idx, cfg, n_items, gen, dev)
         return batches, n
 
     def _optimizer(self, steps_per_epoch: int):
@@ -346,8 +391,7 @@ class TwoTower(Recommender):
         return opt, sched
 
     def _loss_fn(self):
-        return (lambda net, batch: net.bpr_loss(batch)) if self.cfg.variant == "seed" else \
-            (lambda net, batch: net.softmax_loss(batch))
+        return self.objective.loss
 
     def fit(self, data: SplitData, validate: Callable[[Any], float] | None = None) -> dict:
         """Train on ``data.train``; ``validate(self) -> float`` (built before fitting, higher is
@@ -367,9 +411,9 @@ class TwoTower(Recommender):
         hist = fit_loop(self.net, batches, self._loss_fn(), opt, loop,
                         validate=(lambda: validate(self)) if validate is not None else None,
                         scheduler=sched, batch_size_of=lambda b: len(b[0]), name=f"two_tower[{cfg.variant}]",
-                        shard=shard_softmax if cfg.variant == "softmax" else None)
+                        shard=self.objective.shard)
         self.net.eval()
-        self.history = hist.as_dict()
+        self.curve = hist.as_dict()
         return {"best_epoch": hist.best_epoch, "best_metric": hist.best_metric,
                 "epochs": len(hist.records), "seconds": hist.seconds, "n_triplets": n,
                 "records": hist.records}
@@ -421,19 +465,15 @@ class TwoTower(Recommender):
     # --------------------------------------------------------------- persistence
     def save(self, path) -> Any:
         self._check()
-        return save_checkpoint(path, self.net, self.cfg, sizes=self.sizes, history=self.history)
+        return save_checkpoint(path, self.net, self.cfg, sizes=self.sizes, curve=self.curve)
 
     @classmethod
     def load(cls, path, device: str | None = None) -> "TwoTower":
-        ckpt = load_checkpoint(path)
-        cfg = TwoTowerConfig(**ckpt["config"])
-        if device is not None:
-            cfg = replace(cfg, device=device)
-        model = cls(cfg)
-        s = ckpt["sizes"]
+        model, ckpt = cls.from_checkpoint(path, device)
+        cfg, s = model.cfg, ckpt["sizes"]
         state = ckpt["state_dict"]
         model.sizes = s
-        model.history = ckpt.get("history", {})
+        model.curve = ckpt.get("curve", ckpt.get("history", {}))   # "history": files before the rename
         model.net = TwoTowerNet(cfg, s["n_users"], s["n_items"], state["genres"], state["year"], state["tags"],
                                 s["n_genres"], s["n_years"], s["n_tags"], state["log_pop"])
         model.net.load_state_dict(state)
@@ -461,9 +501,9 @@ def _variant_configs(section: dict, device: str | None, seed: int | None) -> lis
     if seed is not None:
         common["seed"] = seed
     out = []
-    for entry in section.get("variants", ["seed"]):
+    for entry in section.get("variants", ["bpr"]):
         spec = {"variant": entry} if isinstance(entry, str) else dict(entry)
-        label = spec.pop("name", spec.get("variant", "seed"))
+        label = spec.pop("name", spec.get("variant", "bpr"))
         unknown = sorted(set(spec) - names)
         if unknown:
             raise ConfigError(f"two_tower variant {label!r}: unknown parameter(s) {unknown}; valid: {sorted(names)}")
@@ -526,9 +566,10 @@ def tune(data: SplitData, params_section: dict, validate_recall: Callable[[Any],
             m = {**validate_recall.evaluator(model).means(), metric: float(res)}
         value = float(m.get(metric, m.get("recall@500", float("nan"))))
         rates = [r["samples_per_s"] for r in info["records"] if r.get("samples_per_s")]
+        softmax = OBJECTIVES[cfg.variant].reads_temperature
         row = {"name": label, "variant": cfg.variant, "dim": cfg.dim, "history_len": cfg.history_len,
-               "batch_size": cfg.batch_size, "temperature": cfg.temperature if cfg.variant == "softmax" else None,
-               "n_uniform_neg": cfg.n_uniform_neg if cfg.variant == "softmax" else None,
+               "batch_size": cfg.batch_size, "temperature": cfg.temperature if softmax else None,
+               "n_uniform_neg": cfg.n_uniform_neg if softmax else None,
                "recall@50": m.get("recall@50", float("nan")), "recall@500": m.get("recall@500", float("nan")),
                "ndcg@10": m.get("ndcg@10", float("nan")), "selected_on": metric, "valid_metric": value,
                "epochs": info["epochs"], "best_epoch": info["best_epoch"], "fit_seconds": fit_seconds,
@@ -567,11 +608,9 @@ def measure_throughput(data: SplitData, cfg: TwoTowerConfig, n_batches: int = 20
             t0 = time.perf_counter()
         idx = torch.randint(0, n, (cfg.batch_size,), generator=gen)
         users = tensors["users"][idx]
-        if cfg.variant == "seed":
-            last = torch.from_numpy(sampler.sample(users.numpy(), 1)[:, 0])
-        else:
-            last = (torch.randint(0, data.n_items, (cfg.n_uniform_neg,), generator=gen).to(dev)
-                    if cfg.n_uniform_neg > 0 else None)
+        obj = model.objective
+        last = obj.batch_negatives(obj.epoch_negatives(sampler, users.numpy(), dev), slice(None), cfg,
+                                   data.n_items, gen, dev)
         batch = (users.to(dev), tensors["hist"][idx].to(dev), tensors["pos"][idx].to(dev),
                  last.to(dev) if last is not None else None)
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cfg.amp_bf16):

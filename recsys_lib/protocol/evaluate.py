@@ -27,6 +27,26 @@ DEFAULT_KS = (10, 50, 100, 200, 500, 1000)
 HEADLINE = "ndcg@10"
 
 
+@dataclass(frozen=True)
+class EvalConfig:
+    """The params ``eval:`` section: how every model is scored (the same for all of them)."""
+
+    ks: tuple[int, ...] = DEFAULT_KS  # Recall@K / nDCG@K cut-offs; the longest list scored is max(ks)
+    batch_users: int = 1024           # users scored per batch in full-catalogue ranking
+    n_bootstrap: int = 1000           # bootstrap resamples for the 95% CIs
+
+    @classmethod
+    def from_params(cls, section: dict | None) -> "EvalConfig":
+        from ..errors import ConfigError
+        section = dict(section or {})
+        unknown = sorted(set(section) - {"ks", "batch_users", "n_bootstrap"})
+        if unknown:
+            raise ConfigError(f"eval: unknown parameter(s) {unknown}; valid: ['batch_users', 'ks', 'n_bootstrap']")
+        if "ks" in section:
+            section["ks"] = tuple(int(k) for k in section["ks"])
+        return cls(**section)
+
+
 class Scorer(Protocol):
     """What `evaluate` needs from a model: scores of a user batch against the whole catalogue.
 

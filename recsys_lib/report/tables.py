@@ -282,9 +282,9 @@ def search_points(run_dir: str | os.PathLike) -> "pd.DataFrame":
         if (m.get("tuning") or {}).get("axes"):
             rows += [{"model": m["model"], "valid": r["valid_metric"], "chosen": bool(r.get("best"))}
                      for r in search if not _missing(r.get("valid_metric"))]
-        elif m["model"] == "two_stage" and search and "held_out_ndcg" in search[0]:
-            rows += [{"model": "re-ranker variants", "valid": r["held_out_ndcg"], "chosen": bool(r.get("chosen"))}
-                     for r in search if not _missing(r.get("held_out_ndcg"))]
+        elif m["model"] == "two_stage" and search and "out_of_fold_ndcg" in search[0]:
+            rows += [{"model": "re-ranker variants", "valid": r["out_of_fold_ndcg"], "chosen": bool(r.get("chosen"))}
+                     for r in search if not _missing(r.get("out_of_fold_ndcg"))]
     return pd.DataFrame(rows, columns=["model", "valid", "chosen"])
 
 def timing_frame(run_dir: str | os.PathLike, period: str = "test") -> "pd.DataFrame":

@@ -17,11 +17,10 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 import torch
 
@@ -33,7 +32,7 @@ from .layout import notebook_of
 from ..models import tuning
 from ..models.registry import REGISTRY
 from ..errors import PipelineError
-from ..protocol.evaluate import DEFAULT_KS, HEADLINE, EvalResult, Evaluator
+from ..protocol.evaluate import HEADLINE, EvalConfig, EvalResult, Evaluator
 from ..protocol.splitdata import SplitData
 
 
@@ -98,6 +97,11 @@ class Run:
         return self._data
 
     @property
+    def eval(self) -> EvalConfig:
+        """The params ``eval:`` section, typed (`protocol.evaluate.EvalConfig`)."""
+        return EvalConfig.from_params(self.params.get("eval"))
+
+    @property
     def info(self) -> dict:
         return json.loads(self.require("run.json", stage="01_split").read_text())
 
@@ -107,9 +111,8 @@ class Run:
         history_len = int(history_len or self.params.get("history_len", 5))
         key = (period, max_users, history_len)
         if key not in self._evaluators:
-            ev = self.params.get("eval", {})
-            self._evaluators[key] = Evaluator(self.data, period, ks=ev.get("ks", DEFAULT_KS),
-                                              batch_users=ev.get("batch_users", 1024),
+            ev = self.eval
+            self._evaluators[key] = Evaluator(self.data, period, ks=ev.ks, batch_users=ev.batch_users,
                                               history_len=history_len,
                                               max_users=max_users, seed=self.seed)
         return self._evaluators[key]
@@ -126,7 +129,7 @@ class Run:
         return {p: self.evaluator(p, history_len=history_len)(model, progress=True) for p in periods}
 
     def fit_model(self, name: str, tune: Any = None, section: str | None = None,
-                  early_stopping_users: int | None = None, metric: str = HEADLINE,
+                  n_early_stopping_users: int | None = None, metric: str = HEADLINE,
                   history_len: int | None = None, **extra: Any) -> tuple[Any, pd.DataFrame, dict[str, EvalResult]]:
         """Tune and fit a model on train (validation for selection and early stopping only), score
         it on validation and test, save its checkpoint and metrics. ``tune(data, params_section,
@@ -140,11 +143,11 @@ class Run:
         ``extra`` keys are written into the metrics JSON."""
         section = section or name
         tune = tune or REGISTRY[name].tune
-        validate = self.early_stopping_metric(early_stopping_users, metric, history_len)
+        validate = self.early_stopping_metric(n_early_stopping_users, metric, history_len)
         t0 = time.perf_counter()
         with guard.fitting(name):     # dist.nproc > 1: the same search in torchrun processes
             model, search = launch.tune(self, name, tune, validate, section, metric, history_len,
-                                            early_stopping_users)
+                                            n_early_stopping_users)
         fit_seconds = time.perf_counter() - t0
         cfg = getattr(model, "cfg", None) or getattr(model, "config", None)
         summary = tuning.summarize(search, self.params.get(section, {}).get("grid"),
@@ -153,10 +156,9 @@ class Run:
         results = self.score(model, name, history_len=history_len)
         if hasattr(model, "save"):
             model.save(self.path("models", f"{name}.pt"))
-        history = getattr(model, "history", None)
-        if history is not None:
-            self.save_curve(name, history)
-        from dataclasses import asdict, is_dataclass
+        curve = getattr(model, "curve", None)
+        if curve is not None:
+            self.save_curve(name, curve)
         self.record(name, results, params=asdict(cfg) if is_dataclass(cfg) else self.params.get(section, {}),
                     fit_seconds=fit_seconds, search=search, tuning=summary, **extra)
         return model, search, results
@@ -166,7 +168,7 @@ class Run:
                fit_seconds: float | None = None, search: pd.DataFrame | None = None,
                notes: str = "", **extra: Any) -> dict:
         """Write metrics/<name>.json and per_user/<name>-<period>.parquet; return the JSON."""
-        n_boot = int(self.params.get("eval", {}).get("n_bootstrap", 1000))
+        n_boot = self.eval.n_bootstrap
         out = {"model": name, "dataset": self.dataset, "profile": self.profile, "seed": self.seed,
                "params": params or {}, "fit_seconds": fit_seconds, "notes": notes,
                "git_commit": config.git_commit(), "device": str(self.device),

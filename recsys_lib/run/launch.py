@@ -76,24 +76,24 @@ def resolve(ref: str) -> Any:
 # ---------------------------------------------------------------- what the fitting helpers call
 def tune(run, name: str, tune_fn: Callable, validate: Callable, section: str | None = None,
          metric: str = HEADLINE, history_len: int | None = None,
-         early_stopping_users: int | None = None) -> tuple[Any, Any]:
+         n_early_stopping_users: int | None = None) -> tuple[Any, Any]:
     """``tune_fn(run.data, params[section], validate, run.device, run.seed)`` -> (model, search),
     as `Run.fit_model` calls it (inside its ``guard.fitting``), in-process when ``dist.nproc`` is 1;
     otherwise the same search in ``dist.nproc`` torchrun processes, whose validation callback is
-    rebuilt there from ``metric``, ``history_len`` and ``early_stopping_users`` (the arguments
+    rebuilt there from ``metric``, ``history_len`` and ``n_early_stopping_users`` (the arguments
     `Run.fit_model` built ``validate`` from). The model comes back from rank 0's checkpoint,
     with its learning curve."""
     section = section or name
     if not distributed(run.params):
         return tune_fn(run.data, run.params.get(section, {}), validate, run.device, run.seed)
     job = {"kind": "tune", "name": name, "tune": ref(tune_fn), "section": section,
-           "metric": metric, "history_len": history_len, "early_stopping_users": early_stopping_users,
+           "metric": metric, "history_len": history_len, "n_early_stopping_users": n_early_stopping_users,
            **run_fields(run)}
     with workspace(run.dir, name) as work:
         result = run_job(job, run.dir, work, settings(run.params))
         model = resolve(result["class"]).load(work / "model.pt", device=str(run.device))
-    if result.get("history") is not None:
-        model.history = result["history"]
+    if result.get("curve") is not None:
+        model.curve = result["curve"]
     return model, result["search"]
 
 

@@ -35,11 +35,11 @@ def test_stale_lists_train_the_reranker_and_validation_scores_the_fresh_lists(bu
     assert m["params"]["reranker"] == "lgbm" and "stale validation lists" in m["notes"]
     chosen = next(r for r in m["search"] if r["variant"] == "lgbm")
     # the choice scored the stale lists; the record re-ranks the fresh ones
-    assert chosen["held_out_ndcg"] != pytest.approx(m["valid"]["ndcg@10"], abs=1e-9)
+    assert chosen["out_of_fold_ndcg"] != pytest.approx(m["valid"]["ndcg@10"], abs=1e-9)
     # the leakage audit scores the re-ranker on the stale lists it trained on, too
     (row,) = json.loads((run / "analysis" / "audit.json").read_text())["reranker"]
     assert row["stale lists it trained on: its users"] > row["stale lists: out-of-fold users"]
-    assert row["stale lists: out-of-fold users"] == pytest.approx(chosen["held_out_ndcg"], abs=1e-9)
+    assert row["stale lists: out-of-fold users"] == pytest.approx(chosen["out_of_fold_ndcg"], abs=1e-9)
     with pytest.raises(Exception, match="LightGBM variants only"):
         pipeline.run_pipeline("synthetic-tiny", "quick", only=["25"], render=False, timeout=600,
                               overrides=["reranker.stale_lists=0.1"])

@@ -21,7 +21,10 @@ from recsys_lib import config, dist
 from recsys_lib.stage2.candidates import generate_candidates
 from recsys_lib.protocol.evaluate import Labels
 from recsys_lib.models import mf, neumf, two_tower
-from recsys_lib.stage2 import rerankers as reranker
+from recsys_lib.stage2 import rerankers as reranker, selection
+from recsys_lib.stage2.inputs import StageInputs
+from recsys_lib.stage2.ranking import split_users
+from recsys_lib.stage2.rerankers import mlp as reranker_mlp
 from recsys_lib.stage2.features import build_features, retriever_user_table
 from svd_retriever import SVDRetriever
 
@@ -61,7 +64,7 @@ def main(run_dir: str, out: str) -> None:
         "mf (257 rows)": lambda: mf.MF(dim=8, batch_size=257, device="cpu", verbose=False).fit(data),
         "mf (1 row: rank 1 idle at weight 0)": lambda: mf.MF(dim=8, batch_size=1, device="cpu", verbose=False).fit(data),
         "neumf": lambda: neumf.NeuMF(batch_size=301, n_neg=2, device="cpu", verbose=False).fit(data),
-        "two_tower seed": lambda: two_tower.TwoTower(two_tower.TwoTowerConfig(variant="seed", batch_size=301,
+        "two_tower bpr": lambda: two_tower.TwoTower(two_tower.TwoTowerConfig(variant="bpr", batch_size=301,
                                                                              **small)).fit(data),
         "two_tower softmax": lambda: two_tower.TwoTower(two_tower.TwoTowerConfig(
             variant="softmax", batch_size=301, n_uniform_neg=7, dropout=0.2, **small)).fit(data),
@@ -71,11 +74,13 @@ def main(run_dir: str, out: str) -> None:
     cands = generate_candidates(svd, labels, k=30)
     ue = retriever_user_table(svd, labels.users, labels.ctx, data.n_users)
     X, names = build_features(cands, data, labels.ctx, "valid", svd, {}, ue)
-    inputs = reranker.StageInputs(labels, cands, X, names, ue)
-    for kind, extra in (("id_mlp", {"batch_size": 101}), ("mlp_features", {"loss": "softmax", "users_per_batch": 9})):
-        cfg = reranker.RerankerConfig(variant=kind, dropout=0.3, hidden=[16, 8], emb_dim=8, **extra)
-        fits[f"reranker {kind} (dropout 0.3)"] = lambda cfg=cfg: reranker.fit_reranker(cfg, inputs, data, svd)
-    modules = (mf, neumf, two_tower, reranker)
+    inputs = StageInputs(labels, cands, X, names, ue)
+    train, held = split_users(labels.users, 0.2, 42)
+    for cfg in (reranker.IdMLPConfig(batch_size=101, emb_dim=8, dropout=0.3, hidden=[16, 8]),
+                reranker.FeatureMLPConfig(loss="softmax", users_per_batch=9, dropout=0.3, hidden=[16, 8])):
+        fits[f"reranker {cfg.variant} (dropout 0.3)"] = lambda cfg=cfg: selection.fit_reranker(
+            cfg, inputs, data, svd, train_users=train, held_users=held)
+    modules = (mf, neumf, two_tower, reranker_mlp)
     for case, fit in fits.items():
         for module in modules:
             module.fit_loop = probe(results, case)

@@ -105,14 +105,14 @@ def test_dataset_sections_size_the_searches():
     """A dataset's grid replaces the profile's whole: the ml-32m search is the configurations its
     section names, none of the demo grid's values."""
     from recsys_lib.models import tuning
-    from recsys_lib.stage2 import system as two_stage
+    from recsys_lib.stage2 import refit
     big = config.load_params("full", "ml-32m")
     demo = config.load_params("full")["ials"]["grid"]
     assert set(big["ials"]["grid"]) == set(demo)
     assert not set(big["ials"]["grid"]["factors"]) & set(demo["factors"])
     assert len(tuning.expand_grid(big["ials"]["grid"])) == 16 and big["ials"]["max_edge_steps"] == 4
     assert big["two_tower"]["candidate_sources"] == ["ease", "ials"] and big["reranker"]["label_window"] is None
-    assert big["reranker"]["stale_lists"] == 0.1 and two_stage.refit_share(big["reranker"]) == 0.1
+    assert big["reranker"]["stale_lists"] == 0.1 and refit.refit_share(big["reranker"]) == 0.1
     small = config.load_params("full", "ml-latest-small")
     assert len(tuning.expand_grid(small["ials"]["grid"])) == 16
     assert small["two_tower"]["candidate_sources"] == ["ease", "ials"] and small["reranker"]["label_window"] == 0.1

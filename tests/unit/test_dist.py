@@ -213,7 +213,7 @@ def test_retriever_two_processes_match_one(tiny_run):
         with guard.fitting("two_tower"):
             fits[nproc] = launch.tune(r, "two_tower", two_tower.tune, validate, metric=metric, history_len=H)
     (ref, ref_search), (got, search) = fits[1], fits[2]
-    assert list(search["name"]) == ["seed", "softmax"] and list(search["epochs"]) == list(ref_search["epochs"])
+    assert list(search["name"]) == ["bpr", "softmax"] and list(search["epochs"]) == list(ref_search["epochs"])
     softmax, seed = 1, 0
     assert abs(search["valid_metric"][softmax] - ref_search["valid_metric"][softmax]) <= 1e-4
     # BPR (seed): a step's gradient is the single-process one (test_one_step_gradients...), but Adam
@@ -222,7 +222,7 @@ def test_retriever_two_processes_match_one(tiny_run):
     # after one epoch). Its metrics agree to a ranking flip or two, not to 1e-4.
     assert abs(search["valid_metric"][seed] - ref_search["valid_metric"][seed]) <= 0.01
     assert search["best"][softmax] and ref_search["best"][softmax]
-    assert got.history["best_epoch"] == ref.history["best_epoch"]      # the curve came back with the model
+    assert got.curve["best_epoch"] == ref.curve["best_epoch"]      # the curve came back with the model
     _means_close(run.evaluator("valid", history_len=H)(got).means(), run.evaluator("valid", history_len=H)(ref).means())
 
 
@@ -246,7 +246,8 @@ def test_mlp_rerankers_two_processes_match_one(tiny_run):
     """Both MLP kinds (dropout 0.3: shard-aware masks), cross-fitted on 2 folds, through the
     launcher `two_stage.fit` uses."""
     from recsys_lib.stage2.candidates import generate_candidates
-    from recsys_lib.stage2 import rerankers as rr
+    from recsys_lib.stage2 import selection
+    from recsys_lib.stage2.inputs import StageInputs
     from recsys_lib.stage2.features import build_features, retriever_user_table
     run = tiny_run
     retriever = SVDRetriever(run.data)
@@ -254,18 +255,18 @@ def test_mlp_rerankers_two_processes_match_one(tiny_run):
     cands = generate_candidates(retriever, labels, k=50)
     ue = retriever_user_table(retriever, labels.users, labels.ctx, run.data.n_users)
     X, names = build_features(cands, run.data, labels.ctx, "valid", retriever, {}, ue)
-    inputs = rr.StageInputs(labels, cands, X, names, ue)
+    inputs = StageInputs(labels, cands, X, names, ue)
     section = run.params["reranker"]
     with guard.fitting("reranker", allow=("train", "valid")):
-        _, ref_table, ref = rr.tune(section, inputs, run.data, retriever, seed=run.seed)
+        _, ref_table, ref = selection.tune(section, inputs, run.data, retriever, seed=run.seed)
         _, table, got = two_stage.fit_distributed(_with_nproc(run, 2), inputs, retriever, section)
     assert list(got) == list(ref) == ["id_mlp", "mlp_features"]
     for label in ref:
         a, b = got[label].info, ref[label].info
-        assert abs(a["held_out_ndcg"] - b["held_out_ndcg"]) <= 1e-4, (label, a["held_out_ndcg"], b["held_out_ndcg"])
+        assert abs(a["out_of_fold_ndcg"] - b["out_of_fold_ndcg"]) <= 1e-4, (label, a["out_of_fold_ndcg"], b["out_of_fold_ndcg"])
         assert a["best_epoch_or_round"] == b["best_epoch_or_round"]
         assert np.allclose(a["fold_ndcg"], b["fold_ndcg"], atol=1e-4, rtol=0)
-    assert np.allclose(table["held_out_ndcg"], ref_table["held_out_ndcg"], atol=1e-4, rtol=0)
+    assert np.allclose(table["out_of_fold_ndcg"], ref_table["out_of_fold_ndcg"], atol=1e-4, rtol=0)
 
 
 @pytest.mark.slow

@@ -136,7 +136,7 @@ def test_mf_learns(fitted_mf, random_ndcg, validate):
     losses = [r["loss"] for r in info["records"]]
     assert losses[-1] < 0.7 * losses[0]
     assert info["best_metric"] == pytest.approx(validate(model))      # best state restored
-    assert model.history.best_epoch == info["best_epoch"]             # the learning curve is kept
+    assert model.curve.best_epoch == info["best_epoch"]             # the learning curve is kept
     assert validate(model) > max(0.15, 3 * random_ndcg)
 
 

@@ -273,13 +273,13 @@ def test_provenance_footer(tmp_path):
 
 # ---------------------------------------------------------------- which notebook to run first
 def test_missing_stage_one_artefacts_name_their_notebook(tmp_path):
-    from recsys_lib.stage2 import system as two_stage
+    from recsys_lib.stage2 import leakage, refit, system as two_stage
     from recsys_lib.errors import PipelineError
     from recsys_lib.run.experiment import Run
     run = Run.open("synthetic-tiny", "quick", tmp_path)
     with pytest.raises(PipelineError, match=r"ease\.pt is missing: run 13_ease first"):
         two_stage.load_baselines(run, ["ease"])
     with pytest.raises(PipelineError, match=r"summary\.json is missing: run 25_label_window first"):
-        two_stage.load_label_window(run, ["a"])
+        refit.load_label_window(run, ["a"])
     with pytest.raises(PipelineError, match=r"two_stage\.json is missing: run 30_reranker first"):
-        two_stage.in_fold_audit(run, None)
+        leakage.in_fold_audit(run, None)
