@@ -15,6 +15,7 @@ import torch
 
 from ..config import resolve_device
 from ..protocol.splitdata import ScoringContext
+from . import train
 
 
 class Recommender:
@@ -36,8 +37,7 @@ class Recommender:
     @classmethod
     def from_checkpoint(cls, path, device: str | None = None) -> tuple["Recommender", dict]:
         """(an unfitted model with the saved config, on ``device`` if given; the checkpoint)."""
-        from .train import load_checkpoint
-        ckpt = load_checkpoint(path)
+        ckpt = train.load_checkpoint(path)
         cfg = cls.Config(**ckpt["config"])
         if device is not None:
             cfg.device = device
@@ -65,7 +65,36 @@ class Recommender:
 
 class PairwiseModule:
     """For ``nn.Module`` recommenders built by ``build(n_users, n_items)`` whose ``forward(users,
-    items)`` scores pairs (MF, NeuMF): pair scoring, and save/load of the state dict with the config."""
+    items)`` scores pairs (MF, NeuMF): construction, pair scoring, and save/load of the state dict
+    with the config."""
+
+    def __init__(self, config=None, **overrides):
+        super().__init__()
+        self.configure(config, **overrides)
+        self.n_users = self.n_items = 0
+        self.curve = None                       # the learning curve (FitHistory) after fit
+
+    @staticmethod
+    def pair_loss(model, batch, cfg) -> torch.Tensor:  # pragma: no cover - interface
+        """The training loss of one (users, positives, negatives (b, n_neg)) batch."""
+        raise NotImplementedError
+
+    def fit(self, data, validate=None) -> dict:
+        """Train on sampled (positive, negatives) batches of ``data.train`` with ``pair_loss`` and
+        Adam; ``validate(self) -> float`` (built before fitting) drives early stopping."""
+        self.build(data.n_users, data.n_items)
+        if self.cfg.verbose:
+            print(f"{type(self).__name__}: {train.count_parameters(self):,} parameters on {self.device}", flush=True)
+        cfg, dev = self.cfg, self.device
+        batches, n_positives = train.positive_batches(data, cfg.batch_size, cfg.n_neg, int(cfg.seed or 0), dev)
+        optimizer = train.adam(self.parameters(), lr=cfg.lr)
+        loop = train.LoopConfig(epochs=cfg.epochs, patience=cfg.patience, eval_every=cfg.eval_every,
+                                progress=cfg.progress, log_every_epoch=cfg.verbose)
+        hist = train.fit_loop(self, batches, lambda model, batch: self.pair_loss(model, batch, cfg), optimizer, loop,
+                        validate=(lambda: validate(self)) if validate is not None else None,
+                        batch_size_of=lambda b: len(b[0]) * (1 + cfg.n_neg), name=self.name)
+        self.curve = hist
+        return {**hist.as_dict(), "n_parameters": train.count_parameters(self), "n_positives": n_positives}
 
     @torch.no_grad()
     def score_pairs(self, users: torch.Tensor, items: torch.Tensor, ctx: ScoringContext | None = None,
@@ -73,8 +102,7 @@ class PairwiseModule:
         return self(users.to(self.device), items.to(self.device)).float().cpu()       # (N,)
 
     def save(self, path) -> None:
-        from .train import save_checkpoint
-        save_checkpoint(path, self, self.cfg, n_users=self.n_users, n_items=self.n_items)
+        train.save_checkpoint(path, self, self.cfg, n_users=self.n_users, n_items=self.n_items)
 
     @classmethod
     def load(cls, path, device: str | None = None):

@@ -15,7 +15,6 @@ import torch.nn.functional as F
 
 from . import tuning
 from ..protocol.splitdata import ScoringContext, SplitData
-from .train import LoopConfig, adam, count_parameters, fit_loop, positive_batches
 from . import PairwiseModule, Recommender
 
 
@@ -40,12 +39,6 @@ class MF(PairwiseModule, torch.nn.Module, Recommender):
     name = "mf"
     Config = MFConfig
 
-    def __init__(self, config: MFConfig | None = None, **overrides):
-        super().__init__()
-        self.configure(config, **overrides)
-        self.n_users = self.n_items = 0
-        self.curve = None                                              # learning curve (FitHistory) after fit
-
     def build(self, n_users: int, n_items: int) -> "MF":
         """Create the embeddings (called by ``fit`` and ``load``)."""
         if self.cfg.seed is not None:
@@ -68,33 +61,19 @@ class MF(PairwiseModule, torch.nn.Module, Recommender):
             p = p.unsqueeze(1)                                        # (B, 1, D)
         return (p * q).sum(-1) + self.item_bias(items).squeeze(-1)    # (B,) or (B, K)
 
-    # ------------------------------------------------------------ fit
-    def fit(self, data: SplitData, validate=None) -> dict:
-        self.build(data.n_users, data.n_items)
-        if self.cfg.verbose:
-            print(f"MF: {count_parameters(self):,} parameters on {self.device}", flush=True)
-        cfg, dev = self.cfg, self.device
-        batches, n_positives = positive_batches(data, cfg.batch_size, cfg.n_neg, int(cfg.seed or 0), dev)
-
-        def loss_fn(model: "MF", batch) -> torch.Tensor:
-            u, i, neg = batch
-            pos_logit = model(u, i)                                                    # (b,)
-            neg_logit = model(u, neg)                                                  # (b, n_neg)
-            loss = F.binary_cross_entropy_with_logits(pos_logit, torch.ones_like(pos_logit), reduction="sum")
-            loss = loss + F.binary_cross_entropy_with_logits(neg_logit, torch.zeros_like(neg_logit),
-                                                             reduction="sum")
-            reg = (model.user_emb(u).pow(2).sum() + model.item_emb(i).pow(2).sum()
-                   + model.item_emb(neg).pow(2).sum())
-            return (loss + cfg.l2 * reg) / len(u)
-
-        optimizer = adam(self.parameters(), lr=cfg.lr)
-        loop = LoopConfig(epochs=cfg.epochs, patience=cfg.patience, eval_every=cfg.eval_every,
-                          progress=cfg.progress, log_every_epoch=cfg.verbose)
-        hist = fit_loop(self, batches, loss_fn, optimizer, loop,
-                        validate=(lambda: validate(self)) if validate is not None else None,
-                        batch_size_of=lambda b: len(b[0]) * (1 + cfg.n_neg), name="mf")
-        self.curve = hist                                              # learning curve (FitHistory)
-        return {**hist.as_dict(), "n_parameters": count_parameters(self), "n_positives": n_positives}
+    # ------------------------------------------------------------ fit (PairwiseModule.fit)
+    @staticmethod
+    def pair_loss(model: "MF", batch, cfg: MFConfig) -> torch.Tensor:
+        """BCE: positives towards 1, sampled negatives towards 0, plus L2 on the batch's embeddings."""
+        u, i, neg = batch
+        pos_logit = model(u, i)                                                    # (b,)
+        neg_logit = model(u, neg)                                                  # (b, n_neg)
+        loss = F.binary_cross_entropy_with_logits(pos_logit, torch.ones_like(pos_logit), reduction="sum")
+        loss = loss + F.binary_cross_entropy_with_logits(neg_logit, torch.zeros_like(neg_logit),
+                                                         reduction="sum")
+        reg = (model.user_emb(u).pow(2).sum() + model.item_emb(i).pow(2).sum()
+               + model.item_emb(neg).pow(2).sum())
+        return (loss + cfg.l2 * reg) / len(u)
 
     # ------------------------------------------------------------ score
     @torch.no_grad()

@@ -20,7 +20,6 @@ import torch.nn.functional as F
 from . import tuning
 from ..errors import ConfigError
 from ..protocol.splitdata import ScoringContext, SplitData
-from .train import LoopConfig, adam, count_parameters, fit_loop, positive_batches
 from . import PairwiseModule, Recommender
 
 
@@ -47,12 +46,6 @@ class NeuMFConfig:
 class NeuMF(PairwiseModule, torch.nn.Module, Recommender):
     name = "neumf"
     Config = NeuMFConfig
-
-    def __init__(self, config: NeuMFConfig | None = None, **overrides):
-        super().__init__()
-        self.configure(config, **overrides)
-        self.n_users = self.n_items = 0
-        self.curve = None                                              # learning curve (FitHistory) after fit
 
     def build(self, n_users: int, n_items: int) -> "NeuMF":
         """Create the embeddings and layers (called by ``fit`` and ``load``)."""
@@ -84,32 +77,18 @@ class NeuMF(PairwiseModule, torch.nn.Module, Recommender):
             h = F.relu(layer(h))                                       # (..., H)
         return self.out(torch.cat([gmf, h], -1)).squeeze(-1)           # (...,)
 
-    # ------------------------------------------------------------ fit
-    def fit(self, data: SplitData, validate=None) -> dict:
-        self.build(data.n_users, data.n_items)
-        if self.cfg.verbose:
-            print(f"NeuMF: {count_parameters(self):,} parameters on {self.device}", flush=True)
-        cfg, dev = self.cfg, self.device
-        batches, n_positives = positive_batches(data, cfg.batch_size, cfg.n_neg, int(cfg.seed or 0), dev)
-
-        def loss_fn(model: "NeuMF", batch) -> torch.Tensor:
-            u, i, neg = batch
-            s_pos = model(u, i)                                                        # (b,)
-            s_neg = model(u, neg)                                                      # (b, n_neg)
-            bpr = -F.logsigmoid(s_pos.unsqueeze(1) - s_neg).mean()
-            reg = (model.user_gmf(u).pow(2).sum() + model.user_mlp(u).pow(2).sum()
-                   + model.item_gmf(i).pow(2).sum() + model.item_mlp(i).pow(2).sum()
-                   + model.item_gmf(neg).pow(2).sum() + model.item_mlp(neg).pow(2).sum())
-            return bpr + cfg.l2 * reg / len(u)
-
-        optimizer = adam(self.parameters(), lr=cfg.lr)
-        loop = LoopConfig(epochs=cfg.epochs, patience=cfg.patience, eval_every=cfg.eval_every,
-                          progress=cfg.progress, log_every_epoch=cfg.verbose)
-        hist = fit_loop(self, batches, loss_fn, optimizer, loop,
-                        validate=(lambda: validate(self)) if validate is not None else None,
-                        batch_size_of=lambda b: len(b[0]) * (1 + cfg.n_neg), name="neumf")
-        self.curve = hist                                              # learning curve (FitHistory)
-        return {**hist.as_dict(), "n_parameters": count_parameters(self), "n_positives": n_positives}
+    # ------------------------------------------------------------ fit (PairwiseModule.fit)
+    @staticmethod
+    def pair_loss(model: "NeuMF", batch, cfg: NeuMFConfig) -> torch.Tensor:
+        """BPR of each positive against its sampled negatives, plus L2 on the batch's embeddings."""
+        u, i, neg = batch
+        s_pos = model(u, i)                                                        # (b,)
+        s_neg = model(u, neg)                                                      # (b, n_neg)
+        bpr = -F.logsigmoid(s_pos.unsqueeze(1) - s_neg).mean()
+        reg = (model.user_gmf(u).pow(2).sum() + model.user_mlp(u).pow(2).sum()
+               + model.item_gmf(i).pow(2).sum() + model.item_mlp(i).pow(2).sum()
+               + model.item_gmf(neg).pow(2).sum() + model.item_mlp(neg).pow(2).sum())
+        return bpr + cfg.l2 * reg / len(u)
 
     # ------------------------------------------------------------ score
     @torch.no_grad()

@@ -20,7 +20,7 @@ import torch
 from recsys_lib import config, dist
 from recsys_lib.stage2.candidates import generate_candidates
 from recsys_lib.protocol.evaluate import Labels
-from recsys_lib.models import mf, neumf, two_tower
+from recsys_lib.models import mf, neumf, train, two_tower
 from recsys_lib.stage2 import rerankers as reranker, selection
 from recsys_lib.stage2.inputs import StageInputs
 from recsys_lib.stage2.ranking import split_users
@@ -75,12 +75,12 @@ def main(run_dir: str, out: str) -> None:
     ue = retriever_user_table(svd, labels.users, labels.ctx, data.n_users)
     X, names = build_features(cands, data, labels.ctx, "valid", svd, {}, ue)
     inputs = StageInputs(labels, cands, X, names, ue)
-    train, held = split_users(labels.users, 0.2, 42)
+    train_users, held_users = split_users(labels.users, 0.2, 42)
     for cfg in (reranker.IdMLPConfig(batch_size=101, emb_dim=8, dropout=0.3, hidden=[16, 8]),
                 reranker.FeatureMLPConfig(loss="softmax", users_per_batch=9, dropout=0.3, hidden=[16, 8])):
         fits[f"reranker {cfg.variant} (dropout 0.3)"] = lambda cfg=cfg: selection.fit_reranker(
-            cfg, inputs, data, svd, train_users=train, held_users=held)
-    modules = (mf, neumf, two_tower, reranker_mlp)
+            cfg, inputs, data, svd, train_users=train_users, held_users=held_users)
+    modules = (train, two_tower, reranker_mlp)    # where each fit looks fit_loop up
     for case, fit in fits.items():
         for module in modules:
             module.fit_loop = probe(results, case)
