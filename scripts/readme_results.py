@@ -9,7 +9,7 @@ The README holds one block per data set::
 This script replaces each block's body from ``reports/<dataset>/metrics.json`` (written by the
 pipeline): the test metrics of every model (``report.readme_table``), the headline sentence
 (``report.text.headline``, from the run's paired differences) and the commit and command of the
-run. Run it after ``make report DATASET=...``::
+run. The re-ranker variants that were not chosen (``two_stage_<variant>``) stay in the report. Run it after ``make report DATASET=...``::
 
     .venv/bin/python scripts/readme_results.py            # every block whose report exists
     .venv/bin/python scripts/readme_results.py --check    # exit 1 if the README is out of date
@@ -30,7 +30,10 @@ BLOCK = re.compile(r"(<!-- results: (?P<dataset>[\w.-]+) -->\n)(?P<body>.*?)(<!-
 
 
 def results_block(metrics: dict) -> str:
-    """The generated body of one data set's block (ends with a newline)."""
+    """The generated body of one data set's block (ends with a newline): every single-stage model
+    and the two-stage system as the study reports it (``two_stage``, the chosen variant); the
+    other variants are in the report."""
+    metrics = {**metrics, "models": {k: v for k, v in metrics["models"].items() if not k.startswith("two_stage_")}}
     test_users = {m["test"].get("users") for m in metrics["models"].values() if m.get("test")}
     users = f"{test_users.pop():,} test users" if len(test_users) == 1 else "test users"
     commit = (metrics.get("git_commit") or "unknown")[:7]

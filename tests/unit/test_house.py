@@ -56,7 +56,9 @@ def test_readme_results_are_written_from_metrics_json(tmp_path):
               "recall@500": 0.4, "hit_rate@10": 0.5, "mrr@10": 0.25, "coverage@10": 0.1, "users": 561}
     metrics = {"dataset": "ml-latest-small", "profile": "full", "git_commit": "abcdef0123",
                "models": {"ease": {"model": "ease", "test": scores, "fit_seconds": 11.4},
-                          "only_valid": {"model": "only_valid", "valid": scores}}}
+                          "only_valid": {"model": "only_valid", "valid": scores},
+                          "two_stage": {"model": "two_stage", "test": scores, "fit_seconds": 64.0},
+                          "two_stage_lgbm": {"model": "two_stage_lgbm", "test": scores, "fit_seconds": 30.0}}}
     (tmp_path / "ml-latest-small").mkdir()
     (tmp_path / "ml-latest-small" / "metrics.json").write_text(__import__("json").dumps(metrics))
     readme = ("intro\n<!-- results: ml-latest-small -->\nstale\n<!-- /results -->\n"
@@ -65,5 +67,6 @@ def test_readme_results_are_written_from_metrics_json(tmp_path):
     assert done == ["ml-latest-small"]
     assert "stale" not in new and "kept" in new          # a block without a report stays as it was
     assert "| ease | 0.1234 [0.1000, 0.1500] | 0.2000 |" in new and "only_valid" not in new
+    assert "| two_stage |" in new and "two_stage_lgbm" not in new     # the chosen system, not every variant
     assert "561 test users" in new and "`abcdef0`" in new
     assert mod.update(new, tmp_path)[0] == new            # idempotent: --check passes after a write
