@@ -3,7 +3,7 @@
 Threads: ``RECSYS_TORCH_THREADS=1 make test`` runs the whole suite with one torch thread (this
 process, the pipeline's kernels and torchrun workers, which inherit the variable); unset, torch's
 default. Another thread count changes the last bits of float sums, as another machine's CPU does,
-so every assertion on a trained model must hold under both (see README, "Determinism")."""
+so every assertion on a trained model must hold under both (see docs/running.md, "Determinism")."""
 from __future__ import annotations
 
 import os

@@ -57,7 +57,7 @@ DAY = 86_400
 RECENT_DAYS = (30, 90)
 FEATURES_VERSION = 4       # part of the feature cache key: bump when a feature changes
 # Sequence features: chosen on out-of-fold validation nDCG@10 of the LightGBM re-ranker on
-# ml-latest-small (window 2, 3, 5, 10 x history 2, 3, 5, 10, 20; README, "What was tried").
+# ml-latest-small (window 2, 3, 5, 10 x history 2, 3, 5, 10, 20; docs/experiments.md, 2026-11-28).
 SEQ_WINDOW = 5             # transitions: item j rated within this many ratings after item i
 SEQ_HISTORY = 3            # the user's last items whose transitions are looked up
                            # (3: the *_z columns use ranking.per_user_zscore, same values to float32)

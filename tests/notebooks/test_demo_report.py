@@ -7,7 +7,7 @@ This runs the whole study (about 15 minutes on 2 cores), so it is marked `demo` 
 Why this comparison between trained models is safe on any machine: the margins are wide. On the
 demo the two-stage system leads its closest baseline (EASE) by +0.032 nDCG@10 [+0.025, +0.039]
 (0.122 against 0.090), every other baseline by more: far more than a last-bit change of the float
-sums (another CPU, another thread count) moves a model (README, "Determinism", gives the spread)."""
+sums (another CPU, another thread count) moves a model (docs/running.md, "Determinism", gives the spread)."""
 import json
 
 import pytest
