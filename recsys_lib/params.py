@@ -17,6 +17,7 @@ from typing import Any
 
 from .config import parse_override
 from .errors import ConfigError
+from .models.blend import BlendConfig
 from .models.registry import REGISTRY
 from .protocol.evaluate import EvalConfig
 from .stage2.leakage import AuditConfig
@@ -25,15 +26,16 @@ from .stage2.section import RerankerSection
 
 #: params section (dotted for a sub-section) -> the config dataclass whose fields it may set
 SECTION_CONFIGS = {**{name: spec.config for name, spec in REGISTRY.items()}, "eval": EvalConfig,
-                   "audit": AuditConfig, "reranker": RerankerSection,
+                   "audit": AuditConfig, "reranker": RerankerSection, "blend": BlendConfig,
                    **{f"reranker.{kind}": cls for kind, cls in RERANKER_CONFIGS.items()}}
 AT_LEAST_ONE = {"epochs", "batch_size", "dim", "dim_gmf", "dim_mlp", "factors", "iterations", "n_estimators",
                 "folds", "candidate_k", "users_per_batch", "history_len", "num_leaves", "emb_dim",
                 "early_stopping_rounds", "n_bootstrap", "batch_users", "core", "train_core", "eval_core",
-                "n_tags", "year_bucket", "num_threads", "lstm_hidden", "side_dim", "nproc", "nnodes"}
+                "n_tags", "year_bucket", "num_threads", "lstm_hidden", "side_dim", "nproc", "nnodes",
+                "steps", "max_len", "blocks", "heads", "history", "window", "max_users"}
 AT_LEAST_ZERO = {"patience", "n_neg", "negatives", "n_uniform_neg", "max_edge_steps", "window_days", "seed",
                  "dropout", "weight_decay", "l2", "min_child_samples"}
-ABOVE_ZERO = {"lr", "max_lr", "learning_rate", "reg", "regularization", "alpha", "temperature",
+ABOVE_ZERO = {"decay", "gap_decay", "lr", "max_lr", "learning_rate", "reg", "regularization", "alpha", "temperature",
               "timeout_minutes"}
 WORDS = {"nproc": ("auto",)}                 # keys that take a word besides a number
 RUN_FIELDS = {"seed", "device", "progress", "verbose"}   # config fields the run sets, never params/

@@ -216,6 +216,25 @@ class ScoringContext:
     seen: sp.csr_matrix        # (n_users, n_items) 1 where rated before the period
     history: torch.Tensor      # (n_users, H) last items before the period, item + 1, 0 pad
     seen_positive: sp.csr_matrix | None = None  # (n_users, n_items) 1 where rated >= 4 before it
+    rows: Period | None = None  # every row before the period (train; train + valid for test), time order
+    _cache: dict = field(default_factory=dict, repr=False, compare=False)  # last_items, per context
+
+    def known_rows(self) -> Period:
+        """The rows known at scoring time: what a sequential model counts and reads histories from."""
+        if self.rows is None:
+            raise ValueError(f"this {self.period} context carries no rows; build it with SplitData.context "
+                             f"(a sequential model reads the rows before the period)")
+        return self.rows
+
+    def last_items(self, n: int, positives_only: bool = False) -> torch.Tensor:
+        """(n_users, n) each user's last ``n`` known items (``positives_only``: rated >= 4), item + 1,
+        0 pad, most recent last; computed once per context from ``rows``."""
+        key = ("last_items", int(n), bool(positives_only))
+        if key not in self._cache:
+            rows = self.known_rows()
+            keep = rows.positive if positives_only else slice(None)
+            self._cache[key] = last_items(rows.user[keep], rows.item[keep], self.seen.shape[0], int(n))
+        return self._cache[key]
 
     def input_matrix(self, positives_only: bool) -> sp.csr_matrix:
         """The user rows a model fit on ``positives_only`` (or on every rated row) scores from."""
@@ -323,9 +342,10 @@ class SplitData:
         return last_items(rows.user, rows.item, self.n_users, n)
 
     def context(self, period: str, history_len: int = 5) -> ScoringContext:
+        rows = self.rows_before(period)
         return ScoringContext(period=period, seen=self.seen_before(period),
-                              history=self.history(period, history_len),
-                              seen_positive=self.seen_before(period, positives_only=True))
+                              history=last_items(rows.user, rows.item, self.n_users, history_len),
+                              seen_positive=self.seen_before(period, positives_only=True), rows=rows)
 
     def label_window(self, share: float = 0.1) -> "SplitData":
         """The label window (docs/PROTOCOL.md, "Who learns from what"): a SplitData over the train rows

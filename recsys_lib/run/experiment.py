@@ -28,8 +28,8 @@ from .. import config
 from ..protocol import guard
 from . import state as runstate
 from . import launch
-from .layout import notebook_of
-from ..models import tuning
+from .layout import BLEND_NOTEBOOK, notebook_of
+from ..models import blend, tuning
 from ..models.registry import REGISTRY
 from ..errors import PipelineError
 from ..protocol.evaluate import HEADLINE, EvalConfig, EvalResult, Evaluator
@@ -161,6 +161,26 @@ class Run:
             self.save_curve(name, curve)
         self.record(name, results, params=asdict(cfg) if is_dataclass(cfg) else self.params.get(section, {}),
                     fit_seconds=fit_seconds, search=search, tuning=summary, **extra)
+        return model, search, results
+
+    def fit_blend(self) -> tuple[Any, pd.DataFrame, dict[str, EvalResult]]:
+        """The score blend of the single-stage models (`models.blend`): the members' checkpoints
+        (the params' ``blend.members``, or every registered model whose notebook runs before
+        17_blend), weights chosen on validation, scored on validation and test, recorded as ``blend``."""
+        cfg = blend.BlendConfig.from_params(self.params.get("blend"))
+        names = list(cfg.members) or [n for n, s in REGISTRY.items() if s.notebook < BLEND_NOTEBOOK]
+        members = {n: REGISTRY[n].cls.load(self.require("models", f"{n}.pt", stage=REGISTRY[n].notebook),
+                                           device=str(self.device)) for n in names}
+        labels = self.evaluator("valid", cfg.max_users).labels          # built before the search
+        t0 = time.perf_counter()
+        with guard.fitting("blend"):
+            model, search = blend.tune(members, labels, cfg.steps, self.eval.batch_users)
+        fit_seconds = time.perf_counter() - t0
+        summary = blend.summarize(search, model.weights, cfg.steps)
+        print(f"blend search:\n{tuning.describe(summary)}", flush=True)
+        results = self.score(model, "blend")
+        self.record("blend", results, params={**asdict(cfg), "members": names, "weights": model.weights},
+                    fit_seconds=fit_seconds, search=search, tuning=summary)
         return model, search, results
 
     # ------------------------------------------------------------ recording

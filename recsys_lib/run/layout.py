@@ -13,6 +13,8 @@ from ..models.registry import REGISTRY
 
 #: the notebook that fits and records the two-stage systems (``two_stage``, ``two_stage_<variant>``)
 RERANKER_NOTEBOOK = "30_reranker"
+#: the notebook that blends the single-stage models fit before it (``blend``)
+BLEND_NOTEBOOK = "17_blend"
 
 
 def notebooks(only: list[str] | None = None) -> list[Path]:
@@ -29,4 +31,6 @@ def notebook_of(model: str) -> str:
     """The notebook that fits ``model`` (``ease`` -> ``13_ease``), for errors that say what to run."""
     if model == "two_stage" or model.startswith("two_stage_"):
         return RERANKER_NOTEBOOK
+    if model == "blend":
+        return BLEND_NOTEBOOK
     return REGISTRY[model].notebook if model in REGISTRY else f"the notebook of {model}"

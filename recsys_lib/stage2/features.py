@@ -49,6 +49,7 @@ import pandas as pd
 import scipy.sparse as sp
 import torch
 
+from ..models.transition import transition_counts
 from ..protocol import guard
 from ..protocol.splitdata import CHUNK_ROWS, POSITIVE_RATING, ScoringContext, SplitData
 from .ranking import per_user_zscore
@@ -204,16 +205,6 @@ def history_similarity(users: np.ndarray, items: np.ndarray, history: torch.Tens
     return mean, mx
 
 
-def transition_counts(rows, n_items: int, window: int = SEQ_WINDOW) -> tuple[np.ndarray, np.ndarray]:
-    """Item-to-item transitions in ``rows``: (sorted keys i * n_items + j, counts), where a pair
-    counts once for every user who rated j within ``window`` ratings after i (time order)."""
-    order = np.lexsort((rows.timestamp, rows.user))
-    u = np.asarray(rows.user, np.int64)[order]
-    it = np.asarray(rows.item, np.int64)[order]
-    keys = [it[:-d][u[d:] == u[:-d]] * n_items + it[d:][u[d:] == u[:-d]] for d in range(1, window + 1)]
-    return np.unique(np.concatenate(keys) if keys else np.zeros(0, np.int64), return_counts=True)
-
-
 def sequence_features(rows, users: np.ndarray, items: np.ndarray, history: torch.Tensor, n_items: int,
                       window: int = SEQ_WINDOW) -> dict[str, np.ndarray]:
     """What other users rated soon after the user's last items (``history``: (n_users, H), item + 1,
@@ -222,7 +213,7 @@ def sequence_features(rows, users: np.ndarray, items: np.ndarray, history: torch
     not model. Per candidate: log of the transition count summed over the history, from the last
     item alone, the mean and max transition probability P(candidate | history item), and the max
     lift count / sqrt(out-degree(history item) * in-degree(candidate))."""
-    keys, counts = transition_counts(rows, n_items, window)
+    keys, counts = transition_counts(rows, n_items, window)             # the transition model's counts
     out_deg = np.maximum(np.bincount(keys // n_items, weights=counts, minlength=n_items), 1.0)
     in_deg = np.maximum(np.bincount(keys % n_items, weights=counts, minlength=n_items), 1.0)
     hist = _as_np(history).astype(np.int64)
@@ -279,7 +270,8 @@ def recent_context(ctx: ScoringContext, rows, n_users: int, n_items: int, n: int
     from the user's recent taste only."""
     return ScoringContext(period=ctx.period, history=ctx.history,
                           seen=last_rows_matrix(rows, n_users, n_items, n),
-                          seen_positive=last_rows_matrix(rows, n_users, n_items, n, positives_only=True))
+                          seen_positive=last_rows_matrix(rows, n_users, n_items, n, positives_only=True),
+                          rows=ctx.rows)
 
 
 def _pair_scores(scorer, users: np.ndarray, items: np.ndarray, ctx: ScoringContext,

@@ -1,0 +1,140 @@
+"""A score blend of the single-stage models: the simplest ensemble a reviewer would try before a
+re-ranker, and one the two-stage system must beat.
+
+Each member's scores are z-scored per user over the items the user has not seen (mean 0, std 1
+over the unseen catalogue; a score at or below ``FLOOR``, a model's "below every scored item",
+such as EASE's items outside a capped catalogue, is left out of the mean and std and takes the
+user's lowest z), then summed with weights on the simplex. The weights are chosen on validation
+nDCG@10 by greedy forward selection with replacement (Caruana et al., 2004): ``steps`` times,
+add 1/steps of weight to the member that most improves the blend; the best prefix is kept, so a
+member that never helps gets weight 0. The members are fit on train; only their weights see
+validation labels, as every model's hyper-parameters do.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+import torch
+
+from ..protocol import metrics
+from ..protocol.splitdata import ScoringContext
+from . import Recommender
+
+FLOOR = -1e5               # scores at or below it mean "below every scored item" (EASE's cap)
+
+
+@dataclass
+class BlendConfig:
+    """The params ``blend:`` section."""
+    members: list[str] = field(default_factory=list)  # single-stage models blended ([]: every one fit before 17_blend)
+    steps: int = 20                   # greedy steps: weights are multiples of 1 / steps
+    max_users: int | None = None      # validation users the weights are chosen on (null: all)
+
+    @classmethod
+    def from_params(cls, section: dict | None) -> "BlendConfig":
+        from ..errors import ConfigError
+        section = dict(section or {})
+        unknown = sorted(set(section) - {"members", "steps", "max_users"})
+        if unknown:
+            raise ConfigError(f"blend: unknown parameter(s) {unknown}; valid: ['max_users', 'members', 'steps']")
+        return cls(**section)
+
+
+def summarize(table: pd.DataFrame, weights: dict[str, float], steps: int) -> dict:
+    """The blend's search for the report's tuning table (`tuning.summarize`'s shape): the weights
+    searched on the simplex and the ones kept; a simplex has no edge to search beyond."""
+    chosen = ", ".join(f"{n} {w:.2f}" for n, w in sorted(weights.items(), key=lambda x: -x[1]) if w > 0)
+    best = table.loc[table["valid_metric"].idxmax()]
+    axes = {"weights": {"tried": [f"simplex in steps of 1/{steps}, greedy"], "chosen": chosen, "at_edge": False}}
+    return {"axes": axes, "configs": int(len(table) * sum(c.startswith("w_") for c in table.columns)),
+            "edge_steps": 0, "valid_metric": float(best["valid_metric"]), "at_edge": [], "fixed": [],
+            "best_step": int(best["step"])}
+
+
+def unseen_zscore(scores: torch.Tensor, seen: sp.csr_matrix, users: np.ndarray) -> torch.Tensor:
+    """(B, n_items) per-user z-scores over each user's unseen items with a score above ``FLOOR``;
+    seen items get 0 (rankings mask them), floored items the row's lowest z."""
+    scores = scores.double()
+    mask = torch.from_numpy(np.asarray(seen[users].todense(), dtype=bool)).to(scores.device)   # (B, n_items)
+    valid = ~mask & (scores > FLOOR)
+    n = valid.sum(1, keepdim=True).clamp(min=1)
+    mean = torch.where(valid, scores, 0.0).sum(1, keepdim=True) / n
+    var = torch.where(valid, (scores - mean) ** 2, 0.0).sum(1, keepdim=True) / n
+    z = (scores - mean) / var.sqrt().clamp(min=1e-12)
+    low = torch.where(valid, z, torch.inf).min(1, keepdim=True).values
+    z = torch.where(valid, z, torch.where(mask, 0.0, low.expand_as(z)))
+    return z.float()
+
+
+class Blend(Recommender):
+    """Weighted sum of the members' per-user z-scores (`unseen_zscore`)."""
+
+    name = "blend"
+
+    def __init__(self, members: dict[str, Recommender], weights: dict[str, float]):
+        self.members = members
+        self.weights = {n: float(w) for n, w in weights.items() if w > 0}
+        self.device = torch.device("cpu")
+
+    @torch.no_grad()
+    def score_all(self, users: torch.Tensor, ctx: ScoringContext) -> torch.Tensor:
+        out = None
+        for name, w in self.weights.items():
+            z = w * unseen_zscore(self.members[name].score_all(users, ctx).float().cpu(), ctx.seen, users.numpy())
+            out = z if out is None else out + z
+        return out                                                       # (B, n_items)
+
+
+def member_scores(members: dict[str, Recommender], users: np.ndarray, ctx: ScoringContext,
+                  batch_users: int = 1024) -> dict[str, np.ndarray]:
+    """Each member's (U, n_items) float32 z-scores of ``users`` (their seen items -inf for ranking)."""
+    out = {}
+    for name, model in members.items():
+        rows = []
+        for s in range(0, len(users), batch_users):
+            b = torch.from_numpy(users[s:s + batch_users])
+            rows.append(unseen_zscore(model.score_all(b, ctx).float().cpu(), ctx.seen, b.numpy()).numpy())
+        out[name] = np.concatenate(rows)
+    return out
+
+
+def blend_ndcg(z: dict[str, np.ndarray], weights: dict[str, float], seen_rows: sp.csr_matrix,
+               positives: sp.csr_matrix, k: int = 10) -> float:
+    """Mean nDCG@k of the blend of ``z`` with ``weights`` (seen items masked)."""
+    total = sum(w * z[n] for n, w in weights.items() if w > 0)
+    t = torch.from_numpy(np.ascontiguousarray(total, dtype=np.float32))
+    r, c = seen_rows.nonzero()
+    t[torch.from_numpy(r), torch.from_numpy(c)] = -torch.inf
+    top = torch.topk(t, k, dim=1).indices.numpy()
+    hits = metrics.ranked_hits(top, positives)
+    return float(metrics.ndcg_at_k(hits, np.diff(positives.indptr), k).mean())
+
+
+def tune(members: dict[str, Recommender], labels, steps: int = 20, batch_users: int = 1024,
+         verbose: bool = True) -> tuple[Blend, pd.DataFrame]:
+    """Greedy forward selection of simplex weights (multiples of 1/steps) on ``labels`` (validation:
+    `protocol.evaluate.Labels`) -> (the blend of the best prefix, one table row per step)."""
+    z = member_scores(members, labels.users, labels.ctx, batch_users)
+    seen = labels.ctx.seen[labels.users]
+    counts = {n: 0 for n in members}
+    rows, best = [], (-np.inf, dict(counts))
+    for step in range(1, int(steps) + 1):
+        tried = {}
+        for name in members:
+            trial = {**counts, name: counts[name] + 1}
+            tried[name] = blend_ndcg(z, {n: c / step for n, c in trial.items()}, seen, labels.positives)
+        pick = max(tried, key=lambda n: (tried[n], -list(members).index(n)))   # ties: the earlier member
+        counts[pick] += 1
+        rows.append({"step": step, "added": pick, "valid_metric": tried[pick],
+                     **{f"w_{n}": c / step for n, c in counts.items()}})
+        if verbose:
+            print(f"blend step {step}: + {pick} -> valid {tried[pick]:.4f}", flush=True)
+        if tried[pick] > best[0]:
+            best = (tried[pick], {n: c / step for n, c in counts.items()})
+    table = pd.DataFrame(rows)
+    table["best"] = False
+    table.loc[table["valid_metric"].idxmax(), "best"] = True          # the first best step, as kept
+    return Blend(members, best[1]), table

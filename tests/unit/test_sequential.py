@@ -1,0 +1,172 @@
+"""The sequential models (transition, SASRec) and the score blend: causality, the causal mask, the
+full cross-entropy, the training windows, and the blend's z-scores and weights."""
+import dataclasses
+
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+import torch
+import torch.nn.functional as F
+
+from recsys_lib.models import blend, sasrec, transition
+from recsys_lib.protocol import guard
+from recsys_lib.protocol.evaluate import Labels
+from recsys_lib.protocol.splitdata import Period, SplitData
+from recsys_lib.stage2 import features as rf
+
+
+def _poisoned(data: SplitData, periods: tuple[str, ...], seed: int = 0) -> SplitData:
+    """``data`` with the rows of ``periods`` replaced by random items (same users, times, ratings)."""
+    rng = np.random.default_rng(seed)
+    out = dict(data._periods)
+    for p in periods:
+        rows = data._periods[p]
+        out[p] = Period(rows.user, rng.integers(0, data.n_items, len(rows)), rows.rating, rows.timestamp)
+    return dataclasses.replace(data, _periods=out)
+
+
+def _scores(model, data: SplitData, period: str) -> np.ndarray:
+    ctx = data.context(period)
+    users = torch.from_numpy(data.scored_users(period))
+    return model.score_all(users, ctx).numpy()
+
+
+# ---------------------------------------------------------------- transition
+def test_transition_counts_weigh_gaps_and_keep_positives():
+    rows = Period(user=np.array([0, 0, 0, 1, 1]), item=np.array([1, 2, 3, 1, 3]),
+                  rating=np.array([4, 2, 5, 4, 4], np.float32), timestamp=np.array([1, 2, 3, 1, 2]))
+    keys, w = transition.transition_counts(rows, 5, window=2, gap_decay=0.5)
+    got = dict(zip(keys.tolist(), w.tolist()))
+    assert got == {1 * 5 + 2: 1.0, 2 * 5 + 3: 1.0, 1 * 5 + 3: 0.5 + 1.0}    # 1 -> 3: two apart (u0), next (u1)
+    keys, w = transition.transition_counts(rows, 5, window=1, positives_only=True)
+    assert dict(zip(keys.tolist(), w.tolist())) == {1 * 5 + 3: 2.0}          # item 2 (rated 2) dropped
+    T = transition.transition_matrix(rows, 5, window=2, gap_decay=0.5, normalise="row")
+    np.testing.assert_allclose(np.asarray(T.sum(1)).ravel()[[1, 2]], [1.0, 1.0], rtol=1e-6)
+
+
+def test_sequence_features_count_with_the_transition_model():
+    """The re-ranker's sequence features and the transition model share one count."""
+    assert rf.transition_counts is transition.transition_counts
+
+
+def test_transition_never_counts_a_row_after_the_scoring_cut(toy_data):
+    data = toy_data
+    model = transition.Transition(history=3, window=3, normalise="row")
+    with guard.fitting("transition"):
+        model.fit(data)
+    valid = _scores(model, data, "valid")
+    test = _scores(model, data, "test")
+    # validation scores read train rows only: poisoning validation and test rows changes nothing
+    np.testing.assert_array_equal(valid, _scores(model, _poisoned(data, ("valid", "test")), "valid"))
+    # test scores read train and validation rows: poisoning test rows changes nothing ...
+    np.testing.assert_array_equal(test, _scores(model, _poisoned(data, ("test",)), "test"))
+    # ... and they do read the validation rows (the poisoning test can fail)
+    assert not np.array_equal(test, _scores(model, _poisoned(data, ("valid",)), "test"))
+
+
+def test_transition_scores_are_the_decayed_sum_of_rows_of_the_table(toy_data):
+    data = toy_data
+    model = transition.Transition(history=2, decay=0.5, window=2, normalise="none")
+    model.fit(data)
+    ctx = data.context("valid")
+    T = transition.transition_matrix(data.train, data.n_items, 2, normalise="none").toarray()
+    hist = ctx.last_items(2)
+    users = torch.arange(5)
+    want = np.zeros((5, data.n_items))
+    for u in range(5):
+        for col, weight in ((1, 1.0), (0, 0.5)):                 # the most recent item weighs 1
+            if hist[u, col] > 0:
+                want[u] += weight * T[hist[u, col] - 1]
+    got = model.score_all(users, ctx).numpy()
+    np.testing.assert_allclose(got, want, atol=1e-6)             # the tie-break is below 1e-11
+
+
+# ---------------------------------------------------------------- SASRec
+def test_training_windows_cut_each_sequence_from_its_end():
+    user = np.array([0, 0, 0, 0, 0, 1, 1, 2])
+    item = np.array([0, 1, 2, 3, 4, 5, 6, 7])
+    inputs, targets = sasrec.training_windows(user, item, max_len=3)
+    # user 0: targets 1..4 -> windows [2, 3, 4] and [_, _, 1]; user 1: [_, _, 6]; user 2: none
+    assert targets.tolist() == [[3, 4, 5], [0, 0, 2], [0, 0, 7]]
+    assert inputs.tolist() == [[2, 3, 4], [0, 0, 1], [0, 0, 6]]
+
+
+def test_sasrec_later_items_never_change_an_earlier_position():
+    torch.manual_seed(0)
+    net = sasrec.SASRecNet(sasrec.SASRecConfig(max_len=6, dim=16, blocks=2, heads=2, dropout=0.0), n_items=20).eval()
+    hist = torch.tensor([[0, 0, 3, 5, 7, 9], [1, 2, 3, 4, 5, 6]])
+    changed = hist.clone()
+    changed[:, 4:] = torch.tensor([[11, 12], [13, 14]])                 # positions 4 and 5 differ
+    a, b = net(hist), net(changed)
+    torch.testing.assert_close(a[:, :4], b[:, :4])
+    assert not torch.allclose(a[:, 4:], b[:, 4:])
+    assert torch.all(a[0, :2] == 0)                                      # padding positions output 0
+
+
+def test_full_cross_entropy_equals_torch_cross_entropy():
+    torch.manual_seed(0)
+    hidden, weights = torch.randn(3, 4, 8), torch.randn(30, 8)
+    targets = torch.tensor([[0, 5, 7, 30], [0, 0, 1, 2], [9, 10, 11, 12]])   # item + 1, 0 = padding
+    real = targets > 0
+    want = F.cross_entropy(hidden[real] @ weights.T, targets[real] - 1)
+    torch.testing.assert_close(sasrec.full_cross_entropy(hidden, weights, targets), want)
+    # sampled softmax over every item with a uniform q is the full loss shifted by nothing
+    all_items = torch.arange(30)
+    log_q = torch.full((30,), -np.log(30.0))
+    got = sasrec.sampled_cross_entropy(hidden, weights, targets, all_items, log_q)
+    torch.testing.assert_close(got, want)
+
+
+def test_sasrec_fits_early_stops_and_reloads(toy_data, tmp_path):
+    from recsys_lib.models import tuning
+    from recsys_lib.protocol.evaluate import Evaluator
+    data = toy_data
+    validate = tuning.validator(Evaluator(data, "valid", ks=(10,)))
+    model = sasrec.SASRec(max_len=8, dim=16, blocks=1, epochs=3, patience=1, batch_size=16, lr=3e-3,
+                          progress=False, verbose=False, device="cpu")
+    with guard.fitting("sasrec"):
+        info = model.fit(data, validate)
+    assert 1 <= info["best_epoch"] <= 3 and info["n_windows"] > 0
+    model.save(tmp_path / "s.pt")
+    again = sasrec.SASRec.load(tmp_path / "s.pt", device="cpu")
+    users = torch.arange(4)
+    ctx = data.context("test")
+    torch.testing.assert_close(model.score_all(users, ctx), again.score_all(users, ctx))
+
+
+# ---------------------------------------------------------------- blend
+def test_unseen_zscore_ignores_seen_and_floored_items():
+    scores = torch.tensor([[1.0, 2.0, 3.0, -1e6, 100.0]])
+    seen = sp.csr_matrix(np.array([[0, 0, 0, 0, 1]], np.float32))
+    z = blend.unseen_zscore(scores, seen, np.array([0]))[0]
+    ref = (np.array([1.0, 2.0, 3.0]) - 2.0) / np.std([1.0, 2.0, 3.0])
+    np.testing.assert_allclose(z[:3].numpy(), ref, rtol=1e-6)
+    assert z[3] == z[:3].min() and z[4] == 0
+
+
+class _Fixed:
+    """A scorer with fixed (n_users, n_items) scores."""
+
+    def __init__(self, table):
+        self.table = torch.as_tensor(table, dtype=torch.float32)
+
+    def score_all(self, users, ctx):
+        return self.table[users].clone()
+
+
+def test_blend_weights_the_model_that_ranks_the_labels():
+    rng = np.random.default_rng(0)
+    n_users, n_items = 40, 30
+    positives = sp.csr_matrix((rng.random((n_users, n_items)) < 0.1).astype(np.float32))
+    good = positives.toarray() + 0.1 * rng.random((n_users, n_items))        # ranks the labels first
+    noise = rng.random((n_users, n_items))
+    seen = sp.csr_matrix((n_users, n_items), dtype=np.float32)
+    users = np.flatnonzero(np.diff(positives.indptr) > 0)
+    ctx = type("Ctx", (), {"seen": seen, "period": "valid"})()
+    labels = Labels(period="valid", users=users, positives=positives[users], ctx=ctx, n_items=n_items)
+    model, table = blend.tune({"noise": _Fixed(noise), "good": _Fixed(good)}, labels, steps=4, verbose=False)
+    assert model.weights == {"good": 1.0}
+    assert table["best"].sum() == 1 and table.loc[table["best"], "valid_metric"].iloc[0] == pytest.approx(1.0)
+    got = model.score_all(torch.from_numpy(users), ctx).numpy()
+    assert (got.argmax(1) == np.argmax(good[users], 1)).all()
