@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from ..errors import ConfigError
-from . import ease, ials, mf, neumf, popularity, two_tower
+from . import ease, ials, mf, neumf, popularity, sasrec, transition, two_tower
 
 
 @dataclass(frozen=True)
@@ -25,6 +25,8 @@ REGISTRY: dict[str, ModelSpec] = {
     "neumf": ModelSpec(neumf.NeuMF, neumf.NeuMFConfig, neumf.tune, "12_neumf"),
     "ease": ModelSpec(ease.EASE, ease.EASEConfig, ease.tune, "13_ease"),
     "ials": ModelSpec(ials.IALS, ials.IALSConfig, ials.tune, "14_ials"),
+    "transition": ModelSpec(transition.Transition, transition.TransitionConfig, transition.tune, "15_transition"),
+    "sasrec": ModelSpec(sasrec.SASRec, sasrec.SASRecConfig, sasrec.tune, "16_sasrec"),
     "two_tower": ModelSpec(two_tower.TwoTower, two_tower.TwoTowerConfig, two_tower.tune, "20_two_tower"),
 }
 

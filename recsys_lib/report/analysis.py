@@ -121,12 +121,18 @@ def is_two_stage(name: str) -> bool:
     return name == "two_stage" or name.startswith("two_stage_")
 
 
+def is_blend(name: str) -> bool:
+    """The score blend of the single-stage models (17_blend): a baseline, not a single model."""
+    return name == "blend"
+
+
 def strongest_single_stage(records: list[dict], metric: str = "ndcg@10") -> dict | None:
-    """The single-stage model (every recorded model but the two-stage ones) with the best
-    *validation* ``metric``: the one the two-stage system must beat. Chosen on validation, so
-    the test period never decides which baseline the headline names."""
+    """The single-stage model (every recorded model but the two-stage ones and the blend of them)
+    with the best *validation* ``metric``: the one the two-stage system must beat. Chosen on
+    validation, so the test period never decides which baseline the headline names."""
     rows = [(r["valid"][metric], r["model"]) for r in records
-            if not is_two_stage(r["model"]) and r.get("valid") and metric in r["valid"]]
+            if not is_two_stage(r["model"]) and not is_blend(r["model"]) and r.get("valid")
+            and metric in r["valid"]]
     if not rows:
         return None
     score, name = max(rows)

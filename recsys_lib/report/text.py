@@ -203,7 +203,14 @@ def headline(paired: dict, metric: str = "ndcg@10") -> str:
     target = paired["target"]
     diff, lo, hi = row[f"{target} - other"], row["95% CI lo"], row["95% CI hi"]
     rel = f" ({100 * diff / row['other']:+.1f}%)" if row.get("other") else ""
-    return (f"The strongest single-stage model on validation is **{best['model']}** (validation {metric} "
+    text = (f"The strongest single-stage model on validation is **{best['model']}** (validation {metric} "
             f"{best[f'valid_{metric}']:.4f}). On the test period the two-stage system ({target}) scores "
             f"{row['target']:.4f} against its {row['other']:.4f}: a paired difference of **{diff:+.4f}**{rel} "
             f"[{lo:+.4f}, {hi:+.4f}], so the two-stage system {verdict(lo, hi)}.")
+    blend = next((r for r in paired["rows"] if r["against"] == "blend"), None)
+    if blend is not None:
+        b_diff, b_lo, b_hi = blend[f"{target} - other"], blend["95% CI lo"], blend["95% CI hi"]
+        text += (f" Against the **blend** of the single-stage models (17_blend; weights chosen on validation), "
+                 f"which scores {blend['other']:.4f}, the difference is **{b_diff:+.4f}** [{b_lo:+.4f}, "
+                 f"{b_hi:+.4f}]: the two-stage system {verdict(b_lo, b_hi)}.")
+    return text

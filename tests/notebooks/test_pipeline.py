@@ -10,7 +10,7 @@ from recsys_lib.run import layout
 from recsys_lib.errors import PipelineError
 from recsys_lib.protocol.evaluate import Labels
 
-MODELS = ["popularity", "mf", "neumf", "ease", "ials", "two_tower", "two_stage"]
+MODELS = ["popularity", "mf", "neumf", "ease", "ials", "transition", "sasrec", "blend", "two_tower", "two_stage"]
 
 
 def random_ndcg(report, period: str) -> float:
@@ -57,14 +57,14 @@ def test_metrics_json_holds_every_model_in_bounds(report):
     # scores ~0.10), and EASE and the two-stage system beat popularity by 30% (they score ~2.3x it).
     test = {n: m["models"][n]["test"]["ndcg@10"] for n in MODELS}
     floor = random_ndcg(report, "test")
-    for name in ("mf", "neumf", "ease", "ials", "two_tower", "two_stage"):
+    for name in ("mf", "neumf", "ease", "ials", "transition", "sasrec", "blend", "two_tower", "two_stage"):
         assert test[name] > 2 * floor, (name, floor, test)
     for name in ("ease", "two_stage"):
         assert test[name] > 1.3 * test["popularity"], test
     users = {m["models"][n]["test"]["users"] for n in MODELS}
     assert len(users) == 1, "every model is scored on the same test users"
     # every grid-searched baseline records what it searched and whether a choice is at an edge
-    for name in ("mf", "neumf", "ease", "ials"):
+    for name in ("mf", "neumf", "ease", "ials", "transition", "sasrec"):
         t = m["models"][name]["tuning"]
         assert t["configs"] >= 2 and t["axes"] and isinstance(t["at_edge"], list), name
     paired = json.loads((report.parent.parent.parent / "data" / "runs" / "synthetic-tiny" / "quick"
@@ -76,10 +76,12 @@ def test_metrics_json_holds_every_model_in_bounds(report):
     search = {r["variant"]: r for r in m["models"]["two_stage"]["search"]}
     assert min(search["lgbm"]["window_lists"]) > 0 and max(search["id_mlp"]["window_lists"]) == 0
     recall = json.loads((run_dir / "candidates" / "recall.json").read_text())["valid"]
-    assert set(recall) == {"retriever", "ease", "ials", "union"}
-    assert recall["union"]["recall@100"] >= max(recall[s]["recall@100"] for s in ("retriever", "ease", "ials"))
+    sources = ("retriever", "ease", "ials", "transition")
+    assert set(recall) == {*sources, "union"}
+    assert recall["union"]["recall@100"] >= max(recall[s]["recall@100"] for s in sources)
     best = paired["strongest_single_stage"]
-    valid = {n: r["valid"]["ndcg@10"] for n, r in m["models"].items() if not n.startswith("two_stage")}
+    valid = {n: r["valid"]["ndcg@10"] for n, r in m["models"].items()
+             if not n.startswith("two_stage") and n != "blend"}          # the blend is not one model
     assert best["model"] == max(valid, key=valid.get)
 
 
