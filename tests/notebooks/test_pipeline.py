@@ -76,7 +76,7 @@ def test_metrics_json_holds_every_model_in_bounds(report):
     search = {r["variant"]: r for r in m["models"]["two_stage"]["search"]}
     assert min(search["lgbm"]["window_lists"]) > 0 and max(search["id_mlp"]["window_lists"]) == 0
     recall = json.loads((run_dir / "candidates" / "recall.json").read_text())["valid"]
-    sources = ("retriever", "ease", "ials", "transition")
+    sources = ("retriever", "ease", "ials")
     assert set(recall) == {*sources, "union"}
     assert recall["union"]["recall@100"] >= max(recall[s]["recall@100"] for s in sources)
     best = paired["strongest_single_stage"]
