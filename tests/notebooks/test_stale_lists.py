@@ -24,7 +24,7 @@ def test_stale_lists_train_the_reranker_and_validation_scores_the_fresh_lists(bu
     run = tmp_path / "data" / "runs" / "synthetic-tiny" / "quick"
     stale = json.loads((run / "stale" / "summary.json").read_text())
     window = json.loads((run / "window" / "summary.json").read_text())   # both from one refit
-    assert stale["models"] == window["models"] == ["ease", "ials", "mf"]
+    assert stale["models"] == window["models"] == ["ease", "ials", "mf", "sasrec", "transition"]
     assert set(stale["refit_sources_valid_ndcg@10"]) == {"ease", "ials"}
     fresh = pd.read_parquet(run / "candidates" / "valid.parquet")
     lists = pd.read_parquet(run / "stale" / "candidates.parquet")
