@@ -19,6 +19,9 @@ def test_strongest_single_stage_is_chosen_on_validation_not_test():
     best = analysis.strongest_single_stage(records)
     assert best == {"model": "ease", "valid_ndcg@10": 0.10}
     assert analysis.strongest_single_stage([_rec("two_stage", 0.2, 0.2)]) is None
+    # the blend (its weights chosen on validation, so its validation score is in-sample) is never
+    # the single-stage model the headline names, however high it scores there
+    assert analysis.strongest_single_stage(records + [_rec("blend", 0.5, 0.1)])["model"] == "ease"
 
 
 def test_paired_table_and_headline_follow_the_interval():
@@ -37,6 +40,12 @@ def test_paired_table_and_headline_follow_the_interval():
     per_user["two_stage"] = per_user["ease"].assign(**{"ndcg@10": base + rng.normal(0, 0.01, 400)})
     rows = analysis.paired_table(per_user, "two_stage", n_bootstrap=200, seed=0)
     assert "does not separate" in report.headline({**paired, "rows": rows.to_dict("records")})
+    assert "blend" not in text                                   # no blend recorded: no blend sentence
+    per_user["blend"] = per_user["ease"].assign(**{"ndcg@10": base + 0.01})
+    rows = analysis.paired_table(per_user, "two_stage", n_bootstrap=200, seed=0)
+    blend = rows.set_index("against").loc["blend"]
+    text = report.headline({**paired, "rows": rows.to_dict("records")})
+    assert "**ease**" in text and "**blend**" in text and f"{blend['two_stage - other']:+.4f}" in text
 
 
 def test_tuning_table_flags_edges(tmp_path):
