@@ -63,7 +63,8 @@ def run_of(job: dict, run_dir: Path, device: torch.device) -> Run:
 def _work_tune(job: dict, run_dir: Path, device: torch.device, out: Path) -> None:
     run = run_of(job, run_dir, device)
     config.seed_everything(run.seed)
-    validate = run.early_stopping_metric(job["n_early_stopping_users"], job["metric"], job["history_len"])
+    validate = run.early_stopping_metric(job["n_early_stopping_users"], job["metric"], job["history_len"],
+                                        model=job["name"])
     t0 = time.perf_counter()
     with guard.fitting(job["name"]):
         model, search = resolve(job["tune"])(run.data, run.params.get(job["section"], {}), validate,

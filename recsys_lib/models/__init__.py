@@ -25,6 +25,7 @@ class Recommender:
 
     name: str = "model"
     Config: type = object
+    scores_tie: bool = False     # exact ties are common (counts): early stopping ranks full lists
 
     def configure(self, config=None, **overrides) -> None:
         """``self.cfg`` (``config``, or the defaults, with keyword ``overrides``) and ``self.device``."""

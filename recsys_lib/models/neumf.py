@@ -36,7 +36,8 @@ class NeuMFConfig:
     patience: int = 3                      # validation checks without improvement before stopping
     eval_every: int = 1                    # epochs between validation checks
     init_std: float = 0.05                 # normal init of the embeddings
-    score_chunk: int = 2 ** 24             # max B * C * hidden floats per scoring chunk
+    score_chunk: int = 2 ** 20             # max B * C * hidden floats per scoring chunk (4 MB: stays
+                                           # in cache; 2**24 made a validation pass 3-4x slower)
     device: str = "auto"                   # auto -> cuda, mps, cpu
     seed: int | None = 0                   # init, batch order and negatives
     progress: bool = True                  # tqdm bars

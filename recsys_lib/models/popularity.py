@@ -31,6 +31,7 @@ class PopularityConfig:
 
 class Popularity(torch.nn.Module, Recommender):
     name = "popularity"
+    scores_tie = True             # counts: tied items' order may depend on the list length
     Config = PopularityConfig
 
     def __init__(self, config: PopularityConfig | None = None, **overrides):

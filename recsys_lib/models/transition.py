@@ -92,6 +92,7 @@ def transition_matrix(rows, n_items: int, window: int, gap_decay: float = 1.0, p
 
 class Transition(torch.nn.Module, Recommender):
     name = "transition"
+    scores_tie = True             # counts: tied items' order may depend on the list length
     Config = TransitionConfig
 
     def __init__(self, config: TransitionConfig | None = None, **overrides):

@@ -18,6 +18,7 @@ import copy
 import dataclasses
 import gc
 import itertools
+import math
 import time
 from typing import Any, Callable, Iterable
 
@@ -31,14 +32,17 @@ from ..protocol.evaluate import HEADLINE
 SEARCH_KEYS = ("grid", "max_edge_steps")     # params keys that steer the search, not the model
 
 
-def validator(evaluator, metric: str = HEADLINE) -> Callable[[Any], float]:
-    """``validate(scorer) -> float``: ``metric`` of ``scorer`` on the evaluator's period.
+def validator(evaluator, metric: str = HEADLINE, full_lists: bool = False) -> Callable[[Any], float]:
+    """``validate(scorer) -> float``: ``metric`` of ``scorer`` on the evaluator's period, from
+    the head of the ranked lists the metric reads (`Evaluator.metric`; ``full_lists`` ranks the
+    evaluator's longest lists, for scores with exact ties).
 
     Build the evaluator (e.g. ``Evaluator(data, "valid", ks=(10,))``) outside any fitting context:
     it reads the period's labels once, at construction; calling this callback reads no rows."""
     def validate(scorer) -> float:
-        return float(evaluator(scorer).means()[metric])
+        return evaluator.metric(scorer, metric, full_lists)
     validate.evaluator = evaluator  # type: ignore[attr-defined]
+    validate.full_lists = full_lists  # type: ignore[attr-defined]
     return validate
 
 
@@ -68,7 +72,9 @@ def grid_search(build: Callable[[dict], Any], fit: Callable[[Any], dict],
     out until validation stops improving (``extend_axes``).
 
     ``fit(model) -> dict`` trains the model (it may early-stop on the same ``validate``);
-    ``validate(model) -> float`` is evaluated once more after fitting (higher is better).
+    ``validate(model) -> float`` is evaluated once more after fitting (higher is better), unless
+    the fit reports a finite ``best_metric``: the model early-stopped on ``validate`` and holds
+    the state that scored it (train.fit_loop restores it), so scoring it again gives that number.
     Returns ``(best_model, best_params, table)``: one row per configuration with its parameters,
     ``valid_metric``, ``fit_seconds``, ``best_epoch`` (when the fit reports one), ``stage``
     (``grid`` or ``edge``) and ``best``."""
@@ -80,7 +86,9 @@ def grid_search(build: Callable[[dict], Any], fit: Callable[[Any], dict],
         t0 = time.perf_counter()
         info = fit(model) or {}
         fit_seconds = time.perf_counter() - t0
-        score = float(validate(model))
+        score = float(info.get("best_metric", float("nan")))
+        if not math.isfinite(score):
+            score = float(validate(model))
         row = {**{k: _cell(v) for k, v in params.items()}, "valid_metric": score, "fit_seconds": fit_seconds}
         if "best_epoch" in info:
             row["best_epoch"] = info["best_epoch"]

@@ -560,10 +560,10 @@ def tune(data: SplitData, params_section: dict, validate_recall: Callable[[Any],
         with guard.fitting(TwoTower.name):
             info = model.fit(data, score)
         fit_seconds = time.perf_counter() - t0
-        res = validate_recall(model)
-        m = _metrics_of(res)
-        if not isinstance(res, dict) and not hasattr(res, "means") and hasattr(validate_recall, "evaluator"):
-            m = {**validate_recall.evaluator(model).means(), metric: float(res)}
+        if hasattr(validate_recall, "evaluator"):     # one full pass gives the table's metrics and the value
+            m = validate_recall.evaluator(model).means()
+        else:
+            m = _metrics_of(validate_recall(model))
         value = float(m.get(metric, m.get("recall@500", float("nan"))))
         rates = [r["samples_per_s"] for r in info["records"] if r.get("samples_per_s")]
         softmax = OBJECTIVES[cfg.variant].reads_temperature

@@ -118,10 +118,12 @@ class Run:
         return self._evaluators[key]
 
     def early_stopping_metric(self, max_users: int | None = None, metric: str = HEADLINE,
-                              history_len: int | None = None):
+                              history_len: int | None = None, model: str | None = None):
         """A callback ``validate(scorer) -> float``: validation ``metric`` (nDCG@10 unless told;
-        optionally on a user sample, with histories of ``history_len`` items)."""
-        return tuning.validator(self.evaluator("valid", max_users, history_len), metric)
+        optionally on a user sample, with histories of ``history_len`` items). It ranks only the
+        lists' head the metric reads, unless the registered ``model``'s scores tie (`tuning.validator`)."""
+        ties = model in REGISTRY and getattr(REGISTRY[model].cls, "scores_tie", False)
+        return tuning.validator(self.evaluator("valid", max_users, history_len), metric, full_lists=ties)
 
     def score(self, model: Any, name: str, periods=("valid", "test"),
               history_len: int | None = None) -> dict[str, EvalResult]:
@@ -143,7 +145,7 @@ class Run:
         ``extra`` keys are written into the metrics JSON."""
         section = section or name
         tune = tune or REGISTRY[name].tune
-        validate = self.early_stopping_metric(n_early_stopping_users, metric, history_len)
+        validate = self.early_stopping_metric(n_early_stopping_users, metric, history_len, model=name)
         t0 = time.perf_counter()
         with guard.fitting(name):     # dist.nproc > 1: the same search in torchrun processes
             model, search = launch.tune(self, name, tune, validate, section, metric, history_len,

@@ -185,6 +185,15 @@ def tiny_run(tmp_path_factory):
     mp.undo()
 
 
+def test_early_stopping_ranks_full_lists_only_for_models_whose_scores_tie(tiny_run):
+    """Run.early_stopping_metric (the notebooks' and the workers' callback) ranks the list head
+    for learnt scores and the full lists for counts, whose tied items' order depends on k."""
+    assert tiny_run.early_stopping_metric(model="popularity").full_lists
+    assert tiny_run.early_stopping_metric(model="transition").full_lists
+    assert not tiny_run.early_stopping_metric(model="mf").full_lists
+    assert not tiny_run.early_stopping_metric().full_lists
+
+
 def _with_nproc(run, nproc: int):
     from dataclasses import replace
     return replace(run, params={**run.params, "dist": {**run.params["dist"], "nproc": nproc}},

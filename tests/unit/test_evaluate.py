@@ -71,3 +71,36 @@ def test_agrees_with_ranx_on_a_real_model(toy_data):
     np.testing.assert_allclose(scores["recall@10"], res.per_user["recall@10"], atol=1e-9)
     r50 = ranx.evaluate(ranx.Qrels(qrels), ranx.Run(run50), "recall@50", return_mean=False)
     np.testing.assert_allclose(r50, res.per_user["recall@50"], atol=1e-9)
+
+
+class Learnt:
+    """Continuous scores with no ties, like a trained embedding model's."""
+
+    def __init__(self, n_items, seed=0):
+        self.w = torch.randn(4096, n_items, generator=torch.Generator().manual_seed(seed))
+
+    def score_all(self, users, ctx):
+        return self.w[users].clone()
+
+
+class Counts:
+    """Integer scores: many exact ties, like popularity's or the transition model's."""
+
+    def __init__(self, n_items, seed=0):
+        self.w = torch.randint(0, 3, (4096, n_items), generator=torch.Generator().manual_seed(seed)).float()
+
+    def score_all(self, users, ctx):
+        return self.w[users].clone()
+
+
+def test_one_metric_from_the_list_head_equals_the_full_evaluation(toy_data):
+    """Early stopping ranks only the head a metric reads (Evaluator.metric); where no scores tie
+    that is bit for bit the full evaluation's number, so epochs and choices are unchanged."""
+    ev = Evaluator(toy_data, "valid", ks=(10, 20, 50), batch_users=5)
+    scorer = Learnt(toy_data.n_items)
+    full = ev(scorer).means()
+    for metric in ("ndcg@10", "recall@20", "recall@50", "hit_rate@10"):
+        assert ev.metric(scorer, metric) == full[metric]
+    # scores with ties: the full lists, as the evaluation ranks them
+    counts = Counts(toy_data.n_items)
+    assert ev.metric(counts, "ndcg@10", full_lists=True) == ev(counts).means()["ndcg@10"]

@@ -171,6 +171,19 @@ def test_neumf_batched_scoring_equals_pairwise_forward(fitted_neumf, toy_data):
     torch.testing.assert_close(full.flatten(), pairs.detach(), rtol=1e-5, atol=1e-5)
 
 
+def test_neumf_scores_do_not_depend_on_the_chunk_size():
+    """The default chunk (2**20) was 2**24: every item's scores are computed alone either way, so
+    the rankings, early stopping and metrics are bit for bit those of the larger chunk."""
+    model = NeuMF(NeuMFConfig(seed=0, device="cpu", verbose=False, progress=False)).build(1100, 3001)
+    users = torch.arange(1024)
+    scores = {}
+    for chunk in (2 ** 24, NeuMFConfig.score_chunk, 2 ** 16):
+        model.cfg.score_chunk = chunk
+        scores[chunk] = model.score_all(users)
+    assert NeuMFConfig.score_chunk == 2 ** 20
+    assert torch.equal(scores[2 ** 24], scores[2 ** 20]) and torch.equal(scores[2 ** 24], scores[2 ** 16])
+
+
 def test_neumf_needs_an_mlp_layer(toy_data):
     with pytest.raises(ConfigError):
         NeuMF(NeuMFConfig(layers=[], **QUIET)).build(3, 4)
@@ -439,3 +452,15 @@ def test_ease_item_cap_keeps_the_most_rated_items_and_ranks_the_rest_last(toy_da
     torch.testing.assert_close(capped.score_pairs(users, items, ctx), scores[torch.arange(20), items])
     capped.save(tmp_path / "ease.pt")
     torch.testing.assert_close(EASE.load(tmp_path / "ease.pt").score_all(users, ctx), scores)
+
+
+def test_grid_search_takes_the_early_stopped_score_and_it_is_the_models(toy_data, validate):
+    """grid_search records the fit's best_metric instead of validating once more: the model holds
+    the early-stopped state, so that is the score a fresh validation pass gives (bit for bit)."""
+    section = {"dim": 8, "epochs": 3, "patience": 1, "grid": {"lr": [0.003, 0.01]}, "max_edge_steps": 0}
+    model, table = tuning.tune_model(MF, toy_data, section, validate, **QUIET, seed=0)
+    best = table.loc[table["best"]].iloc[0]
+    assert best["valid_metric"] == validate(model)
+    assert best["valid_metric"] == model.curve.best_metric
+    # tie-prone models validate on the full lists (the notebooks' callback, Run.early_stopping_metric)
+    assert Popularity.scores_tie and not MF.scores_tie
