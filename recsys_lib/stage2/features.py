@@ -139,8 +139,8 @@ def time_features(rows, users: np.ndarray, items: np.ndarray, years: np.ndarray,
     at_year = 1970 + at / (365.2425 * DAY)
     age = at_year - years[items]
     out["item_age_at_user"] = np.where(np.isnan(age), np.nanmedian(age) if np.isfinite(age).any() else 0.0, age)
-    order = np.argsort(rows.timestamp, kind="stable")
-    ts_sorted = rows.timestamp[order]
+    ts = rows.timestamp
+    ts_sorted = ts if bool(np.all(ts[1:] >= ts[:-1])) else np.sort(ts)     # known rows come in time order
     for days in (30, 365):
         c = item_counts_before(rows, items, at, days)
         total = np.searchsorted(ts_sorted, at, side="right") - np.searchsorted(ts_sorted, at - days * DAY, side="right")

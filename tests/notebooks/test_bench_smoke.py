@@ -60,3 +60,13 @@ def test_bench_features_smoke():
     assert proc.returncode == 0, proc.stderr[-3000:]
     m = re.search(r"4,000 candidate rows over 5,000 rows in ([0-9.]+) s, peak RSS ([0-9.]+) GB", proc.stdout)
     assert m and float(m.group(2)) > 0, proc.stdout
+
+
+def test_bench_speedups_smoke():
+    """scripts/bench_speedups.py at a small size: every row's old and new paths agree (it exits
+    non-zero when one does not) and the table prints."""
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_speedups.py"), "--users", "300",
+                           "--items", "250", "--rows", "6000", "--valid-users", "200", "--repeat", "1"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert sum(" yes " in line for line in proc.stdout.splitlines()) == 3, proc.stdout

@@ -152,3 +152,23 @@ def test_label_window_global_temporal(toy_data):
     n = len(toy_data.train)
     assert len(w.valid) == n - (n * 9) // 10
     assert w.train.timestamp.max() <= w.valid.timestamp.min()
+
+
+def test_time_features_skip_the_sort_of_rows_in_time_order_with_the_same_result():
+    """time_features sorts the known rows' timestamps only when they are out of order (the split's
+    rows come in time order): the features are the same for the rows in order and shuffled."""
+    from recsys_lib.protocol.splitdata import Period
+    from recsys_lib.stage2.features import time_features
+    rng = np.random.default_rng(0)
+    n, n_users, n_items = 4000, 60, 90
+    ts = np.sort(rng.integers(1_500_000_000, 1_600_000_000, n))
+    rows = Period(rng.integers(0, n_users, n), rng.integers(0, n_items, n), rng.integers(1, 6, n).astype(np.float32), ts)
+    perm = rng.permutation(n)
+    shuffled = Period(rows.user[perm], rows.item[perm], rows.rating[perm], rows.timestamp[perm])
+    users, items = rng.integers(0, n_users, 500), rng.integers(0, n_items, 500)
+    years = rng.uniform(1950, 2020, n_items)
+    a = time_features(rows, users, items, years, n_users)
+    b = time_features(shuffled, users, items, years, n_users)
+    assert a.keys() == b.keys()
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
