@@ -206,8 +206,9 @@ class Evaluator:
         """The mean of one metric (``ndcg@10``, ``recall@500``) of ``scorer``, ranking only the
         head of each list that metric reads (at least 10 items), not ``max(ks)``.
 
-        Why: early stopping reads one number per epoch, and the top-1000 ranking cost 5-6 times
-        the top-10 (``make bench-eval``). ``torch.topk`` returns the same items in the same order
+        Why: early stopping reads one number per epoch, and ranking the top 1,000 made a pass
+        1.8x (ml-32m sizes) to 10x (the demo) slower than the top 10 (``make bench-speedups``,
+        ``--users/--items/--rows`` for other sizes). ``torch.topk`` returns the same items in the same order
         for any k wherever no two scores tie, so for learnt scores this is the full lists' value;
         models whose scores tie (counts: popularity, transition) pass ``full_lists``, because the
         order of tied items may depend on k."""

@@ -104,3 +104,18 @@ def test_one_metric_from_the_list_head_equals_the_full_evaluation(toy_data):
     # scores with ties: the full lists, as the evaluation ranks them
     counts = Counts(toy_data.n_items)
     assert ev.metric(counts, "ndcg@10", full_lists=True) == ev(counts).means()["ndcg@10"]
+
+
+def test_one_metric_ranks_only_the_head_it_reads(toy_data, monkeypatch):
+    """The early-stopping pass asks rank_topk for 10 items for nDCG@10 (20 for Recall@20), and for
+    the longest lists when scores tie: the speed-up is there, and its opt-out works."""
+    from recsys_lib.protocol import evaluate as ev_mod
+    asked = []
+    real = ev_mod.rank_topk
+    monkeypatch.setattr(ev_mod, "rank_topk", lambda scorer, users, ctx, k, *a, **kw: asked.append(k) or real(scorer, users, ctx, k, *a, **kw))
+    ev = Evaluator(toy_data, "valid", ks=(10, 20, 50))
+    scorer = Learnt(toy_data.n_items)
+    ev.metric(scorer, "ndcg@10")
+    ev.metric(scorer, "recall@20")
+    ev.metric(scorer, "ndcg@10", full_lists=True)
+    assert asked == [10, 20, 50]
