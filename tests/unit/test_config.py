@@ -133,7 +133,7 @@ def test_profiles_extend_full_and_grids_replace_whole():
     quick, full = config.load_params("quick", "synthetic-tiny"), config.load_params("full", "synthetic-tiny")
     assert quick["mf"]["grid"] == {"lr": [0.01, 0.03]}              # not merged with full's dim axis
     assert quick["mf"]["l2"] == full["mf"]["l2"] and quick["history_len"] == full["history_len"]  # inherited
-    assert config.load_params("full", "ml-32m")["mf"]["grid"] == {"dim": [16, 32, 64], "lr": [0.003]}
+    assert config.load_params("full", "ml-32m")["mf"]["grid"] == {"dim": [32, 64], "lr": [0.003, 0.01]}
     assert config.load_params("full", "synthetic")["neumf"]["grid"] == {"lr": [0.003], "n_neg": [4, 16]}
     assert config.load_params("quick", "ml-32m")["mf"]["epochs"] == 2   # full's dataset caps are full's own
 
