@@ -36,6 +36,8 @@ from . import Recommender
 NORMALISE = ("none", "row", "sqrt")
 TIE_BREAK = 1e-12          # popularity share in [0, 1) times this: orders only exact ties
 KEEP_TABLES = 2            # transition tables a scoring context keeps
+CHUNK_PAIRS = 1 << 25      # (row, gap) pairs counted at once (`transition_counts`): ~1 GB of work
+BLOCK = 1 << 24            # table entries converted at once (`transition_matrix`)
 
 
 @dataclass
@@ -51,25 +53,57 @@ class TransitionConfig:
 
 
 def transition_counts(rows, n_items: int, window: int, gap_decay: float = 1.0,
-                      positives_only: bool = False) -> tuple[np.ndarray, np.ndarray]:
+                      positives_only: bool = False,
+                      chunk_pairs: int = CHUNK_PAIRS) -> tuple[np.ndarray, np.ndarray]:
     """Item-to-item transitions in ``rows``: (sorted keys i * n_items + j, weights), where a pair
     counts for every time a user rated j within ``window`` ratings after i (each user's rows in time
     order; ties by item id, as the splits order them), weighing ``gap_decay ** (d - 1)`` at d ratings
-    apart (1: plain counts). ``positives_only`` keeps the rows rated >= 4 first."""
+    apart (1: plain counts). ``positives_only`` keeps the rows rated >= 4 first.
+
+    The pairs are counted in chunks of source items of about ``chunk_pairs`` pairs each, so memory
+    grows with the distinct pairs, not with every (row, gap) pair at once (ML-32M at window 40:
+    193 M pairs). Within a chunk the pairs are taken gap by gap, in row order, as in one pass over
+    all of them, so every weight is summed in the same order: the counts do not depend on the chunk
+    size (tests/unit/test_sequential.py)."""
     keep = rows.rating >= 4.0 if positives_only else np.ones(len(rows), bool)
     user = np.asarray(rows.user, np.int64)[keep]
     item = np.asarray(rows.item, np.int64)[keep]
     order = np.lexsort((item, np.asarray(rows.timestamp)[keep], user))
     u, it = user[order], item[order]
-    keys, weights = [], []
-    for d in range(1, int(window) + 1):                   # window is small: loop over gaps, not rows
-        same = u[d:] == u[:-d]
-        keys.append(it[:-d][same] * n_items + it[d:][same])
-        weights.append(np.full(int(same.sum()), float(gap_decay) ** (d - 1)))
-    if not keys:
+    gaps = range(1, int(window) + 1)                       # window is small: loop over gaps, not rows
+    idx = np.int32 if len(u) < 2 ** 31 else np.int64
+    same = {d: np.flatnonzero(u[d:] == u[:-d]).astype(idx) for d in gaps}   # row p pairs with row p + d
+    if not any(len(s) for s in same.values()):
         return np.zeros(0, np.int64), np.zeros(0)
-    uniq, inverse = np.unique(np.concatenate(keys), return_inverse=True)
-    return uniq, np.bincount(inverse, weights=np.concatenate(weights), minlength=len(uniq))
+    starts = sum(np.bincount(it[s], minlength=n_items) for s in same.values())   # pairs by source item
+    cut = np.searchsorted(np.cumsum(starts), np.arange(1, starts.sum() // max(int(chunk_pairs), 1) + 1)
+                          * max(int(chunk_pairs), 1), side="right")
+    bounds = np.unique(np.r_[0, cut, n_items].clip(0, n_items))
+    out_keys, out_weights = [], []
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        keys, weights = [], []
+        for d, s in same.items():
+            s = s[(it[s] >= lo) & (it[s] < hi)]
+            keys.append(it[s] * n_items + it[s + d])
+            weights.append(np.full(len(s), float(gap_decay) ** (d - 1)))
+        uniq, inverse = np.unique(np.concatenate(keys), return_inverse=True)
+        out_keys.append(uniq)
+        out_weights.append(np.bincount(inverse, weights=np.concatenate(weights), minlength=len(uniq)))
+        del keys, weights, inverse
+    del same
+    return concatenate_freeing(out_keys), concatenate_freeing(out_weights)
+
+
+def concatenate_freeing(parts: list[np.ndarray]) -> np.ndarray:
+    """``np.concatenate(parts)``, emptying ``parts`` as it copies: the pages of the result are
+    touched as each part is freed, so the peak is the result plus one part, not twice the result."""
+    out = np.empty(sum(len(p) for p in parts), parts[0].dtype if parts else np.float64)
+    pos = 0
+    while parts:
+        part = parts.pop(0)
+        out[pos:pos + len(part)] = part
+        pos += len(part)
+    return out
 
 
 def transition_matrix(rows, n_items: int, window: int, gap_decay: float = 1.0, positives_only: bool = False,
@@ -79,15 +113,25 @@ def transition_matrix(rows, n_items: int, window: int, gap_decay: float = 1.0, p
     if normalise not in NORMALISE:
         raise ConfigError(f"transition.normalise must be one of {NORMALISE}, got {normalise!r}")
     keys, w = transition_counts(rows, n_items, window, gap_decay, positives_only)
-    src, dst = keys // n_items, keys % n_items
+    src, dst = np.empty(len(keys), np.int32), np.empty(len(keys), np.int32)
+    for a in range(0, len(keys), BLOCK):                                # int32, without int64 temporaries
+        src[a:a + BLOCK], dst[a:a + BLOCK] = np.divmod(keys[a:a + BLOCK], n_items)
+    del keys
     out_deg = np.bincount(src, weights=w, minlength=n_items)
     in_deg = np.bincount(dst, weights=w, minlength=n_items)
-    if normalise == "row":
-        w = w / out_deg[src]
-    elif normalise == "sqrt":
-        w = w / np.sqrt(out_deg[src] * in_deg[dst])
+    data = np.empty(len(w), np.float32)
+    for a in range(0, len(w), BLOCK):                                   # elementwise: same values
+        b, s, d = slice(a, a + BLOCK), src[a:a + BLOCK], dst[a:a + BLOCK]
+        if normalise == "row":
+            data[b] = w[b] / out_deg[s]
+        elif normalise == "sqrt":
+            data[b] = w[b] / np.sqrt(out_deg[s] * in_deg[d])
+        else:
+            data[b] = w[b]
+    del w
     indptr = np.r_[0, np.cumsum(np.bincount(src, minlength=n_items))]   # keys are sorted: csr order
-    return sp.csr_matrix((w.astype(np.float32), dst, indptr), shape=(n_items, n_items))
+    del src
+    return sp.csr_matrix((data, dst, indptr), shape=(n_items, n_items))
 
 
 class Transition(torch.nn.Module, Recommender):

@@ -45,6 +45,54 @@ def test_transition_counts_weigh_gaps_and_keep_positives():
     np.testing.assert_allclose(np.asarray(T.sum(1)).ravel()[[1, 2]], [1.0, 1.0], rtol=1e-6)
 
 
+def _one_pass_counts(rows, n_items, window, gap_decay):
+    """Every (row, gap) pair at once, as transition_counts counted before it chunked."""
+    order = np.lexsort((rows.item, rows.timestamp, rows.user))
+    u, it = rows.user[order].astype(np.int64), rows.item[order].astype(np.int64)
+    keys, weights = [], []
+    for d in range(1, window + 1):
+        same = u[d:] == u[:-d]
+        keys.append(it[:-d][same] * n_items + it[d:][same])
+        weights.append(np.full(int(same.sum()), gap_decay ** (d - 1)))
+    uniq, inverse = np.unique(np.concatenate(keys), return_inverse=True)
+    return uniq, np.bincount(inverse, weights=np.concatenate(weights), minlength=len(uniq))
+
+
+def _random_rows(n=3000, n_users=30, n_items=50, seed=0):
+    rng = np.random.default_rng(seed)
+    return Period(user=rng.integers(0, n_users, n), item=rng.integers(0, n_items, n),
+                  rating=rng.choice([2.0, 4.0, 5.0], n).astype(np.float32), timestamp=rng.integers(0, 40, n))
+
+
+@pytest.mark.parametrize("chunk_pairs", [1, 97, 1 << 25])
+def test_transition_counts_do_not_depend_on_the_chunk_size(chunk_pairs):
+    """Chunking by source item bounds memory; every weight is still summed in one pass's order."""
+    rows = _random_rows()
+    want_keys, want_w = _one_pass_counts(rows, 50, window=6, gap_decay=0.7)
+    keys, w = transition.transition_counts(rows, 50, window=6, gap_decay=0.7, chunk_pairs=chunk_pairs)
+    assert np.array_equal(keys, want_keys) and keys.dtype == np.int64
+    assert np.array_equal(w, want_w)                                  # bit for bit, not approx
+
+
+@pytest.mark.parametrize("normalise", transition.NORMALISE)
+def test_transition_matrix_does_not_depend_on_its_block_size(normalise, monkeypatch):
+    rows = _random_rows(seed=1)
+    want = transition.transition_matrix(rows, 50, 4, 0.9, normalise=normalise)
+    monkeypatch.setattr(transition, "BLOCK", 7)
+    got = transition.transition_matrix(rows, 50, 4, 0.9, normalise=normalise)
+    keys, w = _one_pass_counts(rows, 50, 4, 0.9)
+    assert got.nnz == len(keys) and np.array_equal(got.indices, keys % 50)
+    assert np.array_equal(got.indptr, want.indptr) and np.array_equal(got.data, want.data)
+    if normalise == "none":
+        assert np.array_equal(got.data, w.astype(np.float32))
+
+
+def test_concatenate_freeing_empties_its_parts():
+    parts = [np.arange(3), np.arange(0), np.arange(5, 7)]
+    out = transition.concatenate_freeing(parts)
+    assert out.tolist() == [0, 1, 2, 5, 6] and parts == []
+
+
 def test_sequence_features_count_with_the_transition_model():
     """The re-ranker's sequence features and the transition model share one count."""
     assert rf.transition_counts is transition.transition_counts
@@ -170,3 +218,18 @@ def test_blend_weights_the_model_that_ranks_the_labels():
     assert table["best"].sum() == 1 and table.loc[table["best"], "valid_metric"].iloc[0] == pytest.approx(1.0)
     got = model.score_all(torch.from_numpy(users), ctx).numpy()
     assert (got.argmax(1) == np.argmax(good[users], 1)).all()
+
+
+def test_blend_ndcg_does_not_depend_on_the_user_batch():
+    """Batches bound the temporaries only: same per-user top-k (ties included), same mean."""
+    rng = np.random.default_rng(3)
+    n_users, n_items = 23, 40
+    z = {"a": rng.integers(0, 3, (n_users, n_items)).astype(np.float32),    # many exact ties
+         "b": rng.standard_normal((n_users, n_items)).astype(np.float32)}
+    seen = sp.csr_matrix((rng.random((n_users, n_items)) < 0.2).astype(np.float32))
+    positives = sp.csr_matrix(((rng.random((n_users, n_items)) < 0.15) & (seen.toarray() == 0)).astype(np.float32))
+    for weights in ({"a": 1.0}, {"a": 0.25, "b": 0.75}):
+        whole = blend.blend_ndcg(z, weights, seen, positives, k=10, batch_users=n_users)
+        assert 0 < whole < 1
+        for batch in (1, 5, 1024):
+            assert blend.blend_ndcg(z, weights, seen, positives, k=10, batch_users=batch) == whole
