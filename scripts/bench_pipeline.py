@@ -16,6 +16,13 @@
    variant) and the full-catalogue evaluation time of the validation users.
 4. Writes ``<out>/bench.json`` and ``<out>/index.html`` (standalone; the goals and whether each
    was met) and prints the stage table.
+5. ``--baseline FILE`` (repeatable; default: the newest ``docs/bench/*.json``, a committed record
+   of an earlier bench) puts that bench's seconds and peak RSS beside each stage, with the ratio
+   before / after: the machine is noisy, so compare ratios, not seconds. A baseline stage named
+   ``a+b+c`` (a group the earlier bench only measured together) is compared with the sum of
+   this run's stages ``a``, ``b`` and ``c``. ``<out>/stages.json`` is this run's own record in
+   that format, to commit under ``docs/bench/`` for the next comparison. ``--compare-only
+   BENCH_JSON`` runs nothing and prints a finished bench's comparison.
 
 The split is cached in ``data/processed/<dataset>/`` (and the ratings' Arrow cache next to it):
 a stage that found its cache is marked ``cached``; ``--fresh`` removes the run folder and the
@@ -44,9 +51,10 @@ from recsys_lib.run import layout  # noqa: E402
 from recsys_lib.run.experiment import collect_metrics, default_run_dir  # noqa: E402
 
 GB = 1024 ** 3
+BASELINE_DIR = Path(__file__).resolve().parents[1] / "docs" / "bench"
 SMOKE_ONLY = ["00", "01", "10", "90"]
-# Goals of the scale study (issue): on 2 cores, CPU only.
-GOAL_STUDY_SECONDS = 90 * 60
+# Goals of the scale study (issues 20 and 27): on 2 cores, CPU only.
+GOAL_STUDY_SECONDS = 60 * 60
 GOAL_PEAK_RSS_GB = 12.0
 GOAL_TRIPLETS_PER_S = 25_000
 GOAL_EVAL_VALID_SECONDS = 120.0
@@ -226,10 +234,10 @@ def goals(bench: dict, complete: bool) -> list[dict]:
     study_s, peak = bench.get("study_seconds"), bench.get("peak_rss_gb")
     why = None if complete else "not measured: only part of the study ran or a stage failed"
     rows = [
-        {"goal": f"whole study < 90 min on 2 cores (this machine: {cores} cores available)",
+        {"goal": f"whole study < {GOAL_STUDY_SECONDS // 60} min on 2 cores (this machine: {cores} cores available)",
          "value": f"{study_s / 60:,.1f} min" if study_s is not None else "-",
          "met": (study_s < GOAL_STUDY_SECONDS) if complete and study_s is not None else None, "note": why},
-        {"goal": "whole study peak RSS < 12 GB",
+        {"goal": f"whole study peak RSS < {GOAL_PEAK_RSS_GB:g} GB",
          "value": f"{peak:,.2f} GB" if peak is not None else "-",
          "met": (peak < GOAL_PEAK_RSS_GB) if complete and peak is not None else None, "note": why},
     ]
@@ -245,6 +253,86 @@ def goals(bench: dict, complete: bool) -> list[dict]:
                  "met": (ev < GOAL_EVAL_VALID_SECONDS) if ev is not None else None,
                  "note": None if ev is not None else "not measured (no model was scored)"})
     return rows
+
+
+# ---------------------------------------------------------------- an earlier bench, side by side
+def stage_record(bench: dict) -> dict:
+    """This run's stages in the committed record format of ``docs/bench/*.json``."""
+    return {"date": bench["date"], "git_commit": bench["git_commit"], "command": bench["command"],
+            "dataset": bench["dataset"], "profile": bench["profile"], "overrides": bench["overrides"],
+            "cores": bench["machine"]["cores_available"], "complete": bench["complete"],
+            "stages": {s["name"]: {"seconds": s["seconds"], "peak_rss_gb": s["peak_rss_gb"],
+                                   **({"error": s["error"]} if s["error"] else {})}
+                       for s in bench["stages"]}}
+
+
+def newest_baseline(folder: Path = BASELINE_DIR) -> Path | None:
+    """The committed record with the latest ``date`` (None when there is none)."""
+    records = [(str((_read(p) or {}).get("date", "")), p) for p in sorted(folder.glob("*.json"))]
+    return max(records)[1] if records else None
+
+
+def load_baselines(paths: list[str], smoke: bool = False) -> list[dict]:
+    """The records to compare with: ``paths`` (a docs/bench record or a bench.json), or the newest
+    docs/bench record (none for ``--smoke``, or when ``paths`` is ``['none']``)."""
+    if paths == ["none"] or (smoke and not paths):
+        return []
+    chosen = [Path(p) for p in paths] or [p for p in [newest_baseline()] if p is not None]
+    out = []
+    for path in chosen:
+        record = _read(path)
+        if not isinstance(record, dict) or "stages" not in record:
+            raise SystemExit(f"--baseline {path}: not a bench record (a JSON file with 'stages')")
+        if isinstance(record["stages"], list):                        # a bench.json: its stage list
+            record = {**record, "stages": {s["name"]: s for s in record["stages"]}}
+        out.append({"path": str(path), "date": record.get("date"), "git_commit": record.get("git_commit"),
+                    "record": record})
+    return out
+
+
+def print_comparisons(comparisons: list[dict]) -> None:
+    import pandas as pd
+    with pd.option_context("display.width", 200, "display.max_columns", 20, "display.max_colwidth", 70):
+        for c in comparisons:
+            print(f"\nagainst {c['path']} ({c['date']}, {str(c['git_commit'])[:12]}); ratio = before / after:")
+            print(comparison_frame(c["rows"]).to_string(index=False, na_rep="", float_format=_fmt))
+
+
+def compare_stages(stages: list[dict], baseline: dict) -> list[dict]:
+    """One row per baseline stage (and per stage of this run the baseline lacks): seconds and peak
+    RSS before and after, and the ratio before / after (> 1: faster now). A baseline group
+    ``a+b`` is compared with the sum of this run's ``a`` and ``b``; a stage that failed, here or
+    there, has no ratio."""
+    now = {s["name"]: s for s in stages}
+    rows, used = [], set()
+    for name, old in (baseline.get("stages") or {}).items():
+        parts = name.split("+")
+        mine = [now[p] for p in parts if p in now]
+        used.update(p for p in parts if p in now)
+        after = sum(s["seconds"] for s in mine) if len(mine) == len(parts) else None
+        failed = bool(old.get("error")) or any(s["error"] for s in mine)
+        rows.append({"stage": name, "before_s": old.get("seconds"), "after_s": after,
+                     "ratio": (old["seconds"] / after if after and old.get("seconds") and not failed else None),
+                     "before_peak_gb": old.get("peak_rss_gb"),
+                     "after_peak_gb": max((s["peak_rss_gb"] for s in mine), default=None) if mine else None,
+                     "note": "; ".join(x for x in (("before: " + old["error"]) if old.get("error") else "",
+                                                   *(f"after: {s['error']}" for s in mine if s["error"])) if x)})
+    for s in stages:
+        if s["name"] not in used:
+            rows.append({"stage": s["name"], "before_s": None, "after_s": s["seconds"], "ratio": None,
+                         "before_peak_gb": None, "after_peak_gb": s["peak_rss_gb"],
+                         "note": "new: not in the baseline" + (f"; after: {s['error']}" if s["error"] else "")})
+    return rows
+
+
+def comparison_frame(rows: list[dict]):
+    import pandas as pd
+    df = pd.DataFrame(rows, columns=["stage", "before_s", "after_s", "ratio", "before_peak_gb",
+                                     "after_peak_gb", "note"])
+    for c in ("before_s", "after_s", "ratio", "before_peak_gb", "after_peak_gb"):
+        df[c] = pd.to_numeric(df[c], errors="coerce").astype(float)
+    return df.rename(columns={"before_s": "before s", "after_s": "after s", "ratio": "before / after",
+                              "before_peak_gb": "before peak GB", "after_peak_gb": "after peak GB"})
 
 
 # ---------------------------------------------------------------- output
@@ -302,6 +390,11 @@ def render_html(bench: dict) -> str:
         "<h2>Goals</h2>", goal_rows.to_html(index=False, na_rep="", escape=True),
         "<h2>Stages</h2>", stages.to_html(index=False, na_rep="", escape=True, float_format=_fmt),
     ]
+    for b in bench.get("comparisons") or []:
+        parts += [f"<h2>Against an earlier bench</h2><p><code>{esc(b['path'])}</code>: "
+                  f"{esc(str(b.get('date')))}, commit <code>{esc(str(b.get('git_commit'))[:12])}</code>. "
+                  "Ratio = before / after (above 1: faster now).</p>",
+                  comparison_frame(b["rows"]).to_html(index=False, na_rep="", escape=True, float_format=_fmt)]
     if models is not None:
         parts += ["<h2>Models</h2>", models.to_html(na_rep="", escape=True, float_format=_fmt)]
     parts += ["<h2>Machine</h2>", machine.to_html(header=False, escape=True), "</body></html>"]
@@ -322,6 +415,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--timeout", type=int, default=3600, help="per-cell execution timeout, seconds")
     ap.add_argument("--fresh", action="store_true",
                     help="remove the run folder and the cached split folders of the dataset first")
+    ap.add_argument("--baseline", action="append", default=[],
+                    help="an earlier bench's record (docs/bench/*.json or a bench.json) to compare each "
+                         "stage with (repeatable); default the newest docs/bench/*.json; 'none': no comparison")
+    ap.add_argument("--compare-only", default=None, metavar="BENCH_JSON",
+                    help="run nothing: print a finished bench.json's stages against the baselines")
     args = ap.parse_args(argv)
 
     dataset = args.dataset or ("synthetic-tiny" if args.smoke else "synthetic-32m")
@@ -342,6 +440,14 @@ def main(argv: list[str] | None = None) -> int:
     split_dirs_before = ({p.name for p in config.processed_dir(dataset).glob("*") if p.is_dir()}
                          if config.processed_dir(dataset).exists() else set())
 
+    baselines = load_baselines(args.baseline, args.smoke)
+    if args.compare_only:
+        done = _read(Path(args.compare_only))
+        if done is None:
+            raise SystemExit(f"--compare-only {args.compare_only}: not a readable JSON file")
+        print_comparisons([{**b, "rows": compare_stages(done["stages"], b["record"])} for b in baselines])
+        return 0
+
     started = time.perf_counter()
     bench: dict = {
         "dataset": dataset, "profile": profile, "overrides": list(args.set), "params": None,
@@ -352,7 +458,7 @@ def main(argv: list[str] | None = None) -> int:
         "full_catalogue_eval_valid_model": None, "models": {}, "split_rows": None, "goals": [],
         "complete": False, "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "git_commit": config.git_commit(),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "run_dir": str(run_dir),
+        "run_dir": str(run_dir), "comparisons": [],
     }
 
     def write() -> None:
@@ -381,8 +487,11 @@ def main(argv: list[str] | None = None) -> int:
         bench["complete"] = (complete_study and not any(s["error"] for s in stages)
                              and {s["name"] for s in stages} >= {p.stem for p in nbs} | {"render"})
         bench["goals"] = goals(bench, bench["complete"])
+        bench["comparisons"] = [{k: b[k] for k in ("path", "date", "git_commit")}
+                                | {"rows": compare_stages(stages, b["record"])} for b in baselines]
         clean = _clean(bench)
         config.write_json(out / "bench.json", clean)
+        config.write_json(out / "stages.json", _clean(stage_record(bench)))
         with config.atomic_write(out / "index.html") as tmp:
             tmp.write_text(render_html(clean))
 
@@ -427,6 +536,7 @@ def main(argv: list[str] | None = None) -> int:
         for s in bench["stages"]:
             if s["error"]:
                 print(f"  {s['name']} FAILED: {s['error']}")
+        print_comparisons(bench["comparisons"])
         if bench["models"]:
             print()
             print(pd.DataFrame.from_dict(bench["models"], orient="index").to_string(na_rep="", float_format=_fmt))

@@ -43,6 +43,9 @@ def test_bench_smoke(tmp_path):
     assert bench["full_catalogue_eval_valid_seconds"] > 0
     assert len(bench["goals"]) == 4
     assert bench["date"] and bench["git_commit"] and "--smoke" in bench["command"]
+    assert bench["comparisons"] == []                     # --smoke compares with no earlier bench
+    record = json.loads((out / "stages.json").read_text())   # the record to commit under docs/bench/
+    assert list(record["stages"]) == names and record["stages"]["01_split"]["seconds"] > 0
 
     page = (out / "index.html").read_text()
     assert "10_popularity" in page and "triplets/s" in page
