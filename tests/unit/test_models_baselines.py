@@ -464,3 +464,23 @@ def test_grid_search_takes_the_early_stopped_score_and_it_is_the_models(toy_data
     assert best["valid_metric"] == model.curve.best_metric
     # tie-prone models validate on the full lists (the notebooks' callback, Run.early_stopping_metric)
     assert Popularity.scores_tie and not MF.scores_tie
+
+
+def test_ease_search_computes_each_input_kinds_gram_once_with_the_same_weights(toy_data, validate, monkeypatch):
+    """issue 27: `ease.tune` reuses X^T X across lambdas (`gram_cache`); the search table and the
+    chosen B are those of fits that each compute their own."""
+    from recsys_lib.models import ease
+    section = {"grid": {"reg": [10.0, 100.0, 1000.0], "positives_only": [False, True]}, "max_edge_steps": 1}
+    uncached, table0 = tuning.tune_model(EASE, toy_data, section, validate, device="cpu", verbose=False)
+    calls = []
+    real = ease.gram
+    monkeypatch.setattr(ease, "gram", lambda *a, **k: calls.append(a[0].nnz) or real(*a, **k))
+    cached, table1 = ease.tune(toy_data, section, validate, device="cpu", verbose=False)
+    assert len(table1) >= 6 and len(calls) == 2 and len(set(calls)) == 2   # one Gram per input kind
+    pd.testing.assert_frame_equal(table0.drop(columns="fit_seconds"), table1.drop(columns="fit_seconds"))
+    assert torch.equal(uncached.B, cached.B)
+    assert ease._GRAMS is None                                            # the cache ends with the search
+    calls.clear()
+    EASE(EASEConfig(reg=5.0, device="cpu")).fit(toy_data)                 # outside a search: no cache
+    EASE(EASEConfig(reg=5.0, device="cpu")).fit(toy_data)
+    assert len(calls) == 2
