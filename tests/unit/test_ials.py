@@ -4,6 +4,7 @@ the kind of matrix it was fit on, and round-trips through save/load."""
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -92,3 +93,28 @@ def test_ials_tune_searches_its_grid(toy_data, validate):
     model, table = ials.tune(toy_data, section, validate, device="cpu", seed=0, verbose=False)
     assert isinstance(model, IALS) and len(table) >= 2
     assert model.cfg.regularization == table.loc[table["best"], "regularization"].item()
+
+
+def test_ials_search_resumes_shorter_runs_with_the_same_models(toy_data, validate, monkeypatch):
+    """issue 27: inside `ials.tune` a fit of n iterations resumes from a shorter fit of the same
+    configuration (`warm_start_cache`). The search table and the chosen factors are those of fits
+    that each start afresh, bit for bit, and implicit runs fewer ALS rounds."""
+    from recsys_lib.models import ials
+    section = {"grid": {"factors": [8], "iterations": [3, 6], "regularization": [0.1, 1.0]},
+               "max_edge_steps": 1}
+    fresh, table0 = tuning.tune_model(IALS, toy_data, section, validate, device="cpu", seed=0, verbose=False)
+    rounds = []
+    real = ials._als
+    monkeypatch.setattr(ials, "_als", lambda cfg, use_gpu: rounds.append(cfg.iterations) or real(cfg, use_gpu))
+    resumed, table1 = ials.tune(toy_data, section, validate, device="cpu", seed=0, verbose=False)
+    pd.testing.assert_frame_equal(table0.drop(columns="fit_seconds"), table1.drop(columns="fit_seconds"))
+    assert torch.equal(fresh.item_factors, resumed.item_factors)
+    asked = table1["iterations"].astype(int).tolist()
+    fitted = rounds[::2]          # _als is made twice a fit: the rounds it runs, then the fold-in solver
+    assert len(fitted) == len(asked) == len(table0)
+    assert sum(fitted) < sum(asked)
+    assert fitted[asked.index(6)] == 3                      # 6 iterations: the 3-iteration state, 3 more
+    assert ials._STATES is None                                           # the cache ends with the search
+    # outside a search nothing is resumed
+    model = IALS(IALSConfig(factors=8, iterations=6, regularization=0.1, device="cpu", seed=0))
+    assert model.fit(toy_data)["resumed_from"] == 0
