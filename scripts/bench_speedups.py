@@ -13,6 +13,12 @@ Rows:
 - ``early-stopping pass``: one validation nDCG@10 of an MF model over ``--valid-users`` users,
   the full top-max(ks) evaluation (`Evaluator.__call__`) against the head the metric reads
   (`Evaluator.metric`, the callback of every learnt model now).
+- ``EASE Gram matrices``: the X^T X of a search's six fits (three lambdas x two input kinds, as
+  ``make bench``'s grid), each computed by its fit, against `ease.gram_cache` (two computed, four
+  copies), over the ``--ease-items`` most-rated items (``make bench``: 20,000).
+- ``iALS search``: the fits of iterations {10, 20} of one configuration (16 factors, ``make
+  bench``'s grid), each from scratch, against `ials.warm_start_cache` (the 20-iteration fit
+  resumes from the 10-iteration state): same item factors.
 """
 from __future__ import annotations
 
@@ -23,6 +29,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
+from recsys_lib.models import ease, ials
 from recsys_lib.models.mf import MF
 from recsys_lib.models.neumf import NeuMF, NeuMFConfig
 from recsys_lib.models.train import NegativeSampler
@@ -92,19 +99,76 @@ def bench_early_stopping(known: sp.csr_matrix, n_valid: int, repeat: int) -> dic
             "same": a == b, "note": f"top-{max(ev.DEFAULT_KS)} -> top-10; nDCG@10 {b:.5f}"}
 
 
+def bench_ease_grams(known: sp.csr_matrix, n_items: int, repeat: int) -> dict:
+    pop = np.asarray(known.sum(axis=0)).ravel()
+    kept = np.sort(np.argsort(-pop, kind="stable")[:n_items])
+    x = known[:, kept]
+    kinds = {False: x, True: x[: x.shape[0] // 2]}      # two input kinds (every row / positives only)
+    fits = [kind for kind in (False, True) for _ in range(3)]
+
+    def grams(cached: bool) -> list[torch.Tensor]:
+        def one(kind):
+            key = (kind, n_items)
+            return ease.cached_gram(key, lambda: ease.gram(kinds[kind], torch.float32, torch.device("cpu")))
+        if not cached:
+            return [ease.gram(kinds[k], torch.float32, torch.device("cpu")) for k in fits]
+        with ease.gram_cache():
+            return [one(k) for k in fits]
+    before, a = best_of(lambda: grams(False), repeat)
+    after, b = best_of(lambda: grams(True), repeat)
+    return {"stage": f"EASE Gram matrices of a 6-fit search ({n_items:,} items)", "before_s": before,
+            "after_s": after, "same": all(torch.equal(u, v) for u, v in zip(a, b)),
+            "note": "2 computed + 4 copies, not 6 computed"}
+
+
+class _Rows:
+    """The part of a SplitData an iALS fit reads: the train matrix and its sizes."""
+
+    def __init__(self, known: sp.csr_matrix):
+        self.n_users, self.n_items = known.shape
+        self.train = self
+        self._known = known
+
+    def matrix(self, n_users, n_items, positives_only=False):
+        return self._known
+
+
+def bench_ials_search(known: sp.csr_matrix, repeat: int) -> dict:
+    data = _Rows(known)
+
+    def search(resume: bool) -> torch.Tensor:
+        def fits():
+            for it in (10, 20):
+                model = ials.IALS(ials.IALSConfig(factors=16, regularization=100.0, alpha=10.0, iterations=it,
+                                                  device="cpu", seed=0))
+                model.fit(data)
+            return model.item_factors
+        if not resume:
+            return fits()
+        with ials.warm_start_cache():
+            return fits()
+    before, a = best_of(lambda: search(False), repeat)
+    after, b = best_of(lambda: search(True), repeat)
+    return {"stage": "iALS search: iterations {10, 20}, 16 factors", "before_s": before, "after_s": after,
+            "same": bool(torch.equal(a, b)), "note": "30 ALS rounds -> 20 (20 resumes from 10)"}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--users", type=int, default=52_702)
     ap.add_argument("--items", type=int, default=65_583)
     ap.add_argument("--rows", type=int, default=7_650_000)
     ap.add_argument("--valid-users", type=int, default=8_000)
+    ap.add_argument("--ease-items", type=int, default=20_000)
     ap.add_argument("--repeat", type=int, default=3)
     args = ap.parse_args()
     print(f"{args.users:,} users x {args.items:,} items, {args.rows:,} known pairs; "
           f"{torch.get_num_threads()} torch threads; best of {args.repeat}", flush=True)
     known = random_known(args.users, args.items, args.rows)
     rows = [bench_sampler(known, args.repeat), bench_neumf(args.users, args.items, args.repeat),
-            bench_early_stopping(known, args.valid_users, args.repeat)]
+            bench_early_stopping(known, args.valid_users, args.repeat),
+            bench_ease_grams(known, min(args.ease_items, args.items), max(1, args.repeat // 3)),
+            bench_ials_search(known, max(1, args.repeat // 3))]
     width = max(len(r["stage"]) for r in rows)
     print(f"{'stage':<{width}}  {'before s':>9}  {'after s':>9}  {'ratio':>6}  same  note")
     for r in rows:

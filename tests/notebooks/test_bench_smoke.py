@@ -72,4 +72,4 @@ def test_bench_speedups_smoke():
                            "--items", "250", "--rows", "6000", "--valid-users", "200", "--repeat", "1"],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert sum(" yes " in line for line in proc.stdout.splitlines()) == 3, proc.stdout
+    assert sum(" yes " in line for line in proc.stdout.splitlines()) == 5, proc.stdout
