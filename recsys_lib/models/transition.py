@@ -62,9 +62,11 @@ def transition_counts(rows, n_items: int, window: int, gap_decay: float = 1.0,
 
     The pairs are counted in chunks of source items of about ``chunk_pairs`` pairs each, so memory
     grows with the distinct pairs, not with every (row, gap) pair at once (ML-32M at window 40:
-    193 M pairs). Within a chunk the pairs are taken gap by gap, in row order, as in one pass over
-    all of them, so every weight is summed in the same order: the counts do not depend on the chunk
-    size (tests/unit/test_sequential.py)."""
+    193 M pairs). Each gap's pairs are put in source-item order once (a stable sort), so a chunk is
+    a slice of each gap's, not a scan of all of them. Within a chunk the pairs are taken gap by
+    gap and, for one source item, in row order, as in one pass over all of them, so every key's
+    weights are summed in the same order: the counts do not depend on the chunk size
+    (tests/unit/test_sequential.py)."""
     keep = rows.rating >= 4.0 if positives_only else np.ones(len(rows), bool)
     user = np.asarray(rows.user, np.int64)[keep]
     item = np.asarray(rows.item, np.int64)[keep]
@@ -79,11 +81,18 @@ def transition_counts(rows, n_items: int, window: int, gap_decay: float = 1.0,
     cut = np.searchsorted(np.cumsum(starts), np.arange(1, starts.sum() // max(int(chunk_pairs), 1) + 1)
                           * max(int(chunk_pairs), 1), side="right")
     bounds = np.unique(np.r_[0, cut, n_items].clip(0, n_items))
+    at = {}                                                # each gap's rows by source item, row order kept
+    for d, s in same.items():
+        src = it[s]
+        by_src = np.argsort(src, kind="stable")
+        same[d] = s[by_src]
+        at[d] = np.searchsorted(src[by_src], bounds)       # chunk c of gap d: same[d][at[d][c]:at[d][c + 1]]
+        del src, by_src
     out_keys, out_weights = [], []
-    for lo, hi in zip(bounds[:-1], bounds[1:]):
+    for c in range(len(bounds) - 1):
         keys, weights = [], []
         for d, s in same.items():
-            s = s[(it[s] >= lo) & (it[s] < hi)]
+            s = s[at[d][c]:at[d][c + 1]]
             keys.append(it[s] * n_items + it[s + d])
             weights.append(np.full(len(s), float(gap_decay) ** (d - 1)))
         uniq, inverse = np.unique(np.concatenate(keys), return_inverse=True)
