@@ -65,7 +65,7 @@ _STATES: "dict | None" = None     # the active `warm_start_cache` (None: every f
 def warm_start_cache():
     """Within it, a CPU fit resumes from the latest state (iterations, user and item factors) of an
     earlier fit of the same data, input kind, factors, regularization, alpha and seed that ran no
-    more iterations than it asks for; each key keeps the state of its last fit (a few MB at
+    more iterations than it asks for; each key keeps the state of its last fit (~15 MB at
     ML-32M size and 32 factors)."""
     global _STATES
     outer = _STATES
