@@ -6,7 +6,8 @@ Fetching (``fetch(name, mirror=None, force=False) -> Path``)
       ``MIRROR/NAME.zip`` or an extracted ``MIRROR/NAME/`` from a local mirror (``mirror=`` or
       ``$MOVIELENS_MIRROR``; the mirror is only read, never written).
     * Verifies every file: ml-32m and ml-latest-small against md5s hard-coded in ``DATASETS``,
-      other sets against the ``checksums.txt`` the archive ships, when it ships one.
+      other sets against the ``checksums.txt`` the archive ships (or a mirror folder's own
+      ``checksums.md5``), when there is one; otherwise (ml-100k.zip) only records the md5s seen.
     * Writes atomically: extracts into a temporary folder beside ``config.raw_dir(name)``,
       verifies, writes the marker ``.recsys-verified.json`` (source, file -> md5), then renames. A
       second call finds the marker and returns at once. An existing folder is never modified
@@ -15,13 +16,15 @@ Fetching (``fetch(name, mirror=None, force=False) -> Path``)
       :func:`recsys_lib.data.synthetic.generate` instead (presets demo, tiny, 32m; seed 0).
 
 Loading (``load_dataset``, ``load_interactions``, ``load_items``, ``load_tags``)
-    Frames are identical across the CSV family (``ratings.csv``, ``movies.csv``, ``tags.csv``)
-    and the ml-1m ``::``-separated ``.dat`` family (latin-1, no tags):
+    Frames are identical across the CSV family (``ratings.csv``, ``movies.csv``, ``tags.csv``),
+    the ml-1m ``::``-separated ``.dat`` family (latin-1, no tags) and ml-100k's files (``u.data``
+    tab-separated; ``u.item`` pipe-separated, latin-1, 19 genre flags named by ``u.genre``; no tags):
 
     * interactions: user_id int32, item_id int32, rating float32, timestamp int64 (UTC seconds).
     * items: item_id int32, title str (the full MovieLens title, year suffix kept, UTF-8, accents
       kept, surrounding spaces stripped), year Int16 (from a trailing "(YYYY)", NA when missing),
-      genres (Python list of str; ``[]`` for "(no genres listed)").
+      genres (Python list of str, as the release spells them: ml-100k and ml-1m say "Children's"
+      where the CSV releases say "Children"; ``[]`` for "(no genres listed)" and ml-100k's "unknown").
     * tags: user_id int32, item_id int32, tag str, timestamp int64 (empty frame, same dtypes, for
       sets without tags).
 

@@ -47,14 +47,20 @@ def _folder_of(path_or_name, mirror=None) -> Path:
     return path
 
 
+# the file names of each kind, by family: CSV, ml-1m's .dat, ml-100k's u.* (no tags file)
+_FILES = {"ratings": ("ratings.csv", "ratings.dat", "u.data"),
+          "movies": ("movies.csv", "movies.dat", "u.item"),
+          "tags": ("tags.csv", "tags.dat")}
+
+
 def _find(path: Path, stem: str, required: bool = True) -> Path | None:
     if path.is_file():
         return path
-    for ext in (".csv", ".dat"):
-        if (path / f"{stem}{ext}").is_file():
-            return path / f"{stem}{ext}"
+    for fname in _FILES[stem]:
+        if (path / fname).is_file():
+            return path / fname
     if required:
-        raise DataError(f"{path}: no {stem}.csv or {stem}.dat in this folder; "
+        raise DataError(f"{path}: no {' or '.join(_FILES[stem])} in this folder; "
                         f"point the loader at a MovieLens folder (or fetch the data set)")
     return None
 
@@ -103,6 +109,27 @@ def _read_dat(path: Path, names: list[str], types: list[pa.DataType], what: str)
                         f"{'::'.join(names)} per line with numeric ids, ratings and timestamps") from exc
 
 
+def _read_sep(path: Path, names: list[str], types: list[pa.DataType], what: str, delimiter: str,
+              encoding: str = "utf8") -> pa.Table:
+    """A headerless ``delimiter``-separated file (ml-100k's u.data, u.item), read as typed columns
+    (``encoding`` transcoded to UTF-8 by pyarrow); DataError on a bad line or an empty number."""
+    _check_nonempty(path)
+    try:
+        table = pacsv.read_csv(
+            path, read_options=pacsv.ReadOptions(column_names=names, encoding=encoding),
+            parse_options=pacsv.ParseOptions(delimiter=delimiter, quote_char=False),
+            convert_options=pacsv.ConvertOptions(column_types=dict(zip(names, types))))
+    except (pa.ArrowInvalid, pa.ArrowTypeError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path}: cannot parse the {what} file ({exc}); expected {len(names)} "
+                        f"{delimiter!r}-separated fields per line with numeric ids, ratings, "
+                        f"timestamps and flags") from exc
+    for name, typ in zip(names, types):
+        if typ != pa.string() and table.column(name).null_count:
+            raise DataError(f"{path}: column {name!r} has {table.column(name).null_count} empty "
+                            f"value(s); fix or re-fetch the file")
+    return table
+
+
 def _cache_file(src: Path) -> Path:
     src = src.resolve()
     raw = config.raw_dir()
@@ -122,8 +149,11 @@ def _fingerprint(src: Path) -> dict[bytes, bytes]:
 
 def _ratings_table(path: Path, cache: bool) -> pa.Table:
     names = ["user_id", "item_id", "rating", "timestamp"]
+    types = [pa.int32(), pa.int32(), pa.float32(), pa.int64()]
     if path.suffix == ".dat":
-        table = _read_dat(path, names, [pa.int32(), pa.int32(), pa.float32(), pa.int64()], "ratings")
+        table = _read_dat(path, names, types, "ratings")
+    elif path.suffix == ".data":      # ml-100k's u.data: tab-separated, no header (no cache: 2 MB)
+        table = _read_sep(path, names, types, "ratings", "\t")
     else:
         cfile = _cache_file(path) if cache else None
         fp = _fingerprint(path)
@@ -186,9 +216,59 @@ def _items_frame(ids: np.ndarray, titles: list[str], genres: list[str], path: Pa
                          "genres": pd.Series(glists, dtype="object")})
 
 
+# ml-100k's 19 genre flags, as its u.genre names them (used when u.genre is not beside u.item).
+# The names are kept as the release spells them, like ml-1m's ("Children's", where the CSV
+# releases say "Children"); "unknown" is ml-100k's "no genre" and is dropped from the lists.
+ML100K_GENRES = ["unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime",
+                 "Documentary", "Drama", "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery",
+                 "Romance", "Sci-Fi", "Thriller", "War", "Western"]
+ML100K_NO_GENRE = "unknown"
+
+
+def _ml100k_genres(item_path: Path) -> list[str]:
+    """The genre names of u.item's flag columns, in order: u.genre's (``name|index`` lines)
+    when it lies beside u.item, else :data:`ML100K_GENRES`."""
+    gpath = item_path.parent / "u.genre"
+    if not gpath.is_file():
+        return list(ML100K_GENRES)
+    pairs = [line.rsplit("|", 1) for line in gpath.read_bytes().decode("latin-1").splitlines()
+             if line.strip()]
+    if not pairs or any(len(p) != 2 or p[1].strip() != str(i) for i, p in enumerate(pairs)):
+        raise DataError(f"{gpath}: expected 'name|index' lines with indices 0, 1, 2, ... in order; "
+                        f"fix or re-fetch the data set")
+    return [p[0].strip() for p in pairs]
+
+
+def _load_ml100k_items(path: Path) -> pd.DataFrame:
+    """ml-100k's u.item: ``id|title|release date|video release date|IMDb URL|flag*19``, latin-1,
+    no header. The flags become genre lists through u.genre's names (see ML100K_GENRES); the year
+    comes from the title's "(YYYY)" like every other release (the release date is not used)."""
+    genres = _ml100k_genres(path)
+    with open(path, "rb") as f:
+        first = f.readline().decode("latin-1").rstrip("\r\n")
+    n_flags = first.count("|") - 4
+    if first and n_flags != len(genres):
+        raise DataError(f"{path}: {n_flags} genre flag(s) on the first line, but {len(genres)} genres "
+                        f"in u.genre; expected id|title|release date|video release date|URL|flags")
+    flag_cols = [f"g{i}" for i in range(len(genres))]
+    names = ["item_id", "title", "release_date", "video_release_date", "url", *flag_cols]
+    table = _read_sep(path, names, [pa.int32(), *[pa.string()] * 4, *[pa.int8()] * len(genres)],
+                      "movies", "|", encoding="latin-1")
+    # "Action|Comedy"-style strings, built one genre column at a time with numpy, then parsed by
+    # _items_frame like the other releases' genre fields
+    joined = np.full(table.num_rows, "", dtype=object)
+    for col, name in zip(flag_cols, genres):
+        if name != ML100K_NO_GENRE:
+            joined = joined + np.where(table.column(col).to_numpy() != 0, name + "|", "")
+    return _items_frame(table.column("item_id").to_numpy(), table.column("title").to_pylist(),
+                        [g[:-1] for g in joined], path)
+
+
 def load_items(path_or_name, mirror=None) -> pd.DataFrame:
     """Movies as item_id int32, title str (full title), year Int16 (NA if none), genres list[str]."""
     path = _find(_folder_of(path_or_name, mirror), "movies")
+    if path.suffix == ".item":
+        return _load_ml100k_items(path)
     if path.suffix == ".dat":
         _check_nonempty(path)
         ids, titles, genres = [], [], []
@@ -216,7 +296,7 @@ def _empty_tags() -> pd.DataFrame:
 
 def load_tags(path_or_name, mirror=None) -> pd.DataFrame:
     """Tags as user_id int32, item_id int32, tag str, timestamp int64; empty for sets without tags
-    (ml-1m). Missing tag text is read as ""."""
+    (ml-1m, ml-100k). Missing tag text is read as ""."""
     folder = _folder_of(path_or_name, mirror)
     path = folder if folder.is_file() else _find(folder, "tags", required=False)
     if path is None:

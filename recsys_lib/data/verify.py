@@ -65,14 +65,25 @@ def parse_checksums(path: Path) -> dict[str, str]:
     return out
 
 
+# the CSV family, ml-1m's .dat files, and ml-100k's u.data, u.item, u.genre, u.user, u.info,
+# u.occupation and its u1-u5/ua/ub .base/.test splits
+DATA_SUFFIXES = (".csv", ".dat", ".data", ".item", ".genre", ".user", ".info", ".occupation",
+                 ".base", ".test")
+RATINGS_FILES = ("ratings.csv", "ratings.dat", "u.data")   # one of them makes a MovieLens set
+
+
 def data_files(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir()
-                  if p.is_file() and p.suffix in (".csv", ".dat") and not p.name.startswith("."))
+                  if p.is_file() and p.suffix in DATA_SUFFIXES and not p.name.startswith("."))
 
 
 def verify(folder: Path, info: DatasetInfo, source: str) -> tuple[dict[str, str], str]:
     """Check ``folder`` against the registry md5s or its own checksums file.
 
+    Without registry md5s, a ``checksums.txt`` the archive ships or a ``checksums.md5`` (a
+    mirror's own list, e.g. the shared mirror's ml-100k: it shows the copy is intact, not that it
+    is the official release) is checked; without either (e.g. ml-100k.zip from the network)
+    nothing is, and the md5s seen are only recorded.
     Returns (file -> md5 of every data file, what it was verified against)."""
     if info.md5:
         expected, against = dict(info.md5), "registry md5"
@@ -82,8 +93,8 @@ def verify(folder: Path, info: DatasetInfo, source: str) -> tuple[dict[str, str]
             if (folder / fname).is_file():
                 expected, against = parse_checksums(folder / fname), fname
                 break
-    if not any((folder / f).is_file() for f in ("ratings.csv", "ratings.dat")):
-        raise DataError(f"{source}: no ratings.csv or ratings.dat in it; it is not a MovieLens set "
+    if not any((folder / f).is_file() for f in RATINGS_FILES):
+        raise DataError(f"{source}: no ratings.csv, ratings.dat or u.data in it; it is not a MovieLens set "
                         f"({info.name}). Fetch it again or fix the source.")
     sums = {}
     for fname in sorted(set(data_files(folder)) | set(expected)):

@@ -18,6 +18,8 @@ from recsys_lib.errors import DataError
 MIRROR = Path(os.environ.get("MOVIELENS_MIRROR", config.PROJECT_ROOT.parent / "shared" / "movielens"))
 needs_mirror = pytest.mark.skipif(not (MIRROR / "ml-latest-small").is_dir(),
                                   reason=f"no ml-latest-small in the mirror {MIRROR}")
+needs_mirror_100k = pytest.mark.skipif(not (MIRROR / "ml-100k").is_dir(),
+                                       reason=f"no ml-100k in the mirror {MIRROR}")
 
 RATINGS = "userId,movieId,rating,timestamp\n1,10,4.0,964982703\n1,20,3.5,964982800\n2,10,0.5,964990000\n"
 MOVIES = ('movieId,title,genres\n10,Toy Story (1995),Adventure|Animation|Children\n'
@@ -58,8 +60,10 @@ def leftovers(folder: Path) -> list[str]:
 
 # ------------------------------------------------------------------ registry
 def test_registry_and_unknown_name():
-    assert set(data.DATASETS) >= {"ml-latest-small", "ml-1m", "ml-20m", "ml-25m", "ml-32m",
+    assert set(data.DATASETS) >= {"ml-latest-small", "ml-100k", "ml-1m", "ml-20m", "ml-25m", "ml-32m",
                                   "synthetic", "synthetic-tiny", "synthetic-32m"}
+    assert data.DATASETS["ml-100k"].url == "https://files.grouplens.org/datasets/movielens/ml-100k.zip"
+    assert data.DATASETS["ml-100k"].md5 is None       # no per-file md5s published: recorded, see below
     assert data.DATASETS["ml-32m"].url == "https://files.grouplens.org/datasets/movielens/ml-32m.zip"
     assert data.DATASETS["ml-32m"].md5["ratings.csv"] == "cf12b74f9ad4b94a011f079e26d4270a"
     assert data.DATASETS["synthetic"].preset == "demo"
@@ -328,3 +332,134 @@ def test_unverifiable_copy_records_md5s_and_a_loader_failure_forces_a_real_refet
         ds = data.load_dataset("ml-20m", mirror=mirror)
     assert len(ds.interactions) == 3
     assert data.fetch("ml-20m", mirror=mirror) == path and "status" not in data.read_marker(path)
+
+
+# ------------------------------------------------------------------ ml-100k (u.data, u.item, u.genre)
+# Made-up rows in ml-100k's layout: u.data tab-separated, u.item pipe-separated latin-1 with 19
+# genre flags (unknown, Action, Adventure, Animation, Children's, Comedy, ...), u.genre naming them.
+ML100K_DATA = "7\t3\t4\t880000000\n7\t1\t2\t880000100\n9\t3\t5\t879000000\n9\t4\t1\t879500000\n"
+GENRE_NAMES = ["unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime",
+               "Documentary", "Drama", "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery",
+               "Romance", "Sci-Fi", "Thriller", "War", "Western"]
+
+
+def _flags(*names: str) -> str:
+    return "|".join("1" if g in names else "0" for g in GENRE_NAMES)
+
+
+KIDS = "Children's"
+ML100K_ITEM = (f"1|Paper Lanterns (1994)|01-Mar-1994||http://example.org/1|"
+               f"{_flags('Animation', KIDS, 'Comedy')}\n"
+               f"2|Été à Lyon, L' (1996)|12-Jul-1996|||{_flags('Drama', 'Romance')}\n"
+               f"3|Nobody Knows|||http://example.org/3|{_flags('unknown')}\n"
+               f"4|Grey Orbit (1971)|01-Jan-1971|||{_flags('unknown', 'Sci-Fi')}\n")
+ML100K_GENRE = "".join(f"{g}|{i}\n" for i, g in enumerate(GENRE_NAMES)) + "\n"
+
+
+def write_ml100k(folder: Path, data_text=ML100K_DATA, item=ML100K_ITEM, genre=ML100K_GENRE) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "u.data").write_text(data_text, encoding="ascii")
+    (folder / "u.item").write_bytes(item.encode("latin-1"))
+    if genre is not None:
+        (folder / "u.genre").write_text(genre, encoding="ascii")
+    (folder / "u.user").write_text("7|30|F|writer|00000\n9|41|M|other|00000\n", encoding="ascii")
+    return folder
+
+
+def test_ml100k_loaders_match_the_csv_frames(tmp_path):
+    folder = write_ml100k(tmp_path / "ml-100k")
+    csv = write_set(tmp_path / "csv")
+    inter = data.load_interactions(folder)
+    assert inter.dtypes.astype(str).to_dict() == data.INTERACTION_DTYPES
+    assert inter.values.tolist() == [[7, 3, 4, 880000000], [7, 1, 2, 880000100],
+                                     [9, 3, 5, 879000000], [9, 4, 1, 879500000]]
+    pd.testing.assert_frame_equal(data.load_interactions(folder / "u.data"), inter)   # a file works too
+    items = data.load_items(folder)
+    assert list(items.columns) == ["item_id", "title", "year", "genres"]
+    assert items.dtypes.to_dict() == data.load_items(csv).dtypes.to_dict()
+    assert items["item_id"].tolist() == [1, 2, 3, 4]
+    assert items["title"].tolist() == ["Paper Lanterns (1994)", "Été à Lyon, L' (1996)", "Nobody Knows",
+                                       "Grey Orbit (1971)"]              # latin-1 decoded
+    assert items["year"].tolist()[:2] == [1994, 1996] and pd.isna(items["year"].iloc[2])
+    assert items["year"].iloc[3] == 1971
+    assert items["genres"].tolist() == [["Animation", "Children's", "Comedy"], ["Drama", "Romance"],
+                                        [], ["Sci-Fi"]]           # "unknown" is "no genres"
+    tags = data.load_tags(folder)
+    assert len(tags) == 0
+    assert tags.dtypes.to_dict() == load._empty_tags().dtypes.to_dict()
+    assert list(tags.columns) == load.TAG_COLUMNS
+
+
+def test_ml100k_genre_names_come_from_u_genre(tmp_path):
+    renamed = ML100K_GENRE.replace("Sci-Fi|15", "Science Fiction|15")
+    items = data.load_items(write_ml100k(tmp_path / "a", genre=renamed))
+    assert items["genres"].iloc[3] == ["Science Fiction"]
+    # without u.genre beside u.item: the release's own 19 names
+    items = data.load_items(write_ml100k(tmp_path / "b", genre=None) / "u.item")
+    assert items["genres"].iloc[0] == ["Animation", "Children's", "Comedy"]
+    assert load.ML100K_GENRES == GENRE_NAMES
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"data_text": "7\t3\t4\n"}, r"u\.data: cannot parse the ratings file"),
+    ({"data_text": "7\t3\tgood\t880000000\n"}, r"u\.data: cannot parse the ratings file"),
+    ({"data_text": "7\t3\t9\t880000000\n"}, r"u\.data: ratings outside 0-5"),
+    ({"data_text": ""}, r"u\.data: the file is empty"),
+    ({"item": "1|A (1990)|||" + "|0" * 18 + "\n"}, r"u\.item: 18 genre flag\(s\).*19 genres"),
+    ({"genre": "Action|1\nunknown|0\n"}, r"u\.genre: expected 'name\|index' lines"),
+])
+def test_ml100k_bad_files(tmp_path, kwargs, match):
+    folder = write_ml100k(tmp_path / "bad", **kwargs)
+    with pytest.raises(DataError, match=match):
+        data.load_interactions(folder) if "data_text" in kwargs else data.load_items(folder)
+
+
+def test_ml100k_fetch_records_or_checks_md5s(tmp_path, data_dir):
+    """From an official-layout zip (no checksums file) the md5s seen are recorded; from a mirror
+    folder with its own checksums.md5 they are checked against it, and a mismatch is refused."""
+    import hashlib
+    src = write_ml100k(tmp_path / "src")
+    mirror = tmp_path / "zipped"
+    mirror.mkdir()
+    with zipfile.ZipFile(mirror / "ml-100k.zip", "w") as zf:
+        for f in sorted(src.iterdir()):
+            zf.write(f, f"ml-100k/{f.name}")                     # one top-level folder, like grouplens
+    ds = data.load_dataset("ml-100k", mirror=mirror)
+    marker = data.read_marker(ds.path)
+    assert marker["verified_against"].startswith("nothing")
+    assert set(marker["checksums"]) == {"u.data", "u.genre", "u.item", "u.user"}
+    assert ds.checksums["u.data"] == hashlib.md5(ML100K_DATA.encode()).hexdigest()
+    assert len(ds.interactions) == 4 and len(ds.items) == 4 and len(ds.tags) == 0 and ds.dropped_rows == 0
+
+    folder_mirror = tmp_path / "folder"
+    good = write_ml100k(folder_mirror / "ml-100k")
+    (good / "checksums.md5").write_text(
+        "".join(f"{data.md5_file(good / f)}  {f}\n" for f in ("u.data", "u.item", "u.genre", "u.user")))
+    path = data.fetch("ml-100k", mirror=folder_mirror, force=True)
+    assert data.read_marker(path)["verified_against"] == "checksums.md5"
+    (good / "u.data").write_text(ML100K_DATA.replace("880000000", "880000001"))
+    with pytest.raises(DataError, match=r"checksum mismatch for u\.data"):
+        data.fetch("ml-100k", mirror=folder_mirror, force=True)
+    assert not leftovers(data_dir / "raw")
+
+
+@needs_mirror_100k
+def test_mirror_ml100k_counts(data_dir):
+    """README of ml-100k: 100,000 ratings (1-5) by 943 users on 1,682 movies; no tags."""
+    before = sorted((p.name, p.stat().st_mtime_ns) for p in (MIRROR / "ml-100k").iterdir())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", data.DataIntegrityWarning)
+        ds = data.load_dataset("ml-100k", mirror=MIRROR)
+    assert ds.path == data_dir / "raw" / "ml-100k"
+    assert ds.dropped_rows == 0
+    assert len(ds.interactions) == 100_000
+    assert ds.interactions["user_id"].nunique() == 943
+    assert len(ds.items) == 1_682 and ds.interactions["item_id"].nunique() == 1_682
+    assert ds.interactions.dtypes.astype(str).to_dict() == data.INTERACTION_DTYPES
+    assert set(ds.interactions["rating"].unique()) == {1.0, 2.0, 3.0, 4.0, 5.0}
+    assert len(ds.tags) == 0 and list(ds.tags.columns) == load.TAG_COLUMNS
+    assert {"u.data", "u.item"} <= set(ds.checksums)
+    assert ds.items["year"].notna().mean() > 0.99
+    assert all(isinstance(g, list) for g in ds.items["genres"])
+    assert not any("unknown" in g for g in ds.items["genres"])
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in (MIRROR / "ml-100k").iterdir()) == before
