@@ -26,7 +26,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 test-demo: $(STAMP)
-	$(PY) -m pytest -q -m demo tests/notebooks/test_demo_report.py
+	$(PY) -m pytest -q -m demo $(PYTEST_ARGS) tests/notebooks/test_demo_report.py
 
 report: $(STAMP)
 	$(PY) -m recsys_lib.pipeline --dataset $(DATASET) --profile $(PROFILE)

@@ -4,6 +4,7 @@
     python -m recsys_lib synth --preset demo --seed 0    # write the embedded synthetic data set
     python -m recsys_lib split synthetic --strategy user_temporal --set core=5
     python -m recsys_lib params --dataset ml-32m --profile full  # every resolved parameter and its layer
+    python -m recsys_lib speed [--refresh]               # this machine's speed index (~10 s, cached per boot)
 """
 from __future__ import annotations
 
@@ -47,6 +48,13 @@ def _cmd_params(args: argparse.Namespace) -> None:
         print(f"{f'{key} = {value!r}':<{width}}  # {origin}")
 
 
+def _cmd_speed(args: argparse.Namespace) -> None:
+    from .run.usage import REFERENCE, speed_index
+    s = speed_index(refresh=args.refresh)
+    parts = ", ".join(f"{k} {s[k]:g} (reference {REFERENCE[k]:g})" for k in REFERENCE)
+    print(f"speed index {s['speed_index']:.2f} on {s['cpu']}, {s['torch_threads']} torch thread(s): {parts}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m recsys_lib", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -79,6 +87,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--profile", default="full")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="an override, as the pipeline takes it")
     p.set_defaults(func=_cmd_params)
+
+    p = sub.add_parser("speed", help="this machine's speed index (1.0 = the reference machine): "
+                                     "give it beside any time you report")
+    p.add_argument("--refresh", action="store_true", help="measure again (else cached per boot)")
+    p.set_defaults(func=_cmd_speed)
 
     args = parser.parse_args(argv)
     try:

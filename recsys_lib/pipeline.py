@@ -7,13 +7,22 @@
 Each notebook runs in a fresh kernel (the named `recsys` kernel) with the shared parameters
 (DATASET, PROFILE, RUN_DIR, SEED, DEVICE, OVERRIDES, FORCE) and an execution timeout.
 
-- **Resume.** A notebook that finished has a completion record in ``<run>/state/``
-  (``recsys_lib.run.state``). A rerun skips every notebook whose record still holds. It starts at
-  the first one that changed (its parameters, its notebook, the library code, or a file it wrote)
-  or that did not finish, and runs everything after it. ``--force`` starts the run folder afresh.
-  ``--from NN`` reruns from a notebook. ``--only`` runs the named notebooks and nothing else.
-- **One run per folder.** A lock (``<runs>/<dataset>/.<profile>.lock``) makes a second run on the
+- **Resume, by stage.** A notebook that finished has a completion record in ``<run>/state/``
+  (``recsys_lib.run.state``): the parameters it read (as deep as it read them), the library modules
+  its kernel loaded, the run files it read and wrote. A rerun runs only the stale notebooks: those
+  whose own record no longer holds, and those that read a file a stale one writes. So
+  ``--set reranker.lgbm.num_leaves=63`` reruns 30_reranker and its readers, and an edit to
+  ``models/ease.py`` reruns 13_ease and the notebooks that read its files. ``--force`` starts the
+  run folder afresh. ``--from NN`` reruns from a notebook to the end. ``--only`` runs the named
+  notebooks and nothing else.
+- **Named runs and forks.** ``--run NAME`` keeps a run in ``data/runs/<dataset>/NAME`` (default:
+  the profile's name) with its report in ``reports/<dataset>--NAME/``; ``--fork RUN --run NAME``
+  starts it as a copy of run RUN, so a variant reruns only what its change touches and RUN's files
+  stay as they were.
+- **One run per folder.** A lock (``<runs>/<dataset>/.<name>.lock``) makes a second run on the
   same folder fail at once, naming the first run.
+- **What each notebook cost.** Its console line and record give wall and CPU seconds and peak RSS;
+  each run records the machine's speed index (``recsys_lib.run.usage``).
 - **Quiet console.** The console gets one line as each notebook starts and ends (with the metric
   it recorded). Kernel output and progress bars go to ``<run>/logs/<notebook>.log``; ``--verbose``
   streams them instead. On failure, the console names the notebook, the cell's error and both
@@ -38,6 +47,7 @@ from . import config
 from .run import state as runstate
 from .errors import PipelineError, RecsysError
 from .run.experiment import default_run_dir
+from .run import usage
 from .run.layout import notebooks
 
 KERNEL = "recsys"
@@ -60,9 +70,9 @@ def ensure_kernel(name: str = KERNEL) -> str:
     return name
 
 
-def lock_path(dataset: str, profile: str) -> Path:
+def lock_path(dataset: str, name: str) -> Path:
     """Beside the run folder, not inside it: ``--force`` removes the folder while holding the lock."""
-    return config.runs_dir(dataset) / f".{profile}.lock"
+    return config.runs_dir(dataset) / f".{name}.lock"
 
 
 # ---------------------------------------------------------------- console
@@ -164,18 +174,25 @@ def recorded_metrics(run_dir: Path, outputs: dict) -> str:
 def run_pipeline(dataset: str = "synthetic", profile: str = "full", overrides: list[str] | None = None,
                  force: bool = False, only: list[str] | None = None, timeout: int = 3600,
                  seed: int | None = None, device: str = "", render: bool = True,
-                 start: str | None = None, verbose: bool = False) -> Path:
-    """Execute the notebooks that need it and render the report; returns reports/<dataset>/index.html.
+                 start: str | None = None, verbose: bool = False, run_name: str | None = None,
+                 fork: str | None = None) -> Path:
+    """Execute the notebooks that need it and render the report; returns the report's index.html.
 
-    Without ``only`` or ``start``, the run resumes: it skips the notebooks whose completion record
-    holds. ``start`` (a notebook name or prefix) reruns from that notebook on; ``only`` runs just
-    the named notebooks; ``force`` removes the run folder first."""
+    Without ``only`` or ``start``, the run resumes: it runs only the stale notebooks
+    (`run.state.stale_notebooks`). ``start`` (a notebook name or prefix) reruns from that notebook
+    on; ``only`` runs just the named notebooks; ``force`` removes the run folder first.
+    ``run_name`` names the run folder (``data/runs/<dataset>/<run_name>``, default: the profile)
+    and its report (``reports/<dataset>--<run_name>/``); ``fork`` first copies that named run's
+    folder of the same dataset into it, so a variant reruns only what its changes touch and the
+    original run is left as it was."""
     import papermill as pm
     from .data import dataset_info
     from .params import check_overrides
     dataset_info(dataset)                                          # fail fast, before anything is written:
     check_overrides(config.load_params(profile, dataset), overrides)   # unknown dataset, profile or key,
     params = config.load_params(profile, dataset, overrides)      # a value of the wrong type or range
+    name = run_name or profile
+    check_run_name(name)
     every = notebooks()
     chosen = notebooks(only) if only else None
     start_at = None
@@ -184,39 +201,55 @@ def run_pipeline(dataset: str = "synthetic", profile: str = "full", overrides: l
         if not matches:
             raise PipelineError(f"--from {start!r} matches no notebook in {config.notebooks_dir()}")
         start_at = matches[0]
-    run_dir = default_run_dir(dataset, profile)
-    report_dir = config.reports_dir(dataset)
+    run_dir = default_run_dir(dataset, name)
+    report_dir = report_dir_of(dataset, name, profile)
+    source = None
+    if fork is not None:
+        check_run_name(fork)
+        source = default_run_dir(dataset, fork)
+        if not runstate.read_record(source, every[0].stem) and not (source / "state").is_dir():
+            raise PipelineError(f"--fork {fork}: {source} holds no run to fork")
+        if source.resolve() == run_dir.resolve():
+            raise PipelineError(f"--fork {fork}: a run cannot fork itself; name the new run with --run")
     shared = {"DATASET": dataset, "PROFILE": profile, "RUN_DIR": str(run_dir),
               "SEED": int(params["seed"] if seed is None else seed), "DEVICE": device,
               "OVERRIDES": list(overrides or []), "FORCE": bool(force)}
     identity = {k: shared[k] for k in ("DATASET", "PROFILE", "SEED", "DEVICE")}
-    code = runstate.code_version()
     console = Console(verbose)
     try:
-        with runstate.RunLock(lock_path(dataset, profile), run_dir):
+        with runstate.RunLock(lock_path(dataset, name), run_dir):
             if force and run_dir.exists():
                 shutil.rmtree(run_dir)
+            if source is not None:
+                fork_run(source, run_dir, console)
             run_dir.mkdir(parents=True, exist_ok=True)
             kernel = ensure_kernel()
             if chosen is not None:
                 todo = chosen
             else:
-                first, why = runstate.first_stale(every, run_dir, identity, params, code)
-                if start_at is not None and start_at < first:
-                    first, why = start_at, f"--from {every[start_at].stem}"
-                if first:
-                    console.line(f"{every[0].stem} .. {every[first - 1].stem}: finished earlier and "
-                                 f"unchanged, skipped")
-                if first < len(every):
-                    console.line(f"running from {every[first].stem} ({why}); logs in {run_dir / 'logs'}")
-                runstate.forget_from(every, run_dir, first)
-                todo = every[first:]
+                stale = runstate.stale_notebooks(every, run_dir, identity, params)
+                if start_at is not None:
+                    stale.update({i: f"--from {every[start_at].stem}" for i in range(start_at, len(every))
+                                  if i not in stale})
+                todo = plan(every, stale, run_dir, console)
+            machine = usage.speed_index() if todo else None
+            if machine is not None:
+                console.line(f"machine speed index {machine['speed_index']:.2f} (1.0 = the reference "
+                             f"machine; figures cached per boot)")
             console.progress(len(todo))
             for nb in todo:
-                execute(nb, run_dir, shared, identity, params, code, kernel, timeout, every, console, pm)
+                execute(nb, run_dir, shared, identity, params, kernel, timeout, every, console, pm, machine)
                 console.advance()
+            stale = runstate.stale_notebooks(every, run_dir, identity, params)
+            if chosen is None and stale and todo:
+                # a notebook whose record was torn or missing wrote files nobody knew it wrote:
+                # their readers show up only now; one more pass runs them
+                todo = plan(every, stale, run_dir, console)
+                for nb in todo:
+                    execute(nb, run_dir, shared, identity, params, kernel, timeout, every, console, pm, machine)
+                stale = runstate.stale_notebooks(every, run_dir, identity, params)
             summary = runstate.run_summary(every, run_dir)
-            complete = runstate.first_stale(every, run_dir, identity, params, code)[0] == len(every)
+            complete = not stale
             if render and complete:
                 render_report(dataset, run_dir, report_dir, run=summary)
             elif render:
@@ -227,25 +260,80 @@ def run_pipeline(dataset: str = "synthetic", profile: str = "full", overrides: l
     return report_dir / "index.html"
 
 
-def execute(nb: Path, run_dir: Path, shared: dict, identity: dict, params: dict, code: str,
-            kernel: str, timeout: int, every: list[Path], console: Console, pm) -> dict:
+def plan(every: list[Path], stale: dict[int, str], run_dir: Path, console: "Console") -> list[Path]:
+    """The stale notebooks in order, each named with why it runs; their earlier records and the
+    files they wrote are forgotten first (`run.state.forget`)."""
+    kept = [nb.stem for i, nb in enumerate(every) if i not in stale]
+    if kept:
+        console.line(f"{_span(kept)}: finished earlier and unchanged, skipped")
+    if stale and not kept and set(stale.values()) == {"not finished in an earlier run"}:
+        console.line(f"a new run: every notebook runs; logs in {run_dir / 'logs'}")
+    elif stale:
+        for i in sorted(stale):
+            console.line(f"{every[i].stem} will run: {stale[i]}")
+        console.line(f"logs in {run_dir / 'logs'}")
+    runstate.forget(every, run_dir, stale)
+    return [every[i] for i in sorted(stale)]
+
+
+def _span(stems: list[str]) -> str:
+    """'00_data .. 17_blend' for a run of names, or a comma list when they are not contiguous."""
+    every = [p.stem for p in notebooks()]
+    idx = [every.index(s) for s in stems if s in every]
+    if idx and idx == list(range(idx[0], idx[0] + len(idx))) and len(idx) > 2:
+        return f"{stems[0]} .. {stems[-1]}"
+    return ", ".join(stems)
+
+
+def check_run_name(name: str) -> None:
+    """A run name is a folder name: letters, digits, ``-``, ``_`` and ``.``, not starting with a dot."""
+    import re
+    if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", name or ""):
+        raise PipelineError(f"run name {name!r}: use letters, digits, '-', '_' and '.' (e.g. --run no-window)")
+
+
+def report_dir_of(dataset: str, name: str, profile: str) -> Path:
+    """``reports/<dataset>/`` for the default run (named as its profile); ``reports/<dataset>--<name>/``
+    for a named one, so a variant never replaces the study's report."""
+    return config.reports_dir(dataset if name == profile else f"{dataset}--{name}")
+
+
+def fork_run(source: Path, run_dir: Path, console: "Console") -> None:
+    """Copy ``source`` (a run folder) to ``run_dir``, which must not exist yet, keeping each file's
+    mtime so that the copied completion records still hold. Files are copied, never linked: a
+    notebook of the fork that rewrites a file in place cannot touch the original run."""
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise PipelineError(f"--fork: {run_dir} exists already; fork into a new --run name, or drop --fork "
+                            f"to resume it")
+    t0 = time.perf_counter()
+    tmp = run_dir.with_name(f".{run_dir.name}.fork-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(source, tmp, symlinks=True, ignore=shutil.ignore_patterns("dist"),
+                    copy_function=shutil.copy2)
+    if run_dir.exists():
+        run_dir.rmdir()
+    os.replace(tmp, run_dir)
+    console.line(f"forked {source} into {run_dir} in {time.perf_counter() - t0:.1f} s")
+
+
+def execute(nb: Path, run_dir: Path, shared: dict, identity: dict, params: dict,
+            kernel: str, timeout: int, every: list[Path], console: Console, pm,
+            machine: dict | None = None) -> dict:
     """Run one notebook into ``<run>/notebooks/`` with its output in ``<run>/logs/``; on success
-    write its completion record. Failure: PipelineError naming the cell, the copy and the log."""
+    write its completion record, with what it cost. Failure: PipelineError naming the cell, the
+    copy and the log."""
     out = run_dir / "notebooks" / nb.name
     log = run_dir / "logs" / f"{nb.stem}.log"
     out.parent.mkdir(parents=True, exist_ok=True)
     log.unlink(missing_ok=True)
     runstate.record_path(run_dir, nb.stem).unlink(missing_ok=True)
-    index = every.index(nb)
-    upstream = runstate.upstream_digest([r for r in (runstate.read_record(run_dir, p.stem)
-                                                     for p in every[:index]) if r is not None])
     before = runstate.fingerprint(run_dir)
     console.line(f"{nb.stem} ...")
-    t0 = time.perf_counter()
     failure = None
     os.environ[runstate.ENV_NOTEBOOK] = nb.stem
+    cost = usage.Usage()
     try:
-        with console.to_log(log):
+        with console.to_log(log), cost:
             pm.execute_notebook(str(nb), str(out), parameters=shared, kernel_name=kernel,
                                 log_output=True, progress_bar=False, execution_timeout=timeout,
                                 cwd=str(config.notebooks_dir()))
@@ -257,13 +345,15 @@ def execute(nb: Path, run_dir: Path, shared: dict, identity: dict, params: dict,
         failure = f"{type(exc).__name__}: {_first_line(str(exc))}"
     finally:
         os.environ.pop(runstate.ENV_NOTEBOOK, None)
-    seconds = time.perf_counter() - t0
+    figures = cost.figures()
     if failure:
-        console.line(f"{nb.stem} FAILED after {seconds:.1f} s: {failure}")
+        console.line(f"{nb.stem} FAILED after {usage.describe(figures)}: {failure}")
         raise PipelineError(f"notebook {nb.name} failed in {failure}\n  executed notebook: {out}\n"
                             f"  log: {log}")
-    rec = runstate.write_record(run_dir, nb, before, identity, params, code, upstream, seconds)
-    console.line(f"{nb.stem} done in {seconds:.1f} s{recorded_metrics(run_dir, rec['outputs'])}")
+    if machine is not None:
+        figures["speed_index"] = machine["speed_index"]
+    rec = runstate.write_record(run_dir, nb, before, identity, params, every, figures)
+    console.line(f"{nb.stem} done in {usage.describe(figures)}{recorded_metrics(run_dir, rec['outputs'])}")
     return rec
 
 
@@ -323,10 +413,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="", help="auto | cpu | cuda | mps (default: the profile's)")
     parser.add_argument("--verbose", action="store_true",
                         help="stream kernel output to the console instead of the logs")
+    parser.add_argument("--run", dest="run_name", default=None, metavar="NAME",
+                        help="a named run folder, data/runs/<dataset>/NAME (default: the profile's); "
+                             "its report goes to reports/<dataset>--NAME/")
+    parser.add_argument("--fork", default=None, metavar="RUN",
+                        help="start the --run NAME folder as a copy of run RUN (e.g. full), then resume: "
+                             "only what the changes touch runs, and RUN is left untouched")
     args = parser.parse_args(argv)
+    if args.fork and not args.run_name:
+        parser.error("--fork needs --run NAME, the new run's name")
     try:
         index = run_pipeline(args.dataset, args.profile, args.set, args.force, args.only, args.timeout,
-                             device=args.device, start=args.start, verbose=args.verbose)
+                             device=args.device, start=args.start, verbose=args.verbose,
+                             run_name=args.run_name, fork=args.fork)
     except (Interrupted, KeyboardInterrupt) as exc:
         # nbclient's cell task dies with the kernel; asyncio would log it at exit ("Task exception
         # was never retrieved"): the one line below is all the user needs

@@ -35,6 +35,7 @@ import html
 import json
 import math
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -47,7 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import psutil  # noqa: E402
 
 from recsys_lib import config, pipeline  # noqa: E402
-from recsys_lib.run import layout  # noqa: E402
+from recsys_lib.run import layout, usage  # noqa: E402
 from recsys_lib.run.experiment import collect_metrics, default_run_dir  # noqa: E402
 
 GB = 1024 ** 3
@@ -114,15 +115,19 @@ def run_stage(name: str, fn, in_process: bool = False) -> dict:
     print(f"[bench] {name} ...", flush=True)
     error = None
     t0 = time.perf_counter()
+    cpu0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     with RssMonitor() as mon:
         try:
             fn()
         except Exception as exc:  # noqa: BLE001 - a failing stage is a result, not a crash
             error = f"{type(exc).__name__}: {exc}"
     seconds = time.perf_counter() - t0
+    cpu1 = resource.getrusage(resource.RUSAGE_CHILDREN)       # the kernels it waited for
+    cpu_seconds = cpu1.ru_utime + cpu1.ru_stime - cpu0.ru_utime - cpu0.ru_stime
     peak = mon.parent_peak if in_process or mon.children_peak == 0 else mon.children_peak
     rec = {"name": name, "seconds": seconds, "peak_rss_gb": peak / GB,
            "parent_peak_rss_gb": mon.parent_peak / GB, "tree_peak_rss_gb": mon.tree_peak / GB,
+           "cpu_seconds": None if in_process else cpu_seconds,
            "rows_per_s": None, "samples_per_s": None, "cached": False, "error": error}
     print(f"[bench] {name} {'FAILED' if error else 'done'} in {seconds:,.1f} s, "
           f"peak RSS {peak / GB:,.2f} GB" + (f": {error}" if error else ""), flush=True)
@@ -151,7 +156,7 @@ def machine_info() -> dict:
             "ram_gb": psutil.virtual_memory().total / GB, "torch": torch.__version__,
             "torch_threads": torch.get_num_threads(), "device": str(config.resolve_device("auto")),
             "cpu_model": model, "bf16": bool(flags & {"avx512_bf16", "amx_bf16"}),
-            "python": sys.version.split()[0]}
+            "python": sys.version.split()[0], "speed": usage.speed_index()}
 
 
 # ---------------------------------------------------------------- figures from the run folder
@@ -261,7 +266,9 @@ def stage_record(bench: dict) -> dict:
     return {"date": bench["date"], "git_commit": bench["git_commit"], "command": bench["command"],
             "dataset": bench["dataset"], "profile": bench["profile"], "overrides": bench["overrides"],
             "cores": bench["machine"]["cores_available"], "complete": bench["complete"],
+            "speed_index": (bench["machine"].get("speed") or {}).get("speed_index"),
             "stages": {s["name"]: {"seconds": s["seconds"], "peak_rss_gb": s["peak_rss_gb"],
+                                   "cpu_seconds": s.get("cpu_seconds"),
                                    **({"error": s["error"]} if s["error"] else {})}
                        for s in bench["stages"]}}
 
@@ -368,6 +375,7 @@ def render_html(bench: dict) -> str:
         "CPU": m["cpu_model"], "cores (os.cpu_count / available)": f"{m['cores']} / {m['cores_available']}",
         "RAM": f"{m['ram_gb']:,.1f} GB", "torch": m["torch"], "torch threads": m["torch_threads"],
         "device": m["device"], "bf16 units (avx512_bf16 / amx_bf16)": "yes" if m["bf16"] else "no",
+        "speed index (1.0 = the reference machine)": (m.get("speed") or {}).get("speed_index"),
     }})
     stages = stage_frame(bench["stages"])
     goal_rows = pd.DataFrame([{**g, "met": {True: "met", False: "NOT met", None: "not measured"}[g["met"]]}

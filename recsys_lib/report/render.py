@@ -56,7 +56,15 @@ def write_metrics_json(run_dir: str | os.PathLike, out: str | os.PathLike, extra
         "dataset_checksums": info.get("checksums"),
         "git_commit": config.git_commit(),
         "packages": config.package_versions(),
+        "machine": _machine(),
         "models": {m["model"]: m for m in collect_metrics(run_dir)},
         **(extra or {}),
     }
     return config.write_json(out, payload)
+
+
+def _machine() -> dict:
+    """The speed figures of the machine that rendered the report (each notebook's record holds the
+    index of the machine that ran it: ``run.notebooks``)."""
+    from ..run.usage import speed_index
+    return speed_index()

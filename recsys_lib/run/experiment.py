@@ -26,7 +26,7 @@ import torch
 
 from .. import config
 from ..protocol import guard
-from . import state as runstate
+from . import tracking
 from . import launch
 from .layout import BLEND_NOTEBOOK, notebook_of
 from ..models import blend, tuning
@@ -63,7 +63,7 @@ class Run:
         device_name = device if device not in (None, "") else params.get("device", "auto")
         run_dir = Path(run_dir) if run_dir else default_run_dir(dataset, profile)
         run_dir.mkdir(parents=True, exist_ok=True)
-        params = runstate.tracked_params(params, run_dir)   # under the pipeline: note what is read
+        params = tracking.track(params, run_dir)   # under the pipeline: note what is read and loaded
         config.torch_threads()
         config.seed_everything(seed)
         return cls(dataset=dataset, profile=profile, dir=run_dir, params=params, seed=seed,
@@ -77,6 +77,7 @@ class Run:
     def require(self, *parts: str, stage: str = "an earlier notebook") -> Path:
         """The path of an artefact an earlier stage wrote; a clear error if it is missing."""
         p = self.dir.joinpath(*parts)
+        tracking.note_input(p)
         if not p.exists():
             raise PipelineError(f"{p} is missing: run {stage} first (or the whole pipeline: "
                                 f"python -m recsys_lib.pipeline --dataset {self.dataset} --profile {self.profile})")
@@ -236,4 +237,5 @@ def collect_metrics(run_dir: str | os.PathLike) -> list[dict]:
 def read_json(run_dir: str | os.PathLike, *parts: str) -> Any:
     """A JSON artefact of the run, or None when its notebook has not run."""
     p = Path(run_dir, *parts)
+    tracking.note_input(p)                 # absent now: its appearing later makes the reader stale
     return json.loads(p.read_text()) if p.exists() else None

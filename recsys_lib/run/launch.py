@@ -29,6 +29,7 @@ import torch
 
 from .. import config
 from ..errors import ConfigError, PipelineError
+from . import tracking
 from ..protocol.evaluate import HEADLINE
 
 WORKER = "recsys_lib.worker"                 # the torchrun entry point (python -m)
@@ -164,6 +165,7 @@ def launch(args: list[str], nproc: int, nnodes: int = 1, rdzv_endpoint: str | No
     (default: print). Raise DistributedError naming the failed ranks (from torchrun's summary)
     when it exits non-zero."""
     on_line = on_line or (lambda line: print(line, end="", flush=True))
+    tracking.note_module(WORKER)                # the work runs there: the notebook depends on it
     cmd = command(args, nproc, nnodes, rdzv_endpoint, rdzv_id, node_rank)
     if nnodes > 1:
         on_line(f"[dist] node 0 of {nnodes}; on every other node run:\n  "

@@ -1,16 +1,26 @@
 """What a run folder remembers between pipeline invocations: which notebooks finished, on what,
-and who holds the folder now. It lets an interrupted run resume where it stopped.
+and who holds the folder now. A rerun does only the work whose inputs changed.
 
 After a notebook succeeds, the pipeline writes ``state/<notebook>.json``, its *completion record*:
-- the notebook file's hash and the library's code version (a hash of ``recsys_lib``'s files);
+- the notebook file's hash;
 - the shared parameters (dataset, profile, seed, device);
-- the value of every params section the notebook read. ``experiment.Run`` notes the reads through
-  ``TrackedParams`` in ``state/<notebook>.reads.json``;
-- the files it wrote (size and mtime), and a digest of the records before it.
+- ``reads``: the value of every parameter path the notebook read (``mf``, ``reranker.lgbm``);
+- ``modules``: a hash of each library module its kernel loaded (``recsys_lib.models.ease``);
+- ``inputs``: the run folder's files it read, with their size and mtime then, and ``listings``:
+  the names it found in each folder it listed;
+- ``outputs``: the files it wrote (size and mtime), ``before``: the notebooks that come before it;
+- what it cost: wall and CPU seconds, peak RSS, and the machine's speed index (`run.usage`).
+``run.tracking`` takes the notes in the kernel.
 
-A rerun trusts a record only when all of these still hold. It reruns from the first notebook
-whose record does not hold, and every notebook after it. A notebook that was interrupted or
-failed has no record, so a half-finished notebook is never trusted.
+A notebook is *stale* when its record is missing or torn, or any of these no longer holds: its
+notebook file, the shared parameters, a parameter it read, a module it loaded, a file it read (or
+the set of files in a folder it listed), a file it wrote, or the list of notebooks before it. It
+is also stale when a file it read is written by a notebook that is stale itself (that one will
+write it again). `stale_notebooks` returns each stale notebook with its reason; the pipeline
+reruns exactly those, in order. So a change to ``reranker.lgbm`` reruns 30_reranker and the
+notebooks that read its files, and an edit to ``models/ease.py`` reruns 13_ease and its readers,
+not 10_popularity. A notebook that was interrupted or failed has no record, so a half-finished
+notebook is never trusted.
 
 ``RunLock`` is an advisory lock (``fcntl.flock``) held by the pipeline for the whole run. A
 second run on the same folder fails at once, naming the holder's PID and start time.
@@ -18,6 +28,7 @@ The kernel releases the lock when its holder dies, so a killed run never leaves 
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -28,65 +39,115 @@ from typing import Any
 
 from .. import config
 from ..errors import PipelineError
+from .tracking import (ABSENT, ENV_NOTEBOOK, STATE, UNTRACKED, TrackedParams, lookup, read_notes,  # noqa: F401
+                       reads_path)
 
-STATE = "state"                               # records and reads, inside the run folder
-UNTRACKED = (STATE, "logs", "notebooks")      # written by the pipeline itself, not by notebooks
-ENV_NOTEBOOK = "RECSYS_NOTEBOOK"              # set by the pipeline for the kernel it starts
+PACKAGE_DIR = Path(__file__).resolve().parents[1]       # recsys_lib/
 
 
 class RunLocked(PipelineError):
     """Another pipeline process holds this run folder."""
 
 
-# ---------------------------------------------------------------- reads of the parameters
-class TrackedParams(dict):
-    """The run's parameters, noting each top-level section a notebook reads (``[]`` or ``get``)
-    in ``log`` (JSON list). The pipeline compares only those sections on a rerun. A change to
-    ``mf`` therefore reruns from ``11_mf``, not from ``00_data``."""
-
-    def __init__(self, data: Any = (), log: Path | None = None):
-        super().__init__(data)
-        self._log = log
-        self._seen: set[str] = set()
-
-    def _note(self, key: Any) -> None:
-        if self._log is not None and isinstance(key, str) and key not in self._seen:
-            self._seen.add(key)
-            config.write_json(self._log, sorted(self._seen))
-
-    def __getitem__(self, key):
-        self._note(key)
-        return super().__getitem__(key)
-
-    def get(self, key, default=None):
-        self._note(key)
-        return super().get(key, default)
-
-
-def tracked_params(params: dict, run_dir: Path) -> dict:
-    """``params`` wrapped in ``TrackedParams`` when the pipeline runs this kernel (it names the
-    notebook in ``$RECSYS_NOTEBOOK``); as they are in JupyterLab."""
-    stem = os.environ.get(ENV_NOTEBOOK)
-    if not stem:
-        return params
-    log = Path(run_dir) / STATE / f"{stem}.reads.json"
-    log.unlink(missing_ok=True)
-    return TrackedParams(params, log)
-
-
 # ---------------------------------------------------------------- fingerprints
 def code_version() -> str:
-    """A hash of the library's source files and templates: a code change reruns every notebook."""
+    """A hash of the whole library's source files and templates (the report's provenance; resume
+    compares each notebook's own modules, `module_hashes`)."""
     h = hashlib.sha256()
-    root = Path(__file__).resolve().parent
-    for path in sorted(p for p in root.rglob("*") if p.is_file() and "__pycache__" not in p.parts):
-        h.update(str(path.relative_to(root)).encode())
+    for path in sorted(p for p in PACKAGE_DIR.rglob("*") if p.is_file() and "__pycache__" not in p.parts):
+        h.update(str(path.relative_to(PACKAGE_DIR)).encode())
         h.update(path.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def module_files(name: str) -> list[Path]:
+    """The files behind a library module: ``recsys_lib.models.ease`` -> ``models/ease.py``; a
+    package is its ``__init__.py`` and its data files outside sub-packages (the report's
+    templates). Empty when the module no longer exists."""
+    parts = name.split(".")[1:]
+    base = PACKAGE_DIR.joinpath(*parts)
+    if base.with_suffix(".py").is_file():
+        return [base.with_suffix(".py")]
+    if not (base / "__init__.py").is_file():
+        return []
+    files = [base / "__init__.py"]
+    for path in sorted(base.rglob("*")):
+        rel = path.relative_to(base)
+        if (path.is_file() and path.suffix not in (".py", ".pyc") and "__pycache__" not in rel.parts
+                and not any((base.joinpath(*rel.parts[:i]) / "__init__.py").is_file()
+                            for i in range(1, len(rel.parts)))):
+            files.append(path)
+    return files
+
+
+@functools.lru_cache(maxsize=None)
+def _module_hash(name: str, stamp: tuple) -> str:
+    files = module_files(name)
+    if not files:
+        return "missing"
+    h = hashlib.sha256()
+    for path in files:
+        h.update(path.relative_to(PACKAGE_DIR).as_posix().encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def module_hash(name: str) -> str:
+    """The hash of a library module's files (``missing`` when it is gone)."""
+    stamp = tuple((str(p), p.stat().st_mtime_ns, p.stat().st_size) for p in module_files(name))
+    return _module_hash(name, stamp)
+
+
+def module_hashes(names) -> dict[str, str]:
+    return {n: module_hash(n) for n in sorted(names)}
+
+
+def import_closure(name: str) -> list[str]:
+    """``name`` and every library module it imports, directly or through others (read from the
+    source with ``ast``, lazy imports inside functions included)."""
+    import ast
+    seen, todo = set(), [name]
+    while todo:
+        mod = todo.pop()
+        if mod in seen:
+            continue
+        seen.add(mod)
+        files = [f for f in module_files(mod) if f.suffix == ".py"]
+        if not files:
+            continue
+        package = mod if files[0].name == "__init__.py" else mod.rsplit(".", 1)[0]
+        for node in ast.walk(ast.parse(files[0].read_text())):
+            targets = []
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    parts = package.split(".")[: len(package.split(".")) - node.level + 1]
+                    base = ".".join(parts + ([base] if base else []))
+                targets = [base] + [f"{base}.{a.name}" for a in node.names]
+            for t in targets:
+                if (t == PACKAGE_DIR.name or t.startswith(PACKAGE_DIR.name + ".")) and module_files(t):
+                    todo.append(t)
+    return sorted(seen)
+
+
+def code_digest(modules) -> str:
+    """One hash of the given library modules and everything they import: a cache key that follows
+    the code that made the cached thing."""
+    names = sorted({m for name in modules for m in import_closure(name)})
+    h = hashlib.sha256()
+    for n, digest in module_hashes(names).items():
+        h.update(f"{n}={digest};".encode())
     return h.hexdigest()[:16]
 
 
 def file_hash(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+
+
+def _tracked(rel: Path) -> bool:
+    return not (rel.parts[0] in UNTRACKED or any(p.startswith(".") for p in rel.parts))
 
 
 def fingerprint(run_dir: Path) -> dict[str, list[int]]:
@@ -96,11 +157,19 @@ def fingerprint(run_dir: Path) -> dict[str, list[int]]:
         return out
     for path in run_dir.rglob("*"):
         rel = path.relative_to(run_dir)
-        if rel.parts[0] in UNTRACKED or rel.name.startswith(".") or not path.is_file():
+        if not _tracked(rel) or not path.is_file():
             continue
         st = path.stat()
         out[rel.as_posix()] = [st.st_size, st.st_mtime_ns]
     return out
+
+
+def _file_fp(path: Path) -> list[int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return [st.st_size, st.st_mtime_ns] if path.is_file() else None
 
 
 def _canonical(value: Any) -> str:
@@ -120,92 +189,176 @@ def read_record(run_dir: Path, stem: str) -> dict | None:
 
 
 def upstream_digest(records: list[dict]) -> str:
-    """What a notebook ran after: the names and finish stamps of the records before it."""
+    """A digest of records' names and finish stamps (a complete run's id)."""
     h = hashlib.sha256()
     for rec in records:
         h.update(f"{rec['notebook']}@{rec['finished']};".encode())
     return h.hexdigest()[:16]
 
 
+def last_writers(records: list[dict | None]) -> dict[str, int]:
+    """Each file's last writer: the index of the last notebook whose record lists it as output."""
+    out: dict[str, int] = {}
+    for i, rec in enumerate(records):
+        for path in (rec or {}).get("outputs", {}):
+            out[path] = i
+    return out
+
+
+def listing(run_dir: Path, folder: str, index: int, writers: dict[str, int]) -> list[str]:
+    """The names in ``folder`` a notebook at ``index`` can depend on: those not written last by
+    itself or a notebook after it (their files come and go with those notebooks' own runs)."""
+    d = Path(run_dir) / folder
+    if not d.is_dir():
+        return []
+    names = []
+    for path in d.iterdir():
+        rel = path.relative_to(run_dir)
+        if _tracked(rel) and writers.get(rel.as_posix(), -1) < index:
+            names.append(path.name)
+    return sorted(names)
+
+
+def _outermost(paths: list[str]) -> list[str]:
+    """The paths not inside another one of them (``reranker`` covers ``reranker.lgbm``)."""
+    kept = set(paths)
+    return sorted(p for p in kept if not any(p.startswith(q + ".") for q in kept))
+
+
 def write_record(run_dir: Path, notebook: Path, before: dict, shared: dict, params: dict,
-                 code: str, upstream: str, seconds: float) -> dict:
-    """The completion record of ``notebook`` (call after it succeeded): its reads, its outputs."""
-    reads_log = Path(run_dir) / STATE / f"{notebook.stem}.reads.json"
-    try:
-        reads = json.loads(reads_log.read_text())
-    except (OSError, ValueError):
-        reads = []
-    after = fingerprint(Path(run_dir))
-    rec = {"notebook": notebook.stem, "notebook_sha": file_hash(notebook), "code": code,
-           "shared": shared, "reads": {k: config.finite_json(params.get(k)) for k in reads},
-           "outputs": {p: fp for p, fp in after.items() if before.get(p) != fp},
-           "upstream": upstream, "seconds": round(seconds, 3),
+                 notebooks: list[Path], usage: dict | None = None, seconds: float | None = None) -> dict:
+    """The completion record of ``notebook`` (call after it succeeded): what it read and loaded,
+    what it wrote, what it cost."""
+    run_dir = Path(run_dir)
+    notes = read_notes(run_dir, notebook.stem)
+    after = fingerprint(run_dir)
+    outputs = {p: fp for p, fp in after.items() if before.get(p) != fp}
+    index = notebooks.index(notebook)
+    records = [read_record(run_dir, nb.stem) for nb in notebooks]
+    records[index] = {"outputs": outputs}
+    writers = last_writers(records)
+    usage = dict(usage or {})
+    if seconds is not None:
+        usage.setdefault("seconds", seconds)
+    rec = {"notebook": notebook.stem, "notebook_sha": file_hash(notebook), "shared": shared,
+           "reads": {k: config.finite_json(lookup(params, k)) for k in _outermost(notes["params"])},
+           "modules": module_hashes(notes["modules"]),
+           "inputs": {p: _file_fp(run_dir / p) for p in notes["inputs"] if p not in outputs},
+           "listings": {d: listing(run_dir, d, index, writers) for d in notes["listings"]},
+           "outputs": outputs, "before": [nb.stem for nb in notebooks[:index]],
+           "code": code_version(), **usage,
+           "seconds": round(float(usage.get("seconds", 0.0)), 3),
            "finished": f"{time.strftime('%Y-%m-%dT%H:%M:%S')}.{time.time_ns() % 10**9:09d}"}
     config.write_json(record_path(run_dir, notebook.stem), rec)
-    reads_log.unlink(missing_ok=True)
+    reads_path(run_dir, notebook.stem).unlink(missing_ok=True)
     return rec
 
 
-def first_stale(notebooks: list[Path], run_dir: Path, shared: dict, params: dict,
-                code: str) -> tuple[int, str]:
-    """The index of the first notebook whose record does not hold, and why; ``len(notebooks)``
-    when every record holds (nothing to run)."""
+def _own_reason(nb: Path, rec: dict | None, index: int, notebooks: list[Path], shared: dict,
+                params: dict, current: dict, writers: dict, run_dir: Path) -> str | None:
+    """Why ``nb``'s record no longer holds by itself (None when it does)."""
+    if rec is None:
+        return "not finished in an earlier run"
+    if "modules" not in rec:
+        return "recorded before stage-aware resume"
+    if rec.get("notebook_sha") != file_hash(nb):
+        return "the notebook changed"
+    if rec.get("shared") != shared:
+        return "dataset, profile, seed or device changed"
+    if rec.get("before") != [p.stem for p in notebooks[:index]]:
+        return "the notebooks before it changed"
+    for key, value in rec.get("reads", {}).items():
+        if _canonical(lookup(params, key)) != _canonical(value):
+            return f"parameters of '{key}' changed"
+    for name, digest in rec.get("modules", {}).items():
+        if module_hash(name) != digest:
+            return f"library module {name} changed"
+    for path, fp in rec.get("inputs", {}).items():
+        if current.get(path) != fp and _file_fp(run_dir / path) != fp:
+            return f"a file it read changed: {path}"
+    for folder, names in rec.get("listings", {}).items():
+        if listing(run_dir, folder, index, writers) != names:
+            return f"the files in {folder}/ changed"
+    for path, fp in rec.get("outputs", {}).items():
+        if writers.get(path) == index and current.get(path) != fp:
+            return f"a file it wrote was changed or removed: {path}"
+    return None
+
+
+def _upstream_reason(rec: dict, index: int, notebooks: list[Path], writers: dict[str, int],
+                     stale: dict[int, str]) -> str | None:
+    """Why ``rec`` is stale because a notebook before it is (None when none it reads from is)."""
+    for path in rec.get("inputs", {}):
+        j = writers.get(path)
+        if j is not None and j < index and j in stale:
+            return f"it reads {path}, which {notebooks[j].stem} writes again"
+    for folder in rec.get("listings", {}):
+        for path, j in writers.items():
+            if j < index and j in stale and (path.rsplit("/", 1)[0] if "/" in path else ".") == folder:
+                return f"it lists {folder}/, where {notebooks[j].stem} writes again"
+    return None
+
+
+def stale_notebooks(notebooks: list[Path], run_dir: Path, shared: dict, params: dict) -> dict[int, str]:
+    """``{index: why}`` of every notebook that must run again, in order (empty: all up to date).
+    A notebook whose inputs a stale notebook writes is stale too."""
     run_dir = Path(run_dir)
     records = [read_record(run_dir, nb.stem) for nb in notebooks]
     current = fingerprint(run_dir)
-    last_writer: dict[str, tuple[int, list[int]]] = {}
-    for i, rec in enumerate(records):
-        if rec is None:
-            break
-        for path, fp in rec.get("outputs", {}).items():
-            last_writer[path] = (i, fp)
-    moved = {i for path, (i, fp) in last_writer.items() if current.get(path) != fp}
-    if not any(records):
-        return 0, "a new run"
+    writers = last_writers(records)
+    stale: dict[int, str] = {}
     for i, (nb, rec) in enumerate(zip(notebooks, records)):
-        if rec is None:
-            return i, "not finished in an earlier run"
-        if rec.get("notebook_sha") != file_hash(nb):
-            return i, "the notebook changed"
-        if rec.get("code") != code:
-            return i, "the library code changed"
-        if rec.get("shared") != shared:
-            return i, "dataset, profile, seed or device changed"
-        for key, value in rec.get("reads", {}).items():
-            if _canonical(params.get(key)) != _canonical(value):
-                return i, f"parameters of '{key}' changed"
-        if rec.get("upstream") != upstream_digest(records[:i]):
-            return i, "an earlier notebook ran again"
-        if i in moved:
-            return i, "a file it wrote was changed or removed"
-    return len(notebooks), "every notebook is up to date"
+        why = _own_reason(nb, rec, i, notebooks, shared, params, current, writers, run_dir)
+        if why is None:
+            why = _upstream_reason(rec, i, notebooks, writers, stale)
+        if why is not None:
+            stale[i] = why
+    return stale
+
+
+def first_stale(notebooks: list[Path], run_dir: Path, shared: dict, params: dict) -> tuple[int, str]:
+    """The index of the first stale notebook and why; ``len(notebooks)`` when none is."""
+    stale = stale_notebooks(notebooks, run_dir, shared, params)
+    if not stale:
+        return len(notebooks), "every notebook is up to date"
+    i = min(stale)
+    return i, stale[i]
+
+
+def forget(notebooks: list[Path], run_dir: Path, indices) -> None:
+    """Before notebooks ``indices`` run again: drop their records and the files they wrote last,
+    so nothing of theirs from an earlier run (a model's metrics) outlives a failure."""
+    run_dir = Path(run_dir)
+    indices = set(indices)
+    records = [read_record(run_dir, nb.stem) for nb in notebooks]
+    for path, i in last_writers(records).items():
+        if i in indices:
+            (run_dir / path).unlink(missing_ok=True)
+    for i in sorted(indices):
+        record_path(run_dir, notebooks[i].stem).unlink(missing_ok=True)
 
 
 def forget_from(notebooks: list[Path], run_dir: Path, start: int) -> None:
-    """Before notebooks ``start..`` run again: drop their records and the files they alone wrote
-    last, so nothing of theirs from an earlier run (a model's metrics) outlives a failure."""
-    run_dir = Path(run_dir)
-    records = [read_record(run_dir, nb.stem) for nb in notebooks]
-    last_writer: dict[str, int] = {}
-    for i, rec in enumerate(records):
-        for path in (rec or {}).get("outputs", {}):
-            last_writer[path] = i
-    for path, i in last_writer.items():
-        if i >= start:
-            (run_dir / path).unlink(missing_ok=True)
-    for nb in notebooks[start:]:
-        record_path(run_dir, nb.stem).unlink(missing_ok=True)
+    """`forget` notebooks ``start`` onwards."""
+    forget(notebooks, run_dir, range(start, len(notebooks)))
+
+
+USAGE_KEYS = ("seconds", "cpu_seconds", "peak_rss_gb", "speed_index")
 
 
 def run_summary(notebooks: list[Path], run_dir: Path) -> dict:
     """A complete run's identity for the report and metrics.json: one id from its records, and
-    each notebook's seconds and finish time."""
+    each notebook's cost (wall and CPU seconds, peak RSS, the speed index of the machine that ran
+    it) and finish time."""
     records = [read_record(Path(run_dir), nb.stem) for nb in notebooks]
     done = [r for r in records if r is not None]
+    indices = sorted({r["speed_index"] for r in done if r.get("speed_index") is not None})
     return {"id": upstream_digest(done) if done else None,
             "complete": len(done) == len(notebooks),
-            "code_version": done[-1]["code"] if done else None,
-            "notebooks": {r["notebook"]: {"seconds": r["seconds"], "finished": r["finished"]} for r in done}}
+            "code_version": done[-1].get("code") if done else None,
+            "speed_index": indices,
+            "notebooks": {r["notebook"]: {**{k: r.get(k) for k in USAGE_KEYS}, "finished": r["finished"]}
+                          for r in done}}
 
 
 # ---------------------------------------------------------------- the lock

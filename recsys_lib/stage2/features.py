@@ -56,7 +56,6 @@ from .ranking import per_user_zscore
 
 DAY = 86_400
 RECENT_DAYS = (30, 90)
-FEATURES_VERSION = 4       # part of the feature cache key: bump when a feature changes
 # Sequence features: chosen on out-of-fold validation nDCG@10 of the LightGBM re-ranker on
 # ml-latest-small (window 2, 3, 5, 10 x history 2, 3, 5, 10, 20; docs/experiments.md, 2026-11-28).
 SEQ_WINDOW = 5             # transitions: item j rated within this many ratings after item i

@@ -218,7 +218,10 @@ def build_refit_lists(run: Run, retriever, sources: dict, scorers: dict) -> dict
     """25_label_window: refit stage 1 before the last share of train once, then build (and save)
     what the params ask for: the label window's lists (``window/``) and the stale validation
     lists (``stale/``). A folder whose option is off is removed. Returns each built one's summary."""
-    section = RerankerSection.from_params(run.params["reranker"])
+    raw = run.params["reranker"]
+    # only the options the refits read (stale lists check the variants: LightGBM only)
+    section = RerankerSection.options(raw, "label_window", "stale_lists", "extra_scorers", "recent_items",
+                                      *(("variants",) if raw.get("stale_lists") else ()))
     share, k = refit_share(section), int(run.params["two_tower"]["candidate_k"])
     out = {}
     if share:
@@ -243,4 +246,4 @@ def build_refit_lists(run: Run, retriever, sources: dict, scorers: dict) -> dict
 def recent_items(params: dict) -> tuple[int, ...]:
     """``reranker.recent_items``: the N of the recent-taste features (scores from a user's last N
     rows, `features.recent_context`); empty: none."""
-    return tuple(int(n) for n in RerankerSection.from_params(params["reranker"]).recent_items or ())
+    return tuple(int(n) for n in RerankerSection.options(params["reranker"], "recent_items").recent_items or ())

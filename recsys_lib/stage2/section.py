@@ -46,6 +46,15 @@ class RerankerSection:
             raise ConfigError(f"reranker.folds must be at least 2 (cross-fitting), got {out.folds}")
         return out
 
+    @classmethod
+    def options(cls, section: dict | None, *keys: str) -> "RerankerSection":
+        """The section with only ``keys`` read from the params (the rest at their defaults). A
+        notebook that needs a few options (25_label_window) then depends on those alone, and a
+        change to ``reranker.lgbm`` does not rerun it (`run.state`); the pipeline has checked the
+        whole section before any kernel started."""
+        section = {} if section is None else section       # not `or`: truth reads the whole section
+        return cls.from_params({k: section[k] for k in keys if k in section})
+
     @property
     def kinds(self) -> set[str]:
         return {kind_of(v) for v in self.variants}

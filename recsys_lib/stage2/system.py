@@ -24,9 +24,10 @@ from ..protocol.evaluate import DEFAULT_KS, EvalResult, evaluate_ranking
 from ..models.registry import spec
 from ..models.two_tower import TwoTower, history_len_needed
 from ..run import launch
+from ..run import state as runstate
 from ..run.experiment import Run
 from ..run.layout import notebook_of
-from .features import FEATURES_VERSION, _as_np, build_features, retriever_user_table
+from .features import _as_np, build_features, retriever_user_table
 from .inputs import StageInputs, WindowLists
 from .ranking import subset_labels
 from .refit import load_label_window, load_stale_lists, recent_items, refit_share
@@ -83,7 +84,7 @@ def stage_inputs(run: Run, retriever, period: str, scorers: dict, cache: bool = 
     cand_path = run.require("candidates", f"{period}.parquet", stage="20_two_tower")
     cands = cand.load_candidates(cand_path)
     recent = recent_items(run.params)
-    key = _feature_key(run, cand_path, scorers) + (f";recent{list(recent)}" if recent else "")
+    key = _feature_key(run, cand_path, scorers, retriever) + (f";recent{list(recent)}" if recent else "")
     cached = run.dir / "features" / f"{period}.npz"
     if cache and cached.exists():
         z = np.load(cached, allow_pickle=False)
@@ -101,7 +102,7 @@ def stage_inputs(run: Run, retriever, period: str, scorers: dict, cache: bool = 
 
 def scorer_names(section: dict) -> list[str]:
     """``reranker.extra_scorers``: the stage-1 models whose scores are re-ranker features."""
-    return list(RerankerSection.from_params(section).extra_scorers)
+    return list(RerankerSection.options(section, "extra_scorers").extra_scorers)
 
 
 @dataclass
@@ -134,10 +135,15 @@ def training_inputs(run: Run) -> TrainingInputs:
     return TrainingInputs(retriever, scorers, valid, train, window)
 
 
-def _feature_key(run: Run, cand_path, scorers: dict) -> str:
-    """What the features depend on: candidates, retriever and scorers' files (mtime, size)."""
+def _feature_key(run: Run, cand_path, scorers: dict, retriever=None) -> str:
+    """What the features depend on: the code that makes them (`build_features`' module, the
+    scorers' and the retriever's modules, and every library module those import: an edit to any
+    of them makes the cache miss, with no version number to bump by hand), and the candidates',
+    retriever's and scorers' files (mtime, size)."""
+    code = runstate.code_digest([build_features.__module__, TwoTower.__module__,
+                                 *(type(m).__module__ for m in [*scorers.values(), retriever] if m is not None)])
     files = [cand_path, run.dir / "models" / "two_tower.pt"] + [run.dir / "models" / f"{n}.pt" for n in sorted(scorers)]
-    return f"v{FEATURES_VERSION};" + ";".join(f"{f.name}:{f.stat().st_mtime_ns}:{f.stat().st_size}" for f in files if f.exists())
+    return f"code {code};" + ";".join(f"{f.name}:{f.stat().st_mtime_ns}:{f.stat().st_size}" for f in files if f.exists())
 
 
 def fit(run: Run, valid: StageInputs, retriever, section: dict, window: WindowLists | None = None):

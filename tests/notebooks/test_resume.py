@@ -111,7 +111,8 @@ def test_killed_run_resumes_with_the_metrics_of_an_uninterrupted_run(notebooks, 
     assert again.returncode == 0 and " ..." not in again.stdout.replace(".. 11_mf", ""), again.stdout
     changed = subprocess.run(CMD + ["--set", "mf.epochs=1"], env=env, capture_output=True, text=True, timeout=600)
     assert changed.returncode == 0, changed.stderr
-    assert "running from 11_mf (parameters of 'mf' changed)" in changed.stdout, changed.stdout
+    assert "11_mf will run: parameters of 'mf' changed" in changed.stdout, changed.stdout
+    assert "done in" in changed.stdout and "CPU" in changed.stdout and "peak RSS" in changed.stdout
     assert {n: record(root, n)["finished"] for n in SUBSET[:3]} == stamps
     assert record(root, "11_mf")["reads"]["mf"]["epochs"] == 1
 
