@@ -7,9 +7,12 @@ The README holds one block per data set::
     <!-- /results -->
 
 This script replaces each block's body from ``reports/<dataset>/metrics.json`` (written by the
-pipeline): the test metrics of every model (``report.readme_table``), the headline sentence
-(``report.text.headline``, from the run's paired differences) and the commit and command of the
-run. The re-ranker variants that were not chosen (``two_stage_<variant>``) stay in the report. Run it after ``make report DATASET=...``::
+pipeline): the test metrics of every model (``report.readme_table``), the headline
+(``report.text.headline``, from the run's paired differences: the primary comparison named in
+docs/PROTOCOL.md first, the two-stage system against the blend, then the secondary, the strongest
+single-stage model on validation, then one sentence on the exploratory rest) and the commit and
+command of the run. The re-ranker variants that were not chosen (``two_stage_<variant>``) stay in
+the report. Run it after ``make report DATASET=...``::
 
     .venv/bin/python scripts/readme_results.py            # every block whose report exists
     .venv/bin/python scripts/readme_results.py --check    # exit 1 if the README is out of date

@@ -180,7 +180,9 @@ def segment_bars(frame: pd.DataFrame, segment: str, value: str = "ndcg@10", hue:
 def forest(frame: pd.DataFrame, target: str = "two_stage", metric: str = "nDCG@10"):
     """Paired differences (``target`` minus each model) with 95% CIs, one row per model, and a
     line at zero: a whisker that does not cross it separates the two systems.
-    ``frame`` has model, diff, lo, hi (recsys_lib.report.analysis.forest_data)."""
+    ``frame`` has model, diff, lo, hi and, from recsys_lib.report.analysis.forest_data, role and
+    label: the comparisons named in advance (primary, then secondary) come first, labelled and in
+    bold, and a dotted line sets them apart from the exploratory rows below."""
     fig, (ax,) = _fig(width=8, height=0.32 * len(frame) + 1.4)
     y = np.arange(len(frame))
     above = (frame["lo"] > 0).to_numpy()
@@ -190,10 +192,18 @@ def forest(frame: pd.DataFrame, target: str = "two_stage", metric: str = "nDCG@1
         ax.plot([r["lo"], r["hi"]], [yi, yi], color=c, lw=2)
         ax.plot(r["diff"], yi, "o", color=c, ms=6)
     ax.axvline(0.0, color="black", lw=1)
-    ax.set_yticks(y, frame["model"])
+    labels = frame["label"] if "label" in frame else frame["model"]
+    roles = frame["role"].to_numpy() if "role" in frame else np.full(len(frame), "exploratory")
+    ax.set_yticks(y, labels)
+    named = roles != "exploratory"
+    for tick, bold in zip(ax.get_yticklabels(), named):
+        if bold:
+            tick.set_fontweight("bold")
+    if named.any() and not named.all():
+        ax.axhline(int(named.sum()) - 0.5, color="grey", ls=":", lw=1)   # named in advance | exploratory
     ax.set_ylim(len(frame) - 0.3, -0.7)                     # first row at the top, as in the table
     ax.set(xlabel=f"{target} minus model, test {metric} (paired 95% CI)",
-           title=f"Paired differences: {target} against each model")
+           title=f"Paired differences: {target} against each model (named comparisons first)")
     return fig
 
 

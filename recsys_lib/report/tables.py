@@ -207,22 +207,30 @@ def scored_users(run_dir: str | os.PathLike, period: str = "test") -> int | None
     return users.pop() if len(users) == 1 else None
 
 def paired_frame(paired: dict, n_resamples: int | None = None) -> "pd.DataFrame":
-    """``analysis/paired.json`` as a table for the reader, the closest rival first: each model's
-    test nDCG@10, the two-stage system's paired difference against it with its 95% CI, the
-    bootstrap p-value and whether the interval separates them. The two-stage system's own score,
-    the same on every row, belongs in the caption, not in a column."""
+    """``analysis/paired.json`` as a table for the reader, in the forest plot's order (the primary
+    comparison, the secondary, then the exploratory rows, closest rival first): each model, the
+    comparison's role, its test nDCG@10, the two-stage system's paired difference against it with
+    its 95% CI, the bootstrap p-value, the Holm-adjusted p-value (exploratory rows only: the named
+    comparisons are judged on their own CIs) and whether the interval separates them. The two-stage
+    system's own score, the same on every row, belongs in the caption, not in a column."""
     import pandas as pd
 
     from .analysis import forest_data
     target = paired["target"]
+    frame = forest_data(paired)
+    m = int((frame["role"] == "exploratory").sum())
     rows = []
-    for _, r in forest_data(paired).iterrows():
-        src = next(x for x in paired["rows"] if x["against"] == r["model"])
-        rows.append({"model": r["model"], "model nDCG@10": fmt_metric(r["model score"]),
+    for _, r in frame.iterrows():
+        holm = r["p_holm"]
+        # a Holm-adjusted 0 is bounded by m times the raw p's resolution (2 / resamples)
+        holm_text = (DASH if r["role"] != "exploratory" else
+                     fmt_p(holm, n_resamples / m if n_resamples and m else None))
+        rows.append({"model": r["model"], "comparison": r["role"], "model nDCG@10": fmt_metric(r["model score"]),
                      f"{target} − model [95% CI]": fmt_ci(r["diff"], r["lo"], r["hi"], signed=True),
-                     "p": fmt_p(src.get("p"), n_resamples),
+                     "p": fmt_p(r["p"], n_resamples), "p (Holm)": holm_text,
                      "separates": "yes, above 0" if r["lo"] > 0 else "yes, below 0" if r["hi"] < 0 else "no"})
-    return pd.DataFrame(rows, columns=["model", "model nDCG@10", f"{target} − model [95% CI]", "p", "separates"])
+    return pd.DataFrame(rows, columns=["model", "comparison", "model nDCG@10", f"{target} − model [95% CI]", "p",
+                                       "p (Holm)", "separates"])
 
 def tuning_table(run_dir: str | os.PathLike) -> "pd.DataFrame":
     """How each model was tuned: what was searched, what was chosen, its validation nDCG@10 and

@@ -1,6 +1,7 @@
 """The report's words and HTML around the numbers: the abstract and the headline (one verdict
-phrase for both), the provenance footer, captioned tables and figures. Every sentence is computed
-from the run folder's files."""
+phrase for both; each leads with the primary comparison named in docs/PROTOCOL.md, the two-stage
+system against the blend, then the secondary, then a word on the exploratory rest), the provenance
+footer, captioned tables and figures. Every sentence is computed from the run folder's files."""
 from __future__ import annotations
 
 import os
@@ -8,6 +9,7 @@ from typing import TYPE_CHECKING
 
 from .. import config
 from ..run.experiment import collect_metrics, read_json
+from .analysis import comparison, comparisons
 from .audit import audit_sentence
 from .tables import DASH, fmt_ci, fmt_count, fmt_metric, fmt_percent, table_html
 
@@ -110,10 +112,40 @@ def _two_stage_words(info: dict, records: dict) -> str:
                "train, as stale as the test lists" if stale else "")
     return f"{cands}, re-ranked by {chosen}{trained}"
 
+#: the blend, as the abstract and the headline name it
+BLEND_WORDS = "the blend of the single-stage models (17_blend; weights chosen on validation)"
+NO_BLEND = ("This run has no blend of the single-stage models (no 17_blend test scores), so the primary comparison "
+            "named in advance (the two-stage system against the blend) cannot be made; the secondary comparison "
+            "stands in its place.")
+
+
+def _paired_numbers(row: dict, target: str) -> tuple[float, float, float]:
+    return row[f"{target} - other"], row["95% CI lo"], row["95% CI hi"]
+
+
+def exploratory_sentence(paired: dict) -> str:
+    """One sentence on every comparison but the primary and the secondary: how many, that they
+    are exploratory, and how many Holm-adjusted p-values fall below 0.05. Empty when there are none."""
+    rows = [r for r in comparisons(paired) if r["role"] == "exploratory"]
+    if not rows:
+        return ""
+    below = sum(1 for r in rows if r.get("p_holm") is not None and r["p_holm"] < 0.05)
+    n = len(rows)
+    if n == 1:
+        return (f"The one other comparison ({rows[0]['against']}) is exploratory, not a finding: its p-value "
+                f"{'falls' if below else 'does not fall'} below 0.05.")
+    count = "none falls" if below == 0 else f"{below} falls" if below == 1 else f"{below} fall"
+    return (f"The other {n} comparisons (every other model and re-ranker variant) are exploratory, not findings: "
+            f"their p-values are Holm-adjusted over those {n}, and {count} below 0.05.")
+
+
 def abstract(run_dir: str | os.PathLike) -> str:
-    """The report's opening, as HTML: data, split, the strongest single-stage model (chosen on
-    validation), the two-stage system against it (paired difference with its 95% CI) and the
-    leakage audit's lesson, every number read from the run folder."""
+    """The report's opening, as HTML: data, split, then the comparisons named in advance
+    (docs/PROTOCOL.md "Comparisons, named in advance"): first the primary, the two-stage system
+    against the blend of the single-stage models (scores with their 95% CIs, the paired difference
+    with its 95% CI and its verdict), then the secondary, the strongest single-stage model chosen on
+    validation, then one sentence on the exploratory rest, and the leakage audit's lesson; every
+    number read from the run folder."""
     from html import escape
 
     info = read_json(run_dir, "run.json") or {}
@@ -122,25 +154,79 @@ def abstract(run_dir: str | os.PathLike) -> str:
     audit = read_json(run_dir, "analysis", "audit.json")
     records = {m["model"]: m for m in collect_metrics(run_dir)}
     sentences = [_data_sentence(ds, info), _split_sentence(info)]
-    best = (paired or {}).get("strongest_single_stage")
-    if not paired or not best:
+    if not paired or not paired.get("rows"):
         sentences.append("The models have not been compared yet: run 40_evaluation.")
     else:
-        name, target = best["model"], paired["target"]
-        b, t = records.get(name, {}).get("test", {}), records.get(target, {}).get("test", {})
-        sentences.append(f"The strongest single-stage model on validation is {name} (validation nDCG@10 "
-                         f"{fmt_metric(best['valid_ndcg@10'])}); on the test period it scores nDCG@10 "
-                         f"{fmt_ci(b.get('ndcg@10'), *(b.get('ndcg@10_ci') or [None, None]))}.")
-        row = next((r for r in paired["rows"] if r["against"] == name), None)
-        if row is not None:
-            diff, lo, hi = row[f"{target} - other"], row["95% CI lo"], row["95% CI hi"]
-            rel = f" ({fmt_percent(diff / row['other'], signed=True)})" if row.get("other") else ""
-            sentences.append(f"The two-stage system ({_two_stage_words(info, records)}) scores "
-                             f"{fmt_ci(t.get('ndcg@10'), *(t.get('ndcg@10_ci') or [None, None]))}: a paired difference of "
-                             f"{fmt_ci(diff, lo, hi, signed=True)}{rel} against {name}, so the two-stage system {verdict(lo, hi)}.")
+        sentences += _comparison_sentences(paired, info, records)
     sentences.append(audit_sentence(audit, records))
     return (f'<section id="abstract" class="rs-abstract"><p><b>Abstract.</b> '
-            f'{escape(" ".join(sentences), quote=False)}</p></section>')
+            f'{escape(" ".join(s for s in sentences if s), quote=False)}</p></section>')
+
+
+def _test_score(records: dict, name: str, fallback: float | None = None) -> str:
+    """``name``'s test nDCG@10 with its 95% CI from its metrics record (``fallback``, the paired
+    table's mean, where the record is missing)."""
+    t = (records.get(name) or {}).get("test") or {}
+    if t.get("ndcg@10") is None:
+        return fmt_metric(fallback)
+    return fmt_ci(t.get("ndcg@10"), *(t.get("ndcg@10_ci") or [None, None]))
+
+
+def _comparison_sentences(paired: dict, info: dict, records: dict) -> list[str]:
+    """The abstract's results: the two-stage system's test score, the primary comparison (or a plain
+    note that the run has no blend), the secondary and the exploratory rest."""
+    target = paired["target"]
+    out = [f"The two-stage system ({_two_stage_words(info, records)}) scores test nDCG@10 "
+           f"{_test_score(records, target, paired['rows'][0].get('target'))}."]
+    primary = comparison(paired, "primary")
+    if primary is None:
+        out.append(NO_BLEND)
+    else:
+        diff, lo, hi = _paired_numbers(primary, target)
+        rel = f" ({fmt_percent(diff / primary['other'], signed=True)})" if primary.get("other") else ""
+        out.append(f"The primary comparison, named in advance, is against {BLEND_WORDS}, the like-for-like "
+                   f"rival of a re-ranker that takes every single-stage score as a feature; the blend scores "
+                   f"{_test_score(records, primary['against'], primary['other'])}, and the paired difference is "
+                   f"{fmt_ci(diff, lo, hi, signed=True)}{rel}, so the two-stage system {verdict(lo, hi)}.")
+    best = paired.get("strongest_single_stage")
+    secondary = comparison(paired, "secondary")
+    if not best:
+        out.append("No single-stage model has a validation score, so there is no secondary comparison.")
+    elif secondary is None:
+        out.append(f"Secondary: the strongest single-stage model on validation is {best['model']} (validation "
+                   f"nDCG@10 {fmt_metric(best['valid_ndcg@10'])}); it has no test scores.")
+    else:
+        diff, lo, hi = _paired_numbers(secondary, target)
+        rel = f" ({fmt_percent(diff / secondary['other'], signed=True)})" if secondary.get("other") else ""
+        score = _test_score(records, best["model"], secondary["other"])
+        out.append(f"Secondary: the strongest single-stage model on validation is {best['model']} (validation "
+                   f"nDCG@10 {fmt_metric(best['valid_ndcg@10'])}), which scores {score} "
+                   f"on test; the paired difference is {fmt_ci(diff, lo, hi, signed=True)}{rel}, so the two-stage "
+                   f"system {verdict(lo, hi)}.")
+    out.append(exploratory_sentence(paired))
+    return out
+
+
+def comparisons_caption(paired: dict) -> str:
+    """What the forest plot's and the paired table's rows are, in order: the primary comparison on
+    top (or a note that this run has no blend), the secondary next, the exploratory rest below."""
+    primary, secondary = comparison(paired, "primary"), comparison(paired, "secondary")
+    parts = []
+    if primary is not None:
+        parts.append(f"the top row is the primary comparison, named in advance: {BLEND_WORDS}")
+    else:
+        parts.append("this run has no blend of the single-stage models (17_blend), so the primary comparison "
+                     "named in advance is missing")
+    if secondary is not None:
+        parts.append(f"{'the next' if primary is not None else 'the top'} row is the secondary: "
+                     f"{secondary['against']}, the strongest single-stage model on validation")
+    n = sum(1 for r in comparisons(paired) if r["role"] == "exploratory")
+    if n:
+        parts.append(f"the other {n} {'row is' if n == 1 else 'rows are'} exploratory (closest rival first; "
+                     "their p-values Holm-adjusted over those rows)")
+    text = "; ".join(parts)
+    return text[:1].upper() + text[1:] + "."
+
 
 def provenance(run_dir: str | os.PathLike, seed: int | None = None) -> str:
     """The report's footer, as HTML: the commit that rendered it and the commits its models were
@@ -184,33 +270,47 @@ def missing(what: str, stage: str):
 
 def verdict(lo: float, hi: float) -> str:
     """What a paired difference's 95% CI says of the two-stage system against a model, in the words
-    of both the headline and the abstract: it beats it, is worse, or does not separate from it."""
+    of both the headline and the abstract (docs/PROTOCOL.md "Comparisons, named in advance"): it beats
+    it, is beaten by it, or does not separate from it."""
     if lo > 0:
         return "beats it: the 95% CI of the difference lies above zero"
     if hi < 0:
-        return "is worse: the 95% CI of the difference lies below zero"
+        return "is beaten by it: the 95% CI of the difference lies below zero"
     return "does not separate from it: the 95% CI of the difference includes zero"
 
 
 def headline(paired: dict, metric: str = "ndcg@10") -> str:
-    """The study's headline, in Markdown, from ``analysis/paired.json`` (written by 40_evaluation)."""
+    """The study's headline, in Markdown, from ``analysis/paired.json`` (written by 40_evaluation):
+    the primary comparison named in advance (the two-stage system against the blend; a plain note
+    when the run has none), then the secondary (the strongest single-stage model on validation),
+    then one sentence on the exploratory rest. The verdicts follow the 95% CIs, whatever their sign."""
+    target = paired.get("target", "two_stage")
     best = paired.get("strongest_single_stage")
-    if not best:
+    primary, secondary = comparison(paired, "primary"), comparison(paired, "secondary")
+    if primary is None and not best:
         return "No single-stage model was scored, so there is no comparison to report."
-    row = next((r for r in paired["rows"] if r["against"] == best["model"]), None)
-    if row is None:
-        return f"The strongest single-stage model on validation is {best['model']}; it has no test scores."
-    target = paired["target"]
-    diff, lo, hi = row[f"{target} - other"], row["95% CI lo"], row["95% CI hi"]
-    rel = f" ({100 * diff / row['other']:+.1f}%)" if row.get("other") else ""
-    text = (f"The strongest single-stage model on validation is **{best['model']}** (validation {metric} "
-            f"{best[f'valid_{metric}']:.4f}). On the test period the two-stage system ({target}) scores "
-            f"{row['target']:.4f} against its {row['other']:.4f}: a paired difference of **{diff:+.4f}**{rel} "
-            f"[{lo:+.4f}, {hi:+.4f}], so the two-stage system {verdict(lo, hi)}.")
-    blend = next((r for r in paired["rows"] if r["against"] == "blend"), None)
-    if blend is not None:
-        b_diff, b_lo, b_hi = blend[f"{target} - other"], blend["95% CI lo"], blend["95% CI hi"]
-        text += (f" Against the **blend** of the single-stage models (17_blend; weights chosen on validation), "
-                 f"which scores {blend['other']:.4f}, the difference is **{b_diff:+.4f}** [{b_lo:+.4f}, "
-                 f"{b_hi:+.4f}]: the two-stage system {verdict(b_lo, b_hi)}.")
-    return text
+    parts = []
+    if primary is None:
+        parts.append(NO_BLEND)
+    else:
+        diff, lo, hi = _paired_numbers(primary, target)
+        rel = f" ({100 * diff / primary['other']:+.1f}%)" if primary.get("other") else ""
+        parts.append(f"**Primary comparison** (named in advance in docs/PROTOCOL.md): against the **blend** of the "
+                     f"single-stage models (17_blend; weights chosen on validation), the two-stage system ({target}) "
+                     f"scores {primary['target']:.4f} on the test period against the blend's {primary['other']:.4f}: "
+                     f"a paired difference of **{diff:+.4f}**{rel} [{lo:+.4f}, {hi:+.4f}], so the two-stage system "
+                     f"{verdict(lo, hi)}.")
+    if not best:
+        parts.append("No single-stage model has a validation score, so there is no secondary comparison.")
+    elif secondary is None:
+        parts.append(f"**Secondary**: the strongest single-stage model on validation is **{best['model']}**; it has "
+                     "no test scores.")
+    else:
+        diff, lo, hi = _paired_numbers(secondary, target)
+        rel = f" ({100 * diff / secondary['other']:+.1f}%)" if secondary.get("other") else ""
+        parts.append(f"**Secondary**: the strongest single-stage model on validation is **{best['model']}** "
+                     f"(validation {metric} {best[f'valid_{metric}']:.4f}), which scores {secondary['other']:.4f} "
+                     f"on test: a paired difference of **{diff:+.4f}**{rel} [{lo:+.4f}, {hi:+.4f}], so the "
+                     f"two-stage system {verdict(lo, hi)}.")
+    parts.append(exploratory_sentence(paired))
+    return " ".join(p for p in parts if p)

@@ -1,5 +1,7 @@
-"""The comparison the headline makes: the strongest single-stage model is chosen on validation, and
-the sentence says what the paired interval says; the tuning table flags values at an edge."""
+"""The comparisons the headline makes: the primary (against the blend) and the secondary (the
+strongest single-stage model, chosen on validation) are named in advance, every other one is
+exploratory with a Holm-adjusted p-value, and the sentences say what the paired intervals say; the
+tuning table flags values at an edge."""
 import json
 
 import numpy as np
@@ -37,15 +39,98 @@ def test_paired_table_and_headline_follow_the_interval():
               "rows": rows.to_dict("records")}
     text = report.headline(paired)
     assert "**ease**" in text and "beats it" in text and f"{ease['two_stage - other']:+.4f}" in text
+    # no blend recorded: the headline says the primary comparison cannot be made, then leads with ease
+    assert text.startswith("This run has no blend") and "**blend**" not in text
+    assert text.index("cannot be made") < text.index("**ease**")
     per_user["two_stage"] = per_user["ease"].assign(**{"ndcg@10": base + rng.normal(0, 0.01, 400)})
     rows = analysis.paired_table(per_user, "two_stage", n_bootstrap=200, seed=0)
     assert "does not separate" in report.headline({**paired, "rows": rows.to_dict("records")})
-    assert "blend" not in text                                   # no blend recorded: no blend sentence
     per_user["blend"] = per_user["ease"].assign(**{"ndcg@10": base + 0.01})
     rows = analysis.paired_table(per_user, "two_stage", n_bootstrap=200, seed=0)
     blend = rows.set_index("against").loc["blend"]
     text = report.headline({**paired, "rows": rows.to_dict("records")})
     assert "**ease**" in text and "**blend**" in text and f"{blend['two_stage - other']:+.4f}" in text
+    # the blend leads (the primary comparison), and is never named the strongest single-stage model
+    assert text.startswith("**Primary comparison**") and text.index("**blend**") < text.index("**ease**")
+    assert "strongest single-stage model on validation is **ease**" in text
+    assert "strongest single-stage model on validation is **blend**" not in text
+    assert "is beaten by it" in text                             # the blend scores above this two-stage system
+
+
+def test_paired_table_is_the_per_model_bootstrap_at_once():
+    from recsys_lib.protocol import metrics
+    rng = np.random.default_rng(1)
+    base = rng.random(300)
+    per_user = {name: pd.DataFrame({"user": np.arange(300), "ndcg@10": base + rng.normal(shift, 0.05, 300)})
+                for name, shift in (("two_stage", 0.02), ("ease", 0.0), ("mf", 0.02), ("pop", -0.1))}
+    rows = analysis.paired_table(per_user, "two_stage", n_bootstrap=300, seed=7).set_index("against")
+    for other in ("ease", "mf", "pop"):
+        one = metrics.paired_bootstrap(per_user["two_stage"]["ndcg@10"], per_user[other]["ndcg@10"], 300, seed=7)
+        r = rows.loc[other]
+        assert np.allclose([r["two_stage - other"], r["95% CI lo"], r["95% CI hi"]], [one["diff"], one["lo"], one["hi"]],
+                           rtol=0, atol=1e-12)
+        assert r["p"] == one["p_value"]
+
+
+def test_bootstrap_p_is_small_for_a_clear_difference_and_large_for_none():
+    rng = np.random.default_rng(2)
+    clear = rng.normal(0.05, 0.01, 1000)                         # resampled means far above zero
+    centred = rng.normal(0.0, 0.01, 1000)                        # resampled means around zero
+    negative = -clear
+    p = analysis.bootstrap_p(np.stack([clear, centred, negative, centred], axis=1),
+                             np.array([0.05, 0.001, -0.05, 0.0]))
+    assert p[0] == 0.0 and p[2] == 0.0                           # no resample on the other side of zero
+    assert p[1] > 0.5 and p[3] == 1.0                            # zero-centred: large; a zero difference: 1
+    assert np.isnan(analysis.bootstrap_p(clear[:, None], np.array([np.nan])))[0]
+    # exactly the formula: twice the share on the other side of zero (zero included), capped at 1
+    resampled = np.array([[-0.1], [0.0], [0.2], [0.3]])
+    assert analysis.bootstrap_p(resampled, np.array([0.1]))[0] == 2 * 2 / 4
+    assert analysis.bootstrap_p(resampled, np.array([-0.1]))[0] == 1.0
+
+
+def test_holm_adjustment_by_hand():
+    # sorted: 0.005, 0.01, 0.03, 0.04 -> x4, x3, x2, x1 = 0.02, 0.03, 0.06, 0.04 -> running max 0.02, 0.03, 0.06, 0.06
+    assert np.allclose(analysis.holm([0.01, 0.04, 0.03, 0.005]), [0.03, 0.06, 0.06, 0.02])
+    assert np.allclose(analysis.holm([0.5, 0.4]), [0.8, 0.8])  # 2 x 0.4 = 0.8; then max(0.8, 1 x 0.5)
+    assert np.allclose(analysis.holm([0.3, 0.9]), [0.6, 0.9])
+    assert analysis.holm([0.7, 0.6]).max() == 1.0                # capped at 1
+    out = analysis.holm([0.02, np.nan, 0.01])                    # a missing p stays missing and is not counted
+    assert np.isnan(out[1]) and np.allclose(out[[0, 2]], [0.02, 0.02])
+    assert analysis.holm([]).shape == (0,) and analysis.holm([0.04]).tolist() == [0.04]
+
+
+def test_paired_summary_names_the_comparisons_in_advance():
+    rng = np.random.default_rng(3)
+    base = rng.random(400) * 0.2
+    shifts = {"two_stage": 0.03, "blend": 0.025, "ease": 0.0, "mf": -0.05, "pop": 0.03, "two_stage_mlp": 0.031}
+    per_user = {n: pd.DataFrame({"user": np.arange(400), "ndcg@10": base + s + rng.normal(0, 0.01, 400)})
+                for n, s in shifts.items()}
+    records = [_rec("ease", 0.10, 0.0), _rec("mf", 0.05, 0.0), _rec("pop", 0.02, 0.0), _rec("blend", 0.5, 0.0),
+               _rec("two_stage", 0.2, 0.0), _rec("two_stage_mlp", 0.3, 0.0)]
+    s = analysis.paired_summary(per_user, "two_stage", records, n_bootstrap=200, seed=0)
+    assert s["strongest_single_stage"] == {"model": "ease", "valid_ndcg@10": 0.10}
+    assert s["primary"] == {"against": "blend", "present": True}
+    assert s["secondary"]["against"] == "ease" and s["secondary"]["present"]
+    rows = {r["against"]: r for r in s["rows"]}
+    assert {n: r["role"] for n, r in rows.items()} == {"blend": "primary", "ease": "secondary", "mf": "exploratory",
+                                                       "pop": "exploratory", "two_stage_mlp": "exploratory"}
+    assert rows["blend"]["p_holm"] is None and rows["ease"]["p_holm"] is None
+    explore = ["mf", "pop", "two_stage_mlp"]
+    assert np.allclose([rows[n]["p_holm"] for n in explore], analysis.holm([rows[n]["p"] for n in explore]))
+    assert s["exploratory"] == {"rows": 3, "adjustment": "holm"} and s["n_bootstrap"] == 200
+    json.dumps(s)                                                # plain JSON for analysis/paired.json
+    # a paired.json written before the comparisons were named gets the same roles when read
+    legacy = {"target": "two_stage", "strongest_single_stage": s["strongest_single_stage"],
+              "rows": [{k: v for k, v in r.items() if k not in ("role", "p_holm")} for r in s["rows"]]}
+    assert analysis.comparisons(legacy) == s["rows"]
+    assert analysis.comparison(legacy, "primary")["against"] == "blend"
+    # no blend in the run: no primary row, the secondary still named
+    del per_user["blend"]
+    s = analysis.paired_summary(per_user, "two_stage", records, n_bootstrap=200, seed=0)
+    assert not s["primary"]["present"] and analysis.comparison(s, "primary") is None
+    assert analysis.comparison(s, "secondary")["against"] == "ease"
+    text = report.headline(s)
+    assert text.startswith("This run has no blend") and "exploratory" in text and "Holm-adjusted over those 3" in text
 
 
 def test_tuning_table_flags_edges(tmp_path):

@@ -1,6 +1,7 @@
 """The reader's report: numbers formatted for reading (CIs, seconds, p-values), tables without an
-index column, segments lightest first, the forest plot's data, captions under every table and
-figure, and an abstract and footer computed from the run folder's files."""
+index column, segments lightest first, the forest plot's data (the comparisons named in advance on
+top), captions under every table and figure, and an abstract (the primary comparison first) and
+footer computed from the run folder's files."""
 import json
 
 import matplotlib
@@ -72,32 +73,56 @@ def test_results_frame_sorted_formatted_and_without_index(tmp_path):
     assert '<tr class="rs-strong"><td>two_stage</td><td class="rs-num">0.1217 [' in html and 'id="results"' in html
 
 
-def _paired():
+def _paired(blend=False):
+    """A paired.json as 40_evaluation wrote it before the comparisons were named (no roles): the
+    roles are given when it is read."""
     rows = [{"against": a, "target": 0.12, "other": o, "two_stage - other": 0.12 - o,
              "95% CI lo": lo, "95% CI hi": hi, "p": p, "better": lo > 0}
             for a, o, lo, hi, p in (("popularity", 0.05, 0.05, 0.09, 0.0), ("ials", 0.09, 0.02, 0.04, 0.0),
-                                    ("two_stage_mlp", 0.125, -0.013, 0.005, 0.406))]
+                                    ("two_stage_mlp", 0.125, -0.013, 0.005, 0.406),
+                                    *((("blend", 0.11, -0.002, 0.022, 0.09),) if blend else ()))]
     return {"target": "two_stage", "strongest_single_stage": {"model": "ials", "valid_ndcg@10": 0.0982}, "rows": rows}
 
 
 def test_forest_data_and_plot():
     f = analysis.forest_data(_paired())
-    assert f["model"].tolist() == ["two_stage_mlp", "ials", "popularity"]       # closest rival first
-    assert np.allclose(f["diff"], [-0.005, 0.03, 0.07]) and (f["lo"] <= f["diff"]).all() and (f["diff"] <= f["hi"]).all()
+    assert f["model"].tolist() == ["ials", "two_stage_mlp", "popularity"]       # secondary, then closest rival first
+    assert f["label"].tolist() == ["ials (secondary)", "two_stage_mlp", "popularity"]
+    assert np.allclose(f["diff"], [0.03, -0.005, 0.07]) and (f["lo"] <= f["diff"]).all() and (f["diff"] <= f["hi"]).all()
     fig = plots.forest(f)
     ax = fig.axes[0]
-    assert [t.get_text() for t in ax.get_yticklabels()] == f["model"].tolist()
+    assert [t.get_text() for t in ax.get_yticklabels()] == f["label"].tolist()
     assert any(np.allclose(line.get_xdata(), 0) for line in ax.get_lines())      # the zero line
     assert ax.get_ylim()[0] > ax.get_ylim()[1]                                    # first row at the top
     matplotlib.pyplot.close(fig)
 
 
+def test_forest_puts_the_primary_comparison_on_top():
+    f = analysis.forest_data(_paired(blend=True))
+    assert f["model"].tolist() == ["blend", "ials", "two_stage_mlp", "popularity"]
+    assert f["role"].tolist() == ["primary", "secondary", "exploratory", "exploratory"]
+    fig = plots.forest(f)
+    ticks = fig.axes[0].get_yticklabels()
+    assert [t.get_text() for t in ticks][:2] == ["blend (primary)", "ials (secondary)"]
+    assert [t.get_fontweight() for t in ticks][:3] == ["bold", "bold", "normal"]
+    matplotlib.pyplot.close(fig)
+    caption = report.text.comparisons_caption(_paired(blend=True))
+    assert caption.startswith("The top row is the primary comparison, named in advance: the blend")
+    assert "the next row is the secondary: ials" in caption and "the other 2 rows are exploratory" in caption
+    assert "no blend" in report.text.comparisons_caption(_paired())
+
+
 def test_paired_frame_has_no_constant_column():
-    t = report.paired_frame(_paired(), 1000)
-    assert list(t.columns) == ["model", "model nDCG@10", "two_stage − model [95% CI]", "p", "separates"]
+    t = report.paired_frame(_paired(blend=True), 1000)
+    assert list(t.columns) == ["model", "comparison", "model nDCG@10", "two_stage − model [95% CI]", "p", "p (Holm)",
+                               "separates"]
+    assert t["model"].tolist() == ["blend", "ials", "two_stage_mlp", "popularity"]    # the forest plot's order
     row = t.set_index("model").loc["ials"]
     assert row["two_stage − model [95% CI]"] == "+0.0300 [+0.0200, +0.0400]" and row["p"] == "<0.002"
     assert row["separates"] == "yes, above 0" and t.set_index("model").loc["two_stage_mlp", "separates"] == "no"
+    assert row["comparison"] == "secondary" and row["p (Holm)"] == report.DASH       # named: judged on its CI
+    holm = t.set_index("model")["p (Holm)"]
+    assert holm["two_stage_mlp"] == "0.406" and holm["popularity"] == "<0.004"       # 2 exploratory rows
 
 
 # ---------------------------------------------------------------- segments
@@ -194,8 +219,11 @@ def test_stage_seconds_of_older_runs_from_executed_notebooks(tmp_path):
 
 
 # ---------------------------------------------------------------- abstract and footer
-def _run_folder(tmp_path, audit=True):
+def _run_folder(tmp_path, audit=True, blend=True):
     _metrics(tmp_path, "ials", 0.0910, [0.0782, 0.1052], 15.0, "1")
+    _metrics(tmp_path, "popularity", 0.0521, [0.0416, 0.0632], 0.1, "0")
+    if blend:
+        _metrics(tmp_path, "blend", 0.1103, [0.0953, 0.1260], 1.0, "1b")
     _metrics(tmp_path, "two_stage", 0.1217, [0.1061, 0.1372], 62.7, "2", params={"reranker": "lgbm_lr02"})
     info = {"dataset": "ml-latest-small", "profile": "full",
             "params": {"split": {"strategy": "user_temporal", "core": 5, "valid_frac": 0.1},
@@ -208,9 +236,14 @@ def _run_folder(tmp_path, audit=True):
         {"dataset": "ml-latest-small", "ratings": 100836, "users": 610, "movies": 9742, "first rating": "1996-03-29",
          "last rating": "2018-09-24", "share rating >= 4": 0.4818}))
     (tmp_path / "analysis").mkdir()
-    paired = {"target": "two_stage", "strongest_single_stage": {"model": "ials", "valid_ndcg@10": 0.0982},
-              "rows": [{"against": "ials", "target": 0.1217, "other": 0.0910, "two_stage - other": 0.0307,
-                        "95% CI lo": 0.0198, "95% CI hi": 0.0434, "p": 0.0, "better": True}]}
+    rows = [{"against": "ials", "target": 0.1217, "other": 0.0910, "two_stage - other": 0.0307,
+             "95% CI lo": 0.0198, "95% CI hi": 0.0434, "p": 0.0, "better": True},
+            {"against": "popularity", "target": 0.1217, "other": 0.0521, "two_stage - other": 0.0696,
+             "95% CI lo": 0.055, "95% CI hi": 0.084, "p": 0.0, "better": True}]
+    if blend:
+        rows.append({"against": "blend", "target": 0.1217, "other": 0.1103, "two_stage - other": 0.0114,
+                     "95% CI lo": -0.0014, "95% CI hi": 0.0222, "p": 0.09, "better": False})
+    paired = analysis.name_comparisons("two_stage", rows, {"model": "ials", "valid_ndcg@10": 0.0982})
     (tmp_path / "analysis" / "paired.json").write_text(json.dumps(paired))
     if audit:
         design = [{"optimizer steps": 12, "in-sample valid (protocol IDCG)": 0.054, "honest test": 0.043},
@@ -229,14 +262,43 @@ def test_abstract_is_computed_from_the_run_folder(tmp_path):
                  "top 500 candidates joined with ease and ials", "lgbm_lr02", "lies above zero",
                  "0.539 after 2,600 optimizer steps but 0.049 on the test period"):
         assert part in text, part
+    # the primary comparison first: the blend, its score and the paired difference with its CI, in words
+    # that follow the interval; then the secondary; then the exploratory rest
+    for part in ("The primary comparison, named in advance, is against the blend of the single-stage models",
+                 "the blend scores 0.1103 [0.0953, 0.1260]", "+0.0114 [-0.0014, +0.0222] (+10%)",
+                 "does not separate from it: the 95% CI of the difference includes zero",
+                 "The one other comparison (popularity) is exploratory"):
+        assert part in text, part
+    assert text.index("primary comparison") < text.index("strongest single-stage") < text.index("exploratory")
+    assert text.index("+0.0114") < text.index("+0.0307")
     sentences = text.split("</b> ")[1].count(". ") + 1
-    assert sentences == 5                     # data, split, baseline, two-stage, audit
+    assert sentences == 7                     # data, split, two-stage, primary, secondary, exploratory, audit
     assert "as stale as the test lists" not in text
     info = json.loads((tmp_path / "run.json").read_text())
     info["params"]["reranker"] = {"stale_lists": 0.1}
     (tmp_path / "run.json").write_text(json.dumps(info))
     assert "re-ranked by lgbm_lr02 trained on validation lists from stage-1 models refit before the last 10% of " \
            "train, as stale as the test lists" in report.abstract(tmp_path)
+
+
+def test_abstract_without_a_blend_says_so_and_leads_with_the_secondary(tmp_path):
+    _run_folder(tmp_path, blend=False)
+    text = report.abstract(tmp_path)
+    assert "This run has no blend of the single-stage models" in text and "cannot be made" in text
+    assert text.index("no blend") < text.index("strongest single-stage model on validation is ials")
+    assert "+0.0307 [+0.0198, +0.0434] (+34%)" in text and "exploratory" in text
+
+
+def test_headline_leads_with_the_blend_and_its_interval(tmp_path):
+    _run_folder(tmp_path)
+    paired = json.loads((tmp_path / "analysis" / "paired.json").read_text())
+    text = report.headline(paired)
+    assert text.startswith("**Primary comparison**") and text.index("**blend**") < text.index("**ials**")
+    assert "**+0.0114** (+10.3%) [-0.0014, +0.0222], so the two-stage system does not separate from it" in text
+    assert "**Secondary**: the strongest single-stage model on validation is **ials**" in text
+    assert "**+0.0307** (+33.7%) [+0.0198, +0.0434], so the two-stage system beats it" in text
+    assert text.endswith("The one other comparison (popularity) is exploratory, not a finding: its p-value falls "
+                         "below 0.05.")
 
 
 def test_the_audit_sentence_follows_its_numbers(tmp_path):
@@ -283,3 +345,22 @@ def test_missing_stage_one_artefacts_name_their_notebook(tmp_path):
         refit.load_label_window(run, ["a"])
     with pytest.raises(PipelineError, match=r"two_stage\.json is missing: run 30_reranker first"):
         leakage.in_fold_audit(run, None)
+
+
+def test_readme_block_leads_with_the_primary_comparison(tmp_path):
+    import importlib.util
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[2]
+    spec = importlib.util.spec_from_file_location("readme_results", root / "scripts" / "readme_results.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    scores = {"ndcg@10": 0.12, "ndcg@10_ci": [0.1, 0.14], "recall@10": 0.1, "recall@100": 0.3, "recall@500": 0.7,
+              "hit_rate@10": 0.3, "mrr@10": 0.15, "coverage@10": 0.2, "users": 561}
+    metrics = {"dataset": "ml-latest-small", "profile": "full", "git_commit": "abcdef0123", "paired": _paired(blend=True),
+               "models": {n: {"model": n, "test": scores} for n in ("popularity", "ials", "blend", "two_stage")}}
+    block = mod.results_block(metrics)
+    words = block.split("\n\n")[-1]
+    assert words.startswith("**Primary comparison**") and words.index("**blend**") < words.index("**Secondary**")
+    assert "[-0.0020, +0.0220]" in words and "exploratory" in words and words.endswith(".\n")
+    no_blend = mod.results_block({**metrics, "paired": _paired()})
+    assert "This run has no blend" in no_blend and "**ials**" in no_blend
