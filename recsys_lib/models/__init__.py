@@ -5,7 +5,9 @@ Every model:
   ``data.train`` only (the leakage guard enforces it when called inside ``guard.fitting``);
   ``validate`` is an early-stopping callback built before fitting (it returns validation nDCG@10).
 - ``score_all(users: LongTensor (B,), ctx: ScoringContext) -> Tensor (B, n_items)``: higher is better;
-  ``ctx`` carries what may be known at scoring time (items seen before the period, last items).
+  ``ctx`` carries what may be known at scoring time: histories (items seen before the period, last
+  items) and the train rows, the only rows a parameter may count, at test too (docs/PROTOCOL.md,
+  "One test-time rule").
 - ``score_pairs(users (N,), items (N,), ctx) -> Tensor (N,)`` for the re-ranker's features.
 - a ``@dataclass`` config with commented defaults, saved with the state dict.
 """

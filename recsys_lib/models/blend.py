@@ -102,10 +102,11 @@ def member_scores(members: dict[str, Recommender], users: np.ndarray, ctx: Scori
 
 
 def blend_ndcg(z: dict[str, np.ndarray], weights: dict[str, float], seen_rows: sp.csr_matrix,
-               positives: sp.csr_matrix, k: int = 10, batch_users: int = 1024) -> float:
+               positives: sp.csr_matrix, k: int = 10, batch_users: int = 1024, blocked=None) -> float:
     """Mean nDCG@k of the blend of ``z`` with ``weights`` (seen items masked), ``batch_users`` rows
     at a time: the sum and top-k are per user, so the batches only bound the temporaries (at
-    ML-32M size one full-size sum is 1.25 GB)."""
+    ML-32M size one full-size sum is 1.25 GB). ``blocked(rows: slice) -> (b, n_items) bool`` also
+    masks the rows' items outside the causal catalogue (docs/PROTOCOL.md), as every ranking does."""
     per_user = []
     for a in range(0, seen_rows.shape[0], int(batch_users)):
         b = slice(a, a + int(batch_users))
@@ -113,6 +114,8 @@ def blend_ndcg(z: dict[str, np.ndarray], weights: dict[str, float], seen_rows: s
         t = torch.from_numpy(np.ascontiguousarray(total, dtype=np.float32))
         r, c = seen_rows[b].nonzero()
         t[torch.from_numpy(r), torch.from_numpy(c)] = -torch.inf
+        if blocked is not None:
+            t.masked_fill_(blocked(b), -torch.inf)
         top = torch.topk(t, k, dim=1).indices.numpy()
         pos = positives[b]
         per_user.append(metrics.ndcg_at_k(metrics.ranked_hits(top, pos), np.diff(pos.indptr), k))
@@ -125,6 +128,8 @@ def tune(members: dict[str, Recommender], labels, steps: int = 20, batch_users: 
     `protocol.evaluate.Labels`) -> (the blend of the best prefix, one table row per step)."""
     z = member_scores(members, labels.users, labels.ctx, batch_users)
     seen = labels.ctx.seen[labels.users]
+    cat = getattr(labels.ctx, "catalogue", None)                       # the causal catalogue, if any
+    blocked = None if cat is None else (lambda rows: cat.blocked(labels.users[rows]))
     counts = {n: 0 for n in members}
     rows, best = [], (-np.inf, dict(counts))
     for step in range(1, int(steps) + 1):
@@ -132,7 +137,7 @@ def tune(members: dict[str, Recommender], labels, steps: int = 20, batch_users: 
         for name in members:
             trial = {**counts, name: counts[name] + 1}
             tried[name] = blend_ndcg(z, {n: c / step for n, c in trial.items()}, seen, labels.positives,
-                                     batch_users=batch_users)
+                                     batch_users=batch_users, blocked=blocked)
         pick = max(tried, key=lambda n: (tried[n], -list(members).index(n)))   # ties: the earlier member
         counts[pick] += 1
         rows.append({"step": step, "added": pick, "valid_metric": tried[pick],

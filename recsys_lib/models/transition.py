@@ -7,13 +7,16 @@ whose last ``history`` items are h_1 (most recent), h_2, ... scores
 
     score(j) = sum_p decay^(p - 1) T[h_p, j]
 
-Counting is causal: ``T`` and the histories come from the rows known at scoring time
-(``ctx.known_rows()``: train rows for validation, train and validation rows for test), never from
-the scored period, and no parameter is learnt from any period (``fit`` stores the catalogue size
-only; docs/PROTOCOL.md, "Who learns from what": histories at scoring time include earlier periods).
-The re-ranker's sequence features (`stage2.features.sequence_features`) count with the same
-`transition_counts`. Items no transition reaches tie at 0 and are ordered by their known
-popularity (a 1e-12-scaled tie-break that never reorders distinct scores of this size).
+``T`` is this model's parameter, and like every model's it comes from the train rows only, at
+validation and at test alike (``ctx.parameter_rows()``; docs/PROTOCOL.md, "One test-time rule"):
+a test-time table never counts a validation row. The user's last items are a history, read from
+the rows known at scoring time (``ctx.last_items``: train rows for validation, train and
+validation rows for test), never from the scored period. ``fit`` stores the catalogue size only:
+the table is counted when first scored and kept in the split's shared cache (``ctx.shared``), so
+validation and test read one table. The re-ranker's sequence features
+(`stage2.features.sequence_features`) count with the same `transition_counts`, on the same rows.
+Items no transition reaches tie at 0 and are ordered by their train popularity (a 1e-12-scaled
+tie-break that never reorders distinct scores of this size).
 
 Ludewig & Jannach (2018) found such simple transition / session-neighbour models match neural
 sequential recommenders; the study asks whether one already gets the re-ranker's gain.
@@ -35,7 +38,7 @@ from . import Recommender
 
 NORMALISE = ("none", "row", "sqrt")
 TIE_BREAK = 1e-12          # popularity share in [0, 1) times this: orders only exact ties
-KEEP_TABLES = 2            # transition tables a scoring context keeps
+KEEP_TABLES = 2            # transition tables a split's contexts keep (ctx.shared)
 CHUNK_PAIRS = 1 << 25      # (row, gap) pairs counted at once (`transition_counts`): ~1 GB of work
 BLOCK = 1 << 24            # table entries converted at once (`transition_matrix`)
 
@@ -156,21 +159,23 @@ class Transition(torch.nn.Module, Recommender):
         self.n_items = 0
 
     def fit(self, data: SplitData, validate=None) -> dict:
-        """Nothing is learnt: the counts come from the rows known at scoring time (the module
-        docstring). Only the catalogue size is kept; ``validate`` is unused (grid_search scores)."""
+        """Nothing is stored but the catalogue size: the counts come from the train rows when first
+        scored (`table`; the module docstring). ``validate`` is unused (grid_search scores)."""
         self.n_items = data.n_items
         return {"seconds": 0.0, "n_items": self.n_items}
 
     def table(self, ctx: ScoringContext) -> tuple[sp.csr_matrix, np.ndarray]:
-        """(T counted on ``ctx``'s known rows, the popularity tie-break), built once per context and
-        counting: the context keeps the last ``KEEP_TABLES`` (a search that varies the history and
-        decay fastest counts once per window, gap weighting, rows and normalisation)."""
+        """(T counted on the train rows, ``ctx.parameter_rows()``, the train-popularity tie-break):
+        never on validation rows, at test too. Built once per split: the split's contexts share the
+        last ``KEEP_TABLES`` (``ctx.shared``), so the test context reads the table validation
+        counted, and a search that varies the history and decay fastest counts once per window,
+        gap weighting, rows and normalisation."""
         cfg = self.cfg
         key = (int(cfg.window), float(cfg.gap_decay), bool(cfg.positives_only), cfg.normalise, self.n_items)
-        tables = ctx._cache.setdefault("transition_tables", {})
+        tables = ctx.shared.setdefault("transition_tables", {})
         if key not in tables:
             t0 = time.perf_counter()
-            rows = ctx.known_rows()
+            rows = ctx.parameter_rows()
             T = transition_matrix(rows, self.n_items, cfg.window, cfg.gap_decay, cfg.positives_only, cfg.normalise)
             keep = rows.rating >= 4.0 if cfg.positives_only else slice(None)
             pop = np.bincount(rows.item[keep], minlength=self.n_items)
@@ -179,7 +184,7 @@ class Transition(torch.nn.Module, Recommender):
                 tables.pop(next(iter(tables)))
             tables[key] = (T, tie)
             if len(rows) > 1_000_000:
-                print(f"transition: {T.nnz:,} pairs from {len(rows):,} {ctx.period} rows in "
+                print(f"transition: {T.nnz:,} pairs from {len(rows):,} train rows in "
                       f"{time.perf_counter() - t0:.1f}s", flush=True)
         return tables[key]
 

@@ -1,8 +1,10 @@
 """Full-catalogue evaluation under docs/PROTOCOL.md: every scored user against every train item.
 
-Users are scored in batches; items a user rated before the period are masked; a per-batch
-top-K in torch keeps memory at (batch, n_items). Per-user metric arrays are kept so that
-bootstrap CIs and paired comparisons can be computed (recsys_lib.protocol.metrics).
+Users are scored in batches; items a user rated before the period are masked, and under
+``user_temporal`` so are the items not yet seen at the user's scoring cut (the causal catalogue,
+docs/PROTOCOL.md); a per-batch top-K in torch keeps memory at (batch, n_items). Per-user metric
+arrays are kept so that bootstrap CIs and paired comparisons can be computed
+(recsys_lib.protocol.metrics).
 
 Labels (positives, masks, histories) are precomputed by `Evaluator` *outside* any fitting
 context, so early stopping on validation never lets fitting code read validation rows.
@@ -34,14 +36,17 @@ class EvalConfig:
     ks: tuple[int, ...] = DEFAULT_KS  # Recall@K / nDCG@K cut-offs; the longest list scored is max(ks)
     batch_users: int = 1024           # users scored per batch in full-catalogue ranking
     n_bootstrap: int = 1000           # bootstrap resamples for the 95% CIs
+    causal_catalogue: bool = True     # user_temporal: rank only items first seen before the user's scoring
+                                      # cut (docs/PROTOCOL.md, "A causal catalogue"); no-op under global_temporal
 
     @classmethod
     def from_params(cls, section: dict | None) -> "EvalConfig":
         from ..errors import ConfigError
         section = dict(section or {})
-        unknown = sorted(set(section) - {"ks", "batch_users", "n_bootstrap"})
+        valid = {"ks", "batch_users", "n_bootstrap", "causal_catalogue"}
+        unknown = sorted(set(section) - valid)
         if unknown:
-            raise ConfigError(f"eval: unknown parameter(s) {unknown}; valid: ['batch_users', 'ks', 'n_bootstrap']")
+            raise ConfigError(f"eval: unknown parameter(s) {unknown}; valid: {sorted(valid)}")
         if "ks" in section:
             section["ks"] = tuple(int(k) for k in section["ks"])
         return cls(**section)
@@ -50,7 +55,8 @@ class EvalConfig:
 class Scorer(Protocol):
     """What `evaluate` needs from a model: scores of a user batch against the whole catalogue.
 
-    The returned tensor must be fresh (not a view of model state): seen items are masked in place."""
+    The returned tensor must be fresh (not a view of model state): seen items (and items outside the
+    causal catalogue, ``ctx.catalogue``) are masked in place."""
 
     def score_all(self, users: torch.Tensor, ctx: ScoringContext) -> torch.Tensor:  # (B, n_items)
         ...
@@ -63,28 +69,57 @@ class Labels:
     period: str
     users: np.ndarray           # (U,) scored users, sorted
     positives: sp.csr_matrix    # (U, n_items) rows aligned with `users`
-    ctx: ScoringContext         # seen items and histories before the period (all users)
+    ctx: ScoringContext         # seen items, histories and causal catalogue before the period (all users)
     n_items: int
 
     @classmethod
     def build(cls, data: SplitData, period: str, history_len: int = 5,
-              max_users: int | None = None, seed: int = 0) -> "Labels":
+              max_users: int | None = None, seed: int = 0, causal_catalogue: bool | None = None) -> "Labels":
+        """``causal_catalogue``: mask items not yet seen at each user's cut (`SplitData.causal`;
+        None, the default, is on under ``user_temporal``)."""
         users = data.scored_users(period)
         if max_users is not None and len(users) > max_users:
             users = np.sort(np.random.default_rng(seed).choice(users, max_users, replace=False))
         pos = data.positives(period)[users]
         return cls(period=period, users=users, positives=pos.tocsr(),
-                   ctx=data.context(period, history_len), n_items=data.n_items)
+                   ctx=data.context(period, history_len, causal_catalogue), n_items=data.n_items)
 
     @property
     def n_pos(self) -> np.ndarray:
         return np.diff(self.positives.indptr)
 
+    @property
+    def n_blocked_pos(self) -> np.ndarray:
+        """(U,) positives on items outside the user's causal catalogue: no model can recommend them,
+        and they still count in Recall and nDCG (docs/PROTOCOL.md, "A causal catalogue")."""
+        cat = self.ctx.catalogue
+        if cat is None:
+            return np.zeros(len(self.users), dtype=np.int64)
+        rows = np.repeat(self.users, self.n_pos)
+        return np.bincount(np.repeat(np.arange(len(self.users)), self.n_pos),
+                           weights=cat.is_blocked(rows, self.positives.indices),
+                           minlength=len(self.users)).astype(np.int64)
+
+    def n_candidates(self) -> np.ndarray:
+        """(U,) items a ranking may hold for each scored user: the catalogue minus seen items minus
+        unseen items outside the causal catalogue."""
+        seen = self.ctx.seen[self.users].tocsr()
+        out = self.n_items - np.diff(seen.indptr)
+        cat = self.ctx.catalogue
+        if cat is not None:
+            seen_rows = np.repeat(self.users, np.diff(seen.indptr))
+            seen_blocked = np.bincount(np.repeat(np.arange(len(self.users)), np.diff(seen.indptr)),
+                                       weights=cat.is_blocked(seen_rows, seen.indices), minlength=len(self.users))
+            out = out - (cat.blocked_counts(self.users) - seen_blocked.astype(np.int64))
+        return out
+
     def random_ndcg(self, k: int = 10) -> float:
-        """Expected nDCG@k of a uniformly random ranking of each scored user's unseen catalogue
-        (`metrics.random_ndcg_at_k`): the floor a learnt model must clear."""
-        unseen = self.n_items - np.diff(self.ctx.seen[self.users].indptr)
-        return float(metrics.random_ndcg_at_k(self.n_pos, unseen, k).mean()) if len(self.users) else 0.0
+        """Expected nDCG@k of a uniformly random ranking of each scored user's candidates (unseen,
+        inside the causal catalogue) (`metrics.random_ndcg_at_k`): the floor a learnt model must clear."""
+        if not len(self.users):
+            return 0.0
+        return float(metrics.random_ndcg_at_k(self.n_pos, self.n_candidates(), k,
+                                              n_hittable=self.n_pos - self.n_blocked_pos).mean())
 
 
 @dataclass
@@ -126,15 +161,33 @@ def _mask_seen(scores: torch.Tensor, seen: sp.csr_matrix, users: np.ndarray) -> 
         scores[r, c] = -torch.inf
 
 
+def mask_unavailable(scores: torch.Tensor, ctx: ScoringContext, users: np.ndarray) -> torch.Tensor | None:
+    """Set to -inf, in place, what no ranking may hold for ``users`` (B,): the items each user rated
+    before the period (``ctx.seen``) and, under ``user_temporal``, the items first seen at or after
+    the user's scoring cut (``ctx.catalogue``, docs/PROTOCOL.md "A causal catalogue"). ``scores`` is
+    (B, n_items); the causal mask is one (B, n_items) comparison, no loop over users. Returns that
+    (B, n_items) bool mask (None without a catalogue)."""
+    _mask_seen(scores, ctx.seen, users)
+    if ctx.catalogue is None:
+        return None
+    blocked = ctx.catalogue.blocked(users, scores.device)                 # (B, n_items)
+    scores.masked_fill_(blocked, -torch.inf)
+    return blocked
+
+
 @torch.no_grad()
 def rank_topk(scorer: Scorer | Callable, users: np.ndarray, ctx: ScoringContext, k: int,
               n_items: int | None = None, batch_users: int = 1024, progress: bool = False,
               desc: str = "ranking", with_scores: bool = False):
     """Top-``k`` unseen items for each user, best first: (U, k) int64. Never builds U x items.
+    Seen items and, under ``user_temporal``, items outside the user's causal catalogue are masked
+    (`mask_unavailable`): every model's ranking and every candidate source goes through here.
 
     The one batched top-K loop of the library (evaluation, candidate generation). With
     ``with_scores`` also their scores, ((U, k) int64, (U, k) float32): a slot beyond a user's
-    unseen items (a user who has seen all but fewer than ``k`` items) has score ``-inf``.
+    unseen items (a user who has seen all but fewer than ``k`` items) has score ``-inf``, and item
+    ``-1`` (padding, never a hit) where it would hold an item outside the causal catalogue: such an
+    item may be a positive, and a masked slot must never count as a hit.
 
     Inside a torchrun process group of N > 1 ranks every rank must call it with the same
     arguments: rank r scores batches r, r + N, ... (the very batches one process scores, so the
@@ -150,9 +203,12 @@ def rank_topk(scorer: Scorer | Callable, users: np.ndarray, ctx: ScoringContext,
                       leave=False):
         batch = users[start:start + batch_users]
         scores = score(torch.from_numpy(batch), ctx).float()        # (B, n_items)
-        _mask_seen(scores, ctx.seen, batch)
+        blocked = mask_unavailable(scores, ctx, batch)                # seen + causal catalogue
         top = torch.topk(scores, k, dim=1)                            # (B, k)
-        out[start:start + len(batch)] = top.indices.cpu().numpy()
+        idx = top.indices
+        if blocked is not None:                                       # a masked slot: padding
+            idx = idx.masked_fill(blocked.gather(1, idx), -1)
+        out[start:start + len(batch)] = idx.cpu().numpy()
         if with_scores:
             values[start:start + len(batch)] = top.values.cpu().numpy()
     if dist.sharding():
@@ -193,8 +249,9 @@ class Evaluator:
     Build it before fitting (e.g. for early stopping): it reads the period once, here."""
 
     def __init__(self, data: SplitData, period: str, ks=DEFAULT_KS, batch_users: int = 1024,
-                 history_len: int = 5, max_users: int | None = None, seed: int = 0):
-        self.labels = Labels.build(data, period, history_len, max_users, seed)
+                 history_len: int = 5, max_users: int | None = None, seed: int = 0,
+                 causal_catalogue: bool | None = None):
+        self.labels = Labels.build(data, period, history_len, max_users, seed, causal_catalogue)
         self.ks = tuple(ks)
         self.batch_users = batch_users
 
@@ -230,9 +287,12 @@ class Evaluator:
 
 
 def evaluate(scorer: Scorer | Callable, data: SplitData, period: str, ks=DEFAULT_KS,
-             batch_users: int = 1024, history_len: int = 5, progress: bool = True) -> EvalResult:
-    """Score every scored user of ``period`` against the full train catalogue (seen items masked)."""
-    return Evaluator(data, period, ks, batch_users, history_len)(scorer, progress=progress)
+             batch_users: int = 1024, history_len: int = 5, progress: bool = True,
+             causal_catalogue: bool | None = None) -> EvalResult:
+    """Score every scored user of ``period`` against the full train catalogue (seen items and, under
+    ``user_temporal``, items outside the causal catalogue masked)."""
+    return Evaluator(data, period, ks, batch_users, history_len,
+                     causal_catalogue=causal_catalogue)(scorer, progress=progress)
 
 
 def compare(a: EvalResult, b: EvalResult, metric: str = HEADLINE, n_bootstrap: int = 1000,

@@ -61,22 +61,27 @@ def ndcg_at_k(hits: np.ndarray, n_pos: np.ndarray, k: int) -> np.ndarray:
     return out
 
 
-def random_ndcg_at_k(n_pos: np.ndarray, n_candidates: np.ndarray, k: int) -> np.ndarray:
+def random_ndcg_at_k(n_pos: np.ndarray, n_candidates: np.ndarray, k: int,
+                     n_hittable: np.ndarray | None = None) -> np.ndarray:
     """Expected nDCG@k of a uniformly random ranking, per user, where ``n_candidates`` items are
-    ranked and ``n_pos`` of them are the user's positives:
+    ranked and ``n_hittable`` of them (default ``n_pos``) are among the user's ``n_pos`` positives:
 
-        E[DCG@k] = n_pos / n_candidates * sum_{r=1..min(k, n_candidates)} 1 / log2(r + 1)
+        E[DCG@k] = n_hittable / n_candidates * sum_{r=1..min(k, n_candidates)} 1 / log2(r + 1)
 
-    (every rank holds a positive with probability n_pos / n_candidates), divided by IDCG@k as in
-    `ndcg_at_k`. The floor any learnt model must clear by a wide margin; 0 when n_pos == 0."""
+    (every rank holds a positive with probability n_hittable / n_candidates), divided by IDCG@k
+    over all ``n_pos`` positives as in `ndcg_at_k` (a positive no ranking may hold, such as one
+    outside the causal catalogue, still counts in IDCG). The floor any learnt model must clear by a
+    wide margin; 0 when n_pos == 0."""
     n_pos = np.asarray(n_pos, dtype=np.float64).reshape(-1)
     n_cand = np.asarray(n_candidates, dtype=np.int64).reshape(-1)
-    if n_cand.shape != n_pos.shape:
-        raise ValueError(f"n_candidates has {n_cand.shape[0]} entries for {n_pos.shape[0]} users")
-    if (n_pos > n_cand).any():
+    hit = n_pos if n_hittable is None else np.asarray(n_hittable, dtype=np.float64).reshape(-1)
+    if n_cand.shape != n_pos.shape or hit.shape != n_pos.shape:
+        raise ValueError(f"n_candidates / n_hittable have {n_cand.shape[0]} / {hit.shape[0]} entries "
+                         f"for {n_pos.shape[0]} users")
+    if (hit > n_cand).any() or (hit > n_pos).any() or (hit < 0).any():
         raise ValueError("a user has more positives than ranked candidates")
     cum = np.concatenate([[0.0], np.cumsum(discounts(k))])
-    dcg = np.divide(n_pos, n_cand, out=np.zeros_like(n_pos), where=n_cand > 0) * cum[np.minimum(n_cand, k)]
+    dcg = np.divide(hit, n_cand, out=np.zeros_like(hit), where=n_cand > 0) * cum[np.minimum(n_cand, k)]
     ideal = cum[np.minimum(n_pos.astype(np.int64), k)]
     out = np.zeros_like(n_pos)
     np.divide(dcg, ideal, out=out, where=ideal > 0)

@@ -20,6 +20,7 @@ import torch
 from . import guard
 
 POSITIVE_RATING = 4.0
+NEVER = np.iinfo(np.int64).max  # an item with no known row / a user with no row in the period
 CHUNK_ROWS = 65_536        # rows (pairs, items) per chunk where a whole table would not fit in memory
 PERIODS = ("train", "valid", "test")
 
@@ -203,28 +204,97 @@ def histories_before_rows(user: np.ndarray, item: np.ndarray, n: int,
     return torch.from_numpy(out)
 
 
+@dataclass(frozen=True)
+class CausalCatalogue:
+    """docs/PROTOCOL.md, "A causal catalogue": under ``user_temporal`` a user may be recommended only
+    items whose first interaction in the known rows comes strictly before that user's scoring cut.
+
+    ``item_first[i]`` is the earliest timestamp of item ``i`` in the rows known when the period is
+    scored (train for validation; train and validation for test), ``NEVER`` if it has none there.
+    ``cut[u]`` is the timestamp of user ``u``'s first row in the scored period, ``NEVER`` for a user
+    with no row in it (they are not scored; only items with no known row are blocked for them).
+    Item ``i`` is blocked for ``u`` iff ``item_first[i] >= cut[u]``: a tie in the same second is
+    blocked (the data cannot say which came first). Under ``global_temporal`` none is built
+    (`SplitData.causal`)."""
+
+    item_first: np.ndarray  # (n_items,) int64
+    cut: np.ndarray         # (n_users,) int64
+
+    @classmethod
+    def from_rows(cls, known: Period, period: Period, n_users: int, n_items: int) -> "CausalCatalogue":
+        """Vectorised: ``known`` and ``period`` rows in any order (no loop over users or items)."""
+        item_first = np.full(n_items, NEVER, dtype=np.int64)
+        np.minimum.at(item_first, known.item, known.timestamp.astype(np.int64))
+        cut = np.full(n_users, NEVER, dtype=np.int64)
+        np.minimum.at(cut, period.user, period.timestamp.astype(np.int64))
+        return cls(item_first=item_first, cut=cut)
+
+    def blocked(self, users, device: torch.device | str | None = None) -> torch.Tensor:
+        """(B, n_items) bool: True where the item did not yet exist at the user's cut."""
+        users = users.cpu().numpy() if isinstance(users, torch.Tensor) else np.asarray(users, dtype=np.int64)
+        first = torch.from_numpy(self.item_first).to(device)                   # (n_items,)
+        cut = torch.from_numpy(self.cut[users]).to(device)                      # (B,)
+        return first[None, :] >= cut[:, None]                                   # (B, n_items)
+
+    def blocked_counts(self, users: np.ndarray) -> np.ndarray:
+        """(U,) number of catalogue items blocked for each of ``users`` (sorted search, no U x items)."""
+        return len(self.item_first) - np.searchsorted(np.sort(self.item_first), self.cut[np.asarray(users)], "left")
+
+    def is_blocked(self, users: np.ndarray, items: np.ndarray) -> np.ndarray:
+        """(n,) bool for (user, item) pairs: item first seen at or after the user's cut."""
+        return self.item_first[np.asarray(items)] >= self.cut[np.asarray(users)]
+
+
 @dataclass
 class ScoringContext:
-    """What a scorer may know about users at scoring time for ``period``: the items they rated
-    before it (masked from rankings), the positives among them, and their last items.
+    """What a scorer may know at scoring time for ``period``: each user's history (the items they
+    rated before it, masked from rankings, the positives among them, their last items) and the
+    rows a model's parameters may count.
+
+    One test-time rule (docs/PROTOCOL.md): *parameters* (count tables, popularity counts,
+    co-occurrence counts, factors, weights) come from the train rows only, at validation and at
+    test alike (``parameter_rows``); *histories* (a user's own rows, last items, seen items, fold-in)
+    come from every row before the period (``known_rows``: train for validation, train + validation
+    for test).
 
     ``seen`` is what every ranking masks. A model fit on positives only builds a user's vector
     from ``seen_positive`` (docs/PROTOCOL.md: a model scores a user from the same kind of input it was
-    fit on); ``input_matrix`` picks the right one."""
+    fit on); ``input_matrix`` picks the right one. ``catalogue`` (``user_temporal`` only) is the
+    causal catalogue every ranking also masks: items first seen at or after the user's scoring cut
+    (`CausalCatalogue`); None where nothing is blocked (``global_temporal``, or switched off)."""
 
     period: str
     seen: sp.csr_matrix        # (n_users, n_items) 1 where rated before the period
     history: torch.Tensor      # (n_users, H) last items before the period, item + 1, 0 pad
     seen_positive: sp.csr_matrix | None = None  # (n_users, n_items) 1 where rated >= 4 before it
     rows: Period | None = None  # every row before the period (train; train + valid for test), time order
+    train_rows: Period | None = None  # the train rows, whatever the period: what parameters count
+    catalogue: CausalCatalogue | None = None  # items not yet seen at each user's cut (masked from rankings)
+    shared: dict = field(default_factory=dict, repr=False, compare=False)  # tables of train_rows, one per split
     _cache: dict = field(default_factory=dict, repr=False, compare=False)  # last_items, per context
 
     def known_rows(self) -> Period:
-        """The rows known at scoring time: what a sequential model counts and reads histories from."""
+        """The rows known at scoring time (train; train + validation for test): what *histories*
+        are read from (a user's last items, their own rows). Never count a parameter on them:
+        that is `parameter_rows`."""
         if self.rows is None:
             raise ValueError(f"this {self.period} context carries no rows; build it with SplitData.context "
                              f"(a sequential model reads the rows before the period)")
         return self.rows
+
+    def parameter_rows(self) -> Period:
+        """The rows a model's parameters and the re-ranker's count features may count: the train
+        rows, at validation and at test alike (docs/PROTOCOL.md, "One test-time rule"). Tables
+        counted on them may be kept in ``shared``, which the contexts of one split share, so
+        validation and test read the same table."""
+        if self.train_rows is None:
+            raise ValueError(f"this {self.period} context carries no train rows; build it with "
+                             f"SplitData.context (count tables are counted on the train rows)")
+        return self.train_rows
+
+    def __getstate__(self) -> dict:
+        """Pickled (a torchrun job's inputs) without the shared tables: they belong to the split."""
+        return {**self.__dict__, "shared": {}}
 
     def last_items(self, n: int, positives_only: bool = False) -> torch.Tensor:
         """(n_users, n) each user's last ``n`` known items (``positives_only``: rated >= 4), item + 1,
@@ -341,11 +411,42 @@ class SplitData:
         rows = self.rows_before(period)
         return last_items(rows.user, rows.item, self.n_users, n)
 
-    def context(self, period: str, history_len: int = 5) -> ScoringContext:
+    def causal_catalogue(self, period: str) -> CausalCatalogue:
+        """Each item's first time in the rows known when ``period`` is scored and each user's
+        scoring cut in ``period`` (docs/PROTOCOL.md, "A causal catalogue"). Reads ``period``'s
+        timestamps: build it outside any fitting context, as the labels are."""
+        return CausalCatalogue.from_rows(self.rows_before(period), self.period(period), self.n_users, self.n_items)
+
+    def causal(self, causal_catalogue: bool | None = None) -> bool:
+        """Whether rankings mask a causal catalogue: only under ``user_temporal``, and unless switched
+        off (params ``eval.causal_catalogue``). Under ``global_temporal`` every known row precedes
+        every scored row in the split's own order, so it is not built (docs/PROTOCOL.md)."""
+        return causal_catalogue is not False and self.split_params.get("strategy") == "user_temporal"
+
+    def context(self, period: str, history_len: int = 5, causal_catalogue: bool | None = None) -> ScoringContext:
+        """What a scorer may know when scoring ``period``: histories from every row before it,
+        parameters from the train rows (`ScoringContext`; docs/PROTOCOL.md, "One test-time rule").
+        ``causal_catalogue`` (None: the default, on) also masks, under ``user_temporal``, the items
+        not yet seen at each user's scoring cut (`causal`; docs/PROTOCOL.md, "A causal catalogue")."""
         rows = self.rows_before(period)
+        catalogue = None
+        if self.causal(causal_catalogue) and len(self.period(period)):
+            catalogue = CausalCatalogue.from_rows(rows, self.period(period), self.n_users, self.n_items)
         return ScoringContext(period=period, seen=self.seen_before(period),
                               history=last_items(rows.user, rows.item, self.n_users, history_len),
-                              seen_positive=self.seen_before(period, positives_only=True), rows=rows)
+                              seen_positive=self.seen_before(period, positives_only=True), rows=rows,
+                              train_rows=self.train, shared=self.train_tables(), catalogue=catalogue)
+
+    def train_tables(self) -> dict:
+        """A cache of tables counted on this split's train rows (the transition model's), shared by
+        every context of the split: validation and test count a table once and read the same one.
+        Not pickled (`__getstate__`); a split made by `label_window` has its own."""
+        return self.__dict__.setdefault("_train_tables", {})
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state.pop("_train_tables", None)
+        return state
 
     def label_window(self, share: float = 0.1) -> "SplitData":
         """The label window (docs/PROTOCOL.md, "Who learns from what"): a SplitData over the train rows

@@ -114,8 +114,8 @@ class Run:
         if key not in self._evaluators:
             ev = self.eval
             self._evaluators[key] = Evaluator(self.data, period, ks=ev.ks, batch_users=ev.batch_users,
-                                              history_len=history_len,
-                                              max_users=max_users, seed=self.seed)
+                                              history_len=history_len, max_users=max_users, seed=self.seed,
+                                              causal_catalogue=ev.causal_catalogue)
         return self._evaluators[key]
 
     def early_stopping_metric(self, max_users: int | None = None, metric: str = HEADLINE,

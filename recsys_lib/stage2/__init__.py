@@ -3,7 +3,8 @@
 Bottom to top, each module importing only from those above it in this list:
 - `candidates`: the retriever's top K, joined by other candidate sources;
 - `ranking`: candidate rows + scores -> each user's top list; the user splits and folds;
-- `features`: the re-ranker's features of (user, candidate) rows, from rows known at scoring time;
+- `features`: the re-ranker's features of (user, candidate) rows: counts from train rows, histories
+  from the rows known at scoring time;
 - `inputs`: what a re-ranker learns from and scores (`StageInputs`, `WindowLists`, `prepare`);
 - `rerankers/`: the kinds (id_mlp, mlp_features, LightGBM), each with its own config, one
   interface and file format, and the cross-fitted ensemble;

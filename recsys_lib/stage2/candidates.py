@@ -5,6 +5,11 @@ candidates (histories and seen items up to validation: ``Labels.build(data, "val
 scored on the test period's candidates (histories and seen items include validation rows:
 ``Labels.build(data, "test")``). A positive the retriever did not propose is a miss, so
 ``candidate_recall`` at ``k`` is the second stage's ceiling.
+
+Every source (the retriever and each of `add_sources`) ranks through `protocol.evaluate.rank_topk`
+with the period's context, so its lists obey the same masks as every model's evaluation: seen
+items and, under ``user_temporal``, items outside the causal catalogue (docs/PROTOCOL.md,
+"A causal catalogue"); the re-ranker never sees a candidate first rated after the user's scoring cut.
 """
 from __future__ import annotations
 
@@ -24,11 +29,11 @@ COLUMNS = ("user", "item", "retriever_score", "retriever_rank")
 
 def generate_candidates(retriever, labels_or_users: Labels | np.ndarray, ctx: ScoringContext | None = None,
                         k: int = 500, batch_users: int = 1024, progress: bool = False) -> pd.DataFrame:
-    """The retriever's top ``k`` unseen items for each user, one row per (user, candidate):
-    ``user`` (int64 contiguous id), ``item`` (int64), ``retriever_score`` (float32),
+    """The retriever's top ``k`` unseen items (inside the causal catalogue) for each user, one row
+    per (user, candidate): ``user`` (int64 contiguous id), ``item`` (int64), ``retriever_score`` (float32),
     ``retriever_rank`` (1-based; int16 when k < 32768, else int32). Rows are sorted by user, then
     rank. Pass a ``Labels`` (its scored users and context) or an array of users and a ``ctx``.
-    Masked slots (users with fewer than ``k`` unseen items) are dropped."""
+    Masked slots (users with fewer than ``k`` items they may be recommended) are dropped."""
     if isinstance(labels_or_users, Labels):
         users, ctx = labels_or_users.users, labels_or_users.ctx if ctx is None else ctx
     else:

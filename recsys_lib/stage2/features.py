@@ -2,10 +2,21 @@
 
 `build_features(cands, data, ctx, period, ...)` turns a candidate frame
 (user, item, retriever_score, retriever_rank) into a float32 matrix (n_rows, F) and its
-column names. Everything a feature knows about a user comes from ``ctx`` (items seen before
-the period, last items) and from the rows of the periods *before* ``period``
-(``data.rows_before(period)``: train for validation, train + validation for test); never from
-the scored period's own rows.
+column names. Never from the scored period's own rows, and under one test-time rule
+(docs/PROTOCOL.md, "One test-time rule"):
+
+- *Parameters*: statistics counted over many users' rows (the item's popularity and its
+  recent-window counts, the item counts at the user's time and their window totals, the
+  sequence features' transition counts, the reference time of the item's age) come from the
+  train rows only (``ctx.parameter_rows()``), at validation and at test alike. The recent
+  windows (``item_log_pop_30d/_90d``) and the item age's reference time end at the end of the
+  train rows, at test too; a window that ends at the user's own time is cut at the end of the
+  train rows. So a test feature never counts a validation row, and the re-ranker scores test
+  lists with features on the footing of the validation lists it learnt from.
+- *Histories*: what describes the user's own rows (their last items, activity, genre taste,
+  recent ratings and their span, their own time, fold-in scores from their rows) comes from every
+  row before the period (``ctx.known_rows()`` = ``data.rows_before(period)``: train for
+  validation, train + validation for test), as every model's history does.
 
 Leakage guard: features of a period's candidates are that period's data, so building them
 for ``period`` asks the guard first (``guard.check_read(period)``). Inside
@@ -17,22 +28,25 @@ Columns (in order; the retriever/scorer ones only when those are given):
   <source>_log_rank, n_sources   with several candidate sources: each source's log rank
                           (log(k + 1) when it did not propose the item), how many proposed it
   item_log_pop            log(1 + train rows of the item)
-  item_log_pop_30d/_90d   log(1 + known rows of the item in the last 30/90 days before the
-                          end of the known rows)
-  item_age, item_year_missing   reference year (end of known rows) - release year (NaN -> median age)
+  item_log_pop_30d/_90d   log(1 + train rows of the item in the last 30/90 days before the
+                          end of the train rows)
+  item_age, item_year_missing   reference year (end of the train rows) - release year (NaN ->
+                          median age)
   item_age_at_user, item_log_pop_user_30d/_365d, item_pop_share_user_30d/_365d,
   item_pop_trend_user, user_recent_mean_rating, user_recent_span_log_days
-                          time features at the user's own time (their last known rating):
-                          see ``time_features``
-  user_log_activity       log(1 + the user's known rows)
+                          time features at the user's own time (their last known rating;
+                          the item counts from train rows, cut at the end of train): see
+                          ``time_features``
+  user_log_activity       log(1 + the user's known rows)  (a history)
   user_genre_dot, user_genre_cos   the user's genre distribution over known positive rows
-                          against the item's genre multi-hot
+                          (a history) against the item's genre multi-hot
   hist_sim_mean, hist_sim_max   cosine of the item's retriever embedding with the embeddings
                           of the user's last items (ctx.history); 0 when the user has none
   retriever_dot           frozen retriever user embedding . item embedding
   seq_count_log, seq_last_log, seq_prob_mean, seq_prob_max, seq_lift_max
                           sequence features (``sequence_features``): how often other users
-                          rated the candidate soon after the user's last items
+                          rated the candidate soon after the user's last items (counts from
+                          train rows; the last items from known rows)
   <name>_score, <name>_score_z   ``extra_scorers[name].score_pairs(users, items, ctx)``
   <name>_last<N>_score, <name>_last<N>_score_z   the same scorer from the user's last N known
                           rows only (``recent_context``), for N in ``recent_items`` (params:
@@ -111,7 +125,7 @@ def recent_item_counts(rows, n_items: int, days: int) -> np.ndarray:
 def item_counts_before(rows, items: np.ndarray, at: np.ndarray, days: float) -> np.ndarray:
     """(n,) rows of item ``items[r]`` with a timestamp in (at[r] - days, at[r]]: each candidate's
     popularity in the ``days`` before a time of its own (e.g. its user's last known rating), from
-    ``rows`` (the rows known at scoring time); never counts a row after ``at[r]``."""
+    ``rows`` (the train rows: a parameter); never counts a row after ``at[r]``."""
     if len(rows) == 0:
         return np.zeros(len(items), np.int64)
     span = int(rows.timestamp.max()) - int(rows.timestamp.min()) + int(days * DAY) + 2
@@ -123,12 +137,20 @@ def item_counts_before(rows, items: np.ndarray, at: np.ndarray, days: float) -> 
 
 
 def time_features(rows, users: np.ndarray, items: np.ndarray, years: np.ndarray,
-                  n_users: int) -> dict[str, np.ndarray]:
+                  n_users: int, count_rows=None) -> dict[str, np.ndarray]:
     """Time features at each user's own time (their last known rating, ``rows``: the rows known
     at scoring time): the item's age then, its popularity in the 30 and 365 days before it (log
     counts, share of all ratings in that window, and the trend between the two windows), and the
     user's recent rating mean and count. Under a per-user split users live at different times, so
-    "popular now" must mean popular at the user's time, not at the end of the data."""
+    "popular now" must mean popular at the user's time, not at the end of the data.
+
+    The user's time, age at it, recent mean and span are histories, read from ``rows``. The item
+    counts and the window totals are parameters, counted on ``count_rows`` (the train rows;
+    None: ``rows``), in windows that end at the user's time or at the end of ``count_rows``,
+    whichever is earlier (docs/PROTOCOL.md, "One test-time rule"): at test a user whose last
+    rating is a validation row gets the counts of the train rows' last days, not a window cut
+    short by the rows it may not count."""
+    count_rows = rows if count_rows is None else count_rows
     last = np.full(n_users, np.iinfo(np.int64).min)
     np.maximum.at(last, rows.user, rows.timestamp)
     has = last > np.iinfo(np.int64).min
@@ -138,11 +160,13 @@ def time_features(rows, users: np.ndarray, items: np.ndarray, years: np.ndarray,
     at_year = 1970 + at / (365.2425 * DAY)
     age = at_year - years[items]
     out["item_age_at_user"] = np.where(np.isnan(age), np.nanmedian(age) if np.isfinite(age).any() else 0.0, age)
-    ts = rows.timestamp
-    ts_sorted = ts if bool(np.all(ts[1:] >= ts[:-1])) else np.sort(ts)     # known rows come in time order
+    ts = count_rows.timestamp
+    ts_sorted = ts if bool(np.all(ts[1:] >= ts[:-1])) else np.sort(ts)     # periods' rows come in time order
+    at_count = np.minimum(at, int(ts.max())) if len(ts) else at             # (n,) the count windows' end
     for days in (30, 365):
-        c = item_counts_before(rows, items, at, days)
-        total = np.searchsorted(ts_sorted, at, side="right") - np.searchsorted(ts_sorted, at - days * DAY, side="right")
+        c = item_counts_before(count_rows, items, at_count, days)
+        total = (np.searchsorted(ts_sorted, at_count, side="right")
+                 - np.searchsorted(ts_sorted, at_count - days * DAY, side="right"))
         out[f"item_log_pop_user_{days}d"] = np.log1p(c)
         out[f"item_pop_share_user_{days}d"] = c / np.maximum(total, 1)
     out["item_pop_trend_user"] = (np.log1p(out["item_pop_share_user_30d"] * 1e4)
@@ -207,7 +231,8 @@ def history_similarity(users: np.ndarray, items: np.ndarray, history: torch.Tens
 def sequence_features(rows, users: np.ndarray, items: np.ndarray, history: torch.Tensor, n_items: int,
                       window: int = SEQ_WINDOW) -> dict[str, np.ndarray]:
     """What other users rated soon after the user's last items (``history``: (n_users, H), item + 1,
-    0 = padding, most recent last), from the rows known at scoring time: a temporal split asks
+    0 = padding, most recent last: a history, from the rows known at scoring time), counted on
+    ``rows`` (the train rows, at test too: a parameter; the module docstring): a temporal split asks
     "what comes next", which the set-based models (EASE, iALS, the retriever's dot product) do
     not model. Per candidate: log of the transition count summed over the history, from the last
     item alone, the mean and max transition probability P(candidate | history item), and the max
@@ -270,7 +295,7 @@ def recent_context(ctx: ScoringContext, rows, n_users: int, n_items: int, n: int
     return ScoringContext(period=ctx.period, history=ctx.history,
                           seen=last_rows_matrix(rows, n_users, n_items, n),
                           seen_positive=last_rows_matrix(rows, n_users, n_items, n, positives_only=True),
-                          rows=ctx.rows)
+                          rows=ctx.rows, train_rows=ctx.train_rows, shared=ctx.shared)
 
 
 def _pair_scores(scorer, users: np.ndarray, items: np.ndarray, ctx: ScoringContext,
@@ -314,23 +339,26 @@ def build_features(cands: pd.DataFrame, data: SplitData, ctx: ScoringContext, pe
     if "n_sources" in cands:
         cols["n_sources"] = cands["n_sources"].to_numpy(np.float32)
 
-    # item popularity: all train rows; recent rows known at scoring time
-    known = data.rows_before(period)           # train (valid) or train + valid (test)
-    cols["item_log_pop"] = np.log1p(data.item_popularity)[items]
-    for days in RECENT_DAYS:
-        cols[f"item_log_pop_{days}d"] = np.log1p(recent_item_counts(known, data.n_items, days))[items]
+    # One test-time rule (module docstring): parameters count train rows, histories known rows
+    known = data.rows_before(period)           # histories: train (valid) or train + valid (test)
+    train = ctx.parameter_rows()               # parameters: the train rows, at test too
 
-    # item age at the reference time (end of the known rows)
+    # item popularity: all train rows; the train rows of the last days before the end of train
+    cols["item_log_pop"] = np.log1p(np.bincount(train.item, minlength=data.n_items))[items]
+    for days in RECENT_DAYS:
+        cols[f"item_log_pop_{days}d"] = np.log1p(recent_item_counts(train, data.n_items, days))[items]
+
+    # item age at the reference time (end of the train rows, as the windows above)
     years = data.item_features.years if data.item_features is not None else np.full(data.n_items, np.nan)
-    ref_ts = int(known.timestamp.max()) if len(known) else 0
+    ref_ts = int(train.timestamp.max()) if len(train) else 0
     ref_year = pd.Timestamp(ref_ts, unit="s").year + pd.Timestamp(ref_ts, unit="s").dayofyear / 366.0
     age = ref_year - years
     fill = float(np.nanmedian(age)) if np.isfinite(age).any() else 0.0
     cols["item_age"] = np.where(np.isnan(age), fill, age)[items]
     cols["item_year_missing"] = np.isnan(years)[items].astype(np.float32)
-    cols.update(time_features(known, users, items, years, data.n_users))
+    cols.update(time_features(known, users, items, years, data.n_users, count_rows=train))
 
-    # user activity and genre taste from known rows
+    # user activity and genre taste: histories (the user's own rows), so from known rows
     cols["user_log_activity"] = np.log1p(np.bincount(known.user, minlength=data.n_users))[users]
     ig = item_genre_matrix(data)
     dist = user_genre_distribution(known, ig, data.n_users)                # (n_users, G)
@@ -355,8 +383,8 @@ def build_features(cands: pd.DataFrame, data: SplitData, ctx: ScoringContext, pe
                                              item_emb[items[s:s + CHUNK_ROWS]])
         cols["retriever_dot"] = rd
 
-    # what other users rated right after the user's last items
-    cols.update(sequence_features(known, users, items, data.history(period, SEQ_HISTORY), data.n_items))
+    # what other users rated right after the user's last items: counts from train rows, last items known
+    cols.update(sequence_features(train, users, items, ctx.last_items(SEQ_HISTORY), data.n_items))
 
     # classical models' scores of the candidate
     for name, scorer in (extra_scorers or {}).items():

@@ -118,7 +118,8 @@ def build_label_window(run: Run, w: SplitData, refits: Stage1, k: int) -> tuple[
     positives. Returns the lists and a summary (users, rows, recall of the candidates within the
     window)."""
     t0 = time.perf_counter()
-    labels = Labels.build(w, "valid", history_len=refits.retriever.cfg.history_len)
+    labels = Labels.build(w, "valid", history_len=refits.retriever.cfg.history_len,
+                          causal_catalogue=run.eval.causal_catalogue)
     inputs = refits.lists(w, labels, k, recent_items(run.params))
     lists = WindowLists(cands=inputs.cands, X=inputs.X, y=candidate_labels(inputs.cands, labels))
     summary = {"models": refits.names, "users": int(len(labels.users)), "rows": int(len(inputs.cands)),

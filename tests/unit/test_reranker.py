@@ -76,7 +76,7 @@ def test_features_shape_names_finite(setup):
     assert X[:, names.index("hist_sim_mean")].std() > 0
 
 
-def test_recent_popularity_for_validation_uses_train_rows_only(setup):
+def test_recent_popularity_uses_train_rows_only_at_validation_and_test(setup):
     data, cands, X, names = setup["data"], setup["cands"], setup["X"], setup["names"]
     train = data.train
     end = int(train.timestamp.max())
@@ -84,7 +84,11 @@ def test_recent_popularity_for_validation_uses_train_rows_only(setup):
     expected = np.log1p(np.bincount(train.item[keep], minlength=data.n_items))[cands["item"].to_numpy()]
     got = X[:, names.index("item_log_pop_90d")]
     np.testing.assert_allclose(got, expected, rtol=1e-6)
-    # the same feature for the test period may use validation rows, and here it differs
+    # at test too (docs/PROTOCOL.md, "One test-time rule"): the same train-only counts, although
+    # counting the validation rows as well would change them here
+    test_ctx = data.context("test")
+    X_test, names_test = rf.build_features(cands, data, test_ctx, "test")
+    np.testing.assert_allclose(X_test[:, names_test.index("item_log_pop_90d")], expected, rtol=1e-6)
     known = data.rows_before("test")
     with_valid = np.log1p(rf.recent_item_counts(known, data.n_items, 90))[cands["item"].to_numpy()]
     assert not np.allclose(with_valid, expected)
@@ -539,6 +543,13 @@ def test_time_features_count_only_rows_before_the_users_time():
     assert f["item_age_at_user"][1] == pytest.approx(6 / 365.2425, rel=1e-6)
     np.testing.assert_allclose(f["item_log_pop_user_30d"], np.log1p([1, 2]))
     np.testing.assert_allclose(f["user_recent_mean_rating"], [4.0, 4.0])   # user 0: 5, 3; user 1: 4
+    # counts on rows that end before the user's time (train rows at test): the windows end there
+    early = Period(*(x[[0, 1, 4]] for x in (rows.user, rows.item, rows.rating, rows.timestamp)))  # days 1, 5, 6
+    g = rf.time_features(rows, np.array([0]), np.array([0]), years, n_users=4, count_rows=early)
+    assert g["item_age_at_user"][0] == f["item_age_at_user"][0]          # the user's time: a history
+    np.testing.assert_allclose(g["item_log_pop_user_30d"], np.log1p([2]))  # days 1, 5 in (day -24, day 6]
+    np.testing.assert_allclose(g["item_pop_share_user_30d"], [2 / 3])      # of days 1, 5, 6
+    np.testing.assert_allclose(g["user_recent_mean_rating"], [4.0])       # the user's rows: a history
 
 
 def test_named_variants_configure_a_kind():

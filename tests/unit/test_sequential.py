@@ -113,6 +113,81 @@ def test_transition_never_counts_a_row_after_the_scoring_cut(toy_data):
     assert not np.array_equal(test, _scores(model, _poisoned(data, ("valid",)), "test"))
 
 
+def _plant_pair(data: SplitData, users: np.ndarray, a: int, b: int) -> SplitData:
+    """``data`` whose validation rows of ``users`` are items a, b, a, b, ... in each user's time
+    order (same users, times and ratings): a pair frequent in validation only."""
+    v = data._periods["valid"]
+    idx = np.flatnonzero(np.isin(v.user, users))
+    o = idx[np.argsort(v.user[idx], kind="stable")]                # by user, time order kept
+    u = v.user[o]
+    starts = np.r_[0, np.flatnonzero(u[1:] != u[:-1]) + 1]
+    rank = np.arange(len(o)) - np.repeat(starts, np.diff(np.r_[starts, len(o)]))
+    item = v.item.copy()
+    item[o] = np.where(rank % 2 == 0, a, b)
+    return dataclasses.replace(data, _periods={**data._periods, "valid": Period(v.user, item, v.rating, v.timestamp)})
+
+
+def test_test_time_parameters_never_count_validation_rows(toy_data):
+    """One test-time rule (docs/PROTOCOL.md): at test, no parameter (the transition table and its
+    tie-break, the re-ranker's item counts, windows and sequence counts) counts a validation row,
+    while a user's history (last items, own rows) still includes theirs. Planting a pair that is
+    frequent in other users' validation rows only must leave a user's test-time transition scores
+    and features untouched, and the test table must be the train rows' table."""
+    data = toy_data
+    window = 3
+    keys, _ = transition.transition_counts(data.train, data.n_items, window)
+    pop = np.bincount(data.train.item, minlength=data.n_items)
+    rare = np.argsort(pop, kind="stable")[:20]                     # a pair train never has, either way
+    a, b = next((int(x), int(y)) for x in rare for y in rare
+                if x < y and not np.isin([x * data.n_items + y, y * data.n_items + x], keys).any())
+    scored = data.scored_users("test")
+    kept, planted_users = scored[::2], np.setdiff1d(np.unique(data.valid.user), scored[::2])
+    planted = _plant_pair(data, planted_users, a, b)
+    # the planted rows would change a table counted on the rows known at test (so this test can fail)
+    known_T = transition.transition_matrix(planted.rows_before("test"), data.n_items, window, normalise="none")
+    assert known_T[a, b] > transition.transition_matrix(data.rows_before("test"), data.n_items, window,
+                                                        normalise="none")[a, b] + 10
+
+    # the transition model: the test table is the train rows' table, the one validation reads
+    model = transition.Transition(history=3, window=window, normalise="row")
+    model.fit(planted)
+    ctx_valid, ctx_test = planted.context("valid"), planted.context("test")
+    T_test, tie_test = model.table(ctx_test)
+    T_train = transition.transition_matrix(data.train, data.n_items, window, normalise="row")
+    assert T_test[a, b] == 0 and (T_test != T_train).nnz == 0
+    np.testing.assert_array_equal(np.argsort(tie_test, kind="stable"), np.argsort(pop, kind="stable"))
+    T_valid, tie_valid = model.table(ctx_valid)
+    assert T_test is T_valid and tie_test is tie_valid                       # counted once per split
+    # ... while the histories at test include the validation rows: the planted users' last items are a, b
+    last = ctx_test.last_items(1)[torch.from_numpy(planted_users)].numpy().ravel() - 1
+    assert set(last.tolist()) <= {a, b}
+    users = torch.from_numpy(kept)
+    np.testing.assert_array_equal(model.score_all(users, ctx_test).numpy(),
+                                  model.score_all(users, data.context("test")).numpy())
+
+    # the re-ranker's features: a kept user's test-time features do not see the planted rows
+    rng = np.random.default_rng(0)
+    items = np.r_[np.full(len(kept), a), np.full(len(kept), b), rng.integers(0, data.n_items, 8 * len(kept))]
+    cands = pd.DataFrame({"user": np.tile(kept, 10), "item": items, "retriever_score": np.float32(0.0),
+                          "retriever_rank": np.repeat(np.arange(1, 11), len(kept))})   # a, b ranked 1, 2
+    cands = cands.sort_values(["user", "retriever_rank"], kind="stable").reset_index(drop=True)
+    X_planted, names = rf.build_features(cands, planted, ctx_test, "test")
+    X_data, names_data = rf.build_features(cands, data, data.context("test"), "test")
+    assert names == names_data
+    for col in ("item_log_pop", "item_log_pop_30d", "item_log_pop_90d", "item_log_pop_user_30d",
+                "item_log_pop_user_365d", "item_pop_share_user_30d", "item_pop_share_user_365d",
+                "item_pop_trend_user", "item_age", "seq_count_log", "seq_last_log", "seq_prob_mean",
+                "seq_prob_max", "seq_lift_max"):
+        j = names.index(col)
+        np.testing.assert_array_equal(X_planted[:, j], X_data[:, j], err_msg=col)
+    np.testing.assert_array_equal(X_planted, X_data)                          # every column
+    # the item counts at test are the validation ones: the train rows'
+    X_valid, _ = rf.build_features(cands, planted, ctx_valid, "valid")
+    for col in ("item_log_pop", "item_log_pop_30d", "item_log_pop_90d", "item_age"):
+        j = names.index(col)
+        np.testing.assert_array_equal(X_planted[:, j], X_valid[:, j], err_msg=col)
+
+
 def test_transition_scores_are_the_decayed_sum_of_rows_of_the_table(toy_data):
     data = toy_data
     model = transition.Transition(history=2, decay=0.5, window=2, normalise="none")
