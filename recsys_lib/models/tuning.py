@@ -178,11 +178,88 @@ def extend_axes(grid: dict[str, list], rows: list[dict], state: dict,
             improved |= state["score"] > before
 
 
+#: Config fields that are not hyper-parameters: never listed as held ("not searched"). Every other
+#: field is listed (in doubt, it is: a stopping patience, a validation interval, a batch size, a loss).
+NOT_HYPERPARAMETERS = frozenset({
+    "epochs",                            # a maximum under early stopping: flagged as the epoch cap
+    "device", "seed", "progress", "verbose", "log_every_epoch",  # where it runs, its draws, its printing
+    "name", "members",                   # labels; the blend's members are listed in its params
+    "k_eval",                            # the re-ranker's selection metric (held-out nDCG@k)
+    "float64_max_items", "gram_chunk",   # EASE: float precision and chunking of the same solve
+    "score_chunk", "num_threads", "amp_bf16",  # scoring chunks, threads, bf16 autocast: speed
+})
+
+#: Held fields a configuration never reads: field -> (the field that decides, its values under which
+#: the field is unused). A config without the deciding field reads the field (MF's n_neg).
+UNREAD = {
+    "n_neg": ("loss", ("full",)),                      # SASRec: full cross-entropy samples nothing
+    "negatives": ("loss", ("softmax",)),               # feature MLP: bpr only
+    "batch_size": ("loss", ("softmax",)),              # feature MLP: bpr only (softmax: users_per_batch)
+    "users_per_batch": ("loss", ("bpr",)),             # feature MLP: softmax only
+    "temperature": ("variant", ("bpr",)),              # two-tower: softmax only
+    "logq": ("variant", ("bpr",)),
+    "n_uniform_neg": ("variant", ("bpr",)),
+    "attn_layers": ("user_encoder", ("lstm",)),        # two-tower: attention encoder only
+    "attn_heads": ("user_encoder", ("lstm",)),
+    "lstm_hidden": ("user_encoder", ("attention",)),   # two-tower: LSTM encoder only
+}
+
+
+def searched_names(table: pd.DataFrame | None, grid: dict[str, list] | Iterable[dict] | None) -> set[str]:
+    """What a search varied: grid axes with two or more distinct values, and any column of its
+    table with two or more distinct non-missing values (a list-of-dicts grid, the two-tower's named
+    variants, whose table leaves a value a variant does not read empty). A one-value axis is held."""
+    names = set()
+    for name, values in (grid.items() if isinstance(grid, dict) else []):
+        if isinstance(values, (list, tuple)) and len({repr(_plain(v)) for v in values}) >= 2:
+            names.add(name)
+    if table is not None:
+        for col in table.columns:
+            values = {repr(_plain(v)) for v in table[col].tolist() if _plain(v) is not None}
+            if len(values) >= 2:
+                names.add(str(col))
+    return names
+
+
+def varied_fields(configs: list) -> set[str]:
+    """Fields whose value differs between ``configs`` (dataclasses of one class: named variants)."""
+    if not configs:
+        return set()
+    first = configs[0]
+    return {f.name for f in dataclasses.fields(first)
+            if any(getattr(c, f.name, None) != getattr(first, f.name) for c in configs[1:])}
+
+
+def held(config: Any, searched: Iterable[str] = (), exclude: Iterable[str] = ()) -> dict:
+    """Every hyper-parameter of ``config`` (the chosen configuration, a dataclass) that was not
+    searched with two or more values: ``{name: value}`` in field order, JSON-ready. Left out: the
+    ``searched`` names, ``NOT_HYPERPARAMETERS`` (``epochs``, a maximum, is the epoch cap; device,
+    seed, printing, labels, precision and chunking), ``exclude``, and a field the configuration
+    never reads (``UNREAD``: SASRec's ``n_neg`` under the full loss)."""
+    if config is None or not dataclasses.is_dataclass(config):
+        return {}
+    skip = set(searched) | NOT_HYPERPARAMETERS | set(exclude)
+    out = {}
+    for f in dataclasses.fields(config):
+        if f.name in skip:
+            continue
+        unread = UNREAD.get(f.name)
+        if unread and hasattr(config, unread[0]) and getattr(config, unread[0]) in unread[1]:
+            continue
+        out[f.name] = _json(getattr(config, f.name))
+    return out
+
+
 def summarize(table: pd.DataFrame, grid: dict[str, list] | None,
-              epochs: int | None = None) -> dict:
+              epochs: int | None = None, config: Any = None) -> dict:
     """What a search tried and chose, JSON-ready: for every searched axis the values tried, the
     chosen one, and ``at_edge`` (chosen value is the smallest or largest tried on a numeric axis);
-    ``epoch_cap`` when the chosen fit's best epoch is its last allowed epoch (still improving)."""
+    ``epoch_cap`` when the chosen fit's best epoch is its last allowed epoch (still improving).
+
+    ``held``: every value not searched with two or more values, ``{name: value}``: each one-value
+    grid axis (also listed as ``fixed``, an older key) and, given the chosen ``config`` (a
+    dataclass), each of its hyper-parameters outside the search (`held`: not ``epochs``, device,
+    seed and the other `NOT_HYPERPARAMETERS`). The report lists them as "not searched"."""
     if table is None or not len(table) or "valid_metric" not in table:
         return {}
     best = table.loc[table["valid_metric"].idxmax()]
@@ -201,11 +278,14 @@ def summarize(table: pd.DataFrame, grid: dict[str, list] | None,
                       "at_edge": bool(name in numeric and chosen in (tried[0], tried[-1]))}
         if len(tried) == 1:
             axes[name]["fixed"] = True                                  # one value: not searched
+    fixed = {a: _json(v["chosen"]) for a, v in axes.items() if v.get("fixed")}
+    kept = held(config, searched_names(table, grid))
     out = {"axes": axes, "configs": int(len(table)),
            "edge_steps": int((table["stage"] == "edge").sum()) if "stage" in table else 0,
            "valid_metric": float(best["valid_metric"]),
            "at_edge": sorted(a for a, v in axes.items() if v["at_edge"]),
-           "fixed": sorted(a for a, v in axes.items() if v.get("fixed"))}
+           "fixed": sorted(fixed),
+           "held": {**kept, **{a: v for a, v in fixed.items() if a not in kept}}}
     if epochs is not None and "best_epoch" in table and pd.notna(best.get("best_epoch")):
         out["best_epoch"] = int(best["best_epoch"])
         out["max_epochs"] = int(epochs)
@@ -213,8 +293,20 @@ def summarize(table: pd.DataFrame, grid: dict[str, list] | None,
     return out
 
 
+def held_text(values: dict) -> str:
+    """``blocks=2, heads=1, hidden=[256,128]``: held values, compact (3 significant digits below 1)."""
+    def fmt(v):
+        if isinstance(v, float):
+            return f"{v:.3g}" if abs(v) < 1 else f"{v:g}"
+        if isinstance(v, (list, tuple)):
+            return "[" + ",".join(fmt(x) for x in v) + "]"
+        return str(v)
+    return ", ".join(f"{k}={fmt(v)}" for k, v in values.items())
+
+
 def describe(summary: dict, metric: str = HEADLINE) -> str:
-    """One line per searched axis: values tried, chosen, and an edge warning."""
+    """One line per searched axis: values tried, chosen, and an edge warning; then the values held
+    (not searched)."""
     if not summary:
         return "no search"
     name = metric.replace("ndcg", "nDCG").replace("recall", "Recall")
@@ -227,7 +319,15 @@ def describe(summary: dict, metric: str = HEADLINE) -> str:
     if summary.get("epoch_cap"):
         lines.append(f"  epochs: best epoch {summary['best_epoch']} = the cap of {summary['max_epochs']} "
                      f"(still improving when stopped)")
+    if summary.get("held"):
+        lines.append(f"  not searched (held): {held_text(summary['held'])}")
     return "\n".join(lines)
+
+
+def _json(value: Any) -> Any:
+    """A config value as plain JSON: numpy scalars -> Python, tuples -> lists (nested too)."""
+    value = _plain(value)
+    return [_json(v) for v in value] if isinstance(value, list) else value
 
 
 def _plain(value: Any) -> Any:

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .. import config
+from ..models.tuning import held_text
 from ..run.experiment import collect_metrics
 
 if TYPE_CHECKING:                   # annotations only: pandas is imported where the tables are built
@@ -233,32 +234,44 @@ def paired_frame(paired: dict, n_resamples: int | None = None) -> "pd.DataFrame"
                                        "p (Holm)", "separates"])
 
 def tuning_table(run_dir: str | os.PathLike) -> "pd.DataFrame":
-    """How each model was tuned: what was searched, what was chosen, its validation nDCG@10 and
-    whether a chosen value still sits at the edge of what was searched (or at the epoch cap).
+    """How each model was tuned: what was searched, what was chosen, its validation nDCG@10,
+    whether a chosen value still sits at the edge of what was searched (or at the epoch cap), and
+    ``not searched``: every hyper-parameter held at one value (``blocks=2, heads=1``: a one-value
+    grid axis or a config value outside the search; ``recsys_lib.models.tuning.held``).
     Grid-searched models carry a ``tuning`` summary (recsys_lib.models.tuning.summarize); the retriever
     and the re-ranker compare named variants, listed as such."""
     import pandas as pd
     rows = []
     for m in collect_metrics(run_dir):
-        t, search = m.get("tuning"), m.get("search") or []
+        t, search = m.get("tuning") or {}, m.get("search") or []
         valid = (m.get("valid") or {}).get("ndcg@10")
-        if t and t.get("axes"):
+        if t.get("axes"):
             searched = "; ".join(f"{k} ∈ {{{', '.join(_fmt(v) for v in a['tried'])}}}" for k, a in t["axes"].items())
             chosen = ", ".join(f"{k}={_fmt(a['chosen'])}" for k, a in t["axes"].items())
             edges = list(t.get("at_edge", []))
             if t.get("epoch_cap"):
                 edges.append(f"epochs (best = cap {t['max_epochs']})")
-            edges += [f"{a} not searched" for a in t.get("fixed", [])]
             rows.append({"model": m["model"], "searched": searched, "configs": t["configs"],
                          "edge steps": t.get("edge_steps", 0), "chosen": chosen,
-                         "valid nDCG@10": valid, "at edge": ", ".join(edges) or "no"})
+                         "valid nDCG@10": valid, "at edge": ", ".join(edges) or "no",
+                         "not searched": _not_searched(t)})
         elif search and any("variant" in r or "name" in r for r in search):
             key = "name" if "name" in search[0] else "variant"
             chosen = [r[key] for r in search if r.get("chosen") or r.get("best")]
             rows.append({"model": m["model"], "searched": "variants: " + ", ".join(str(r[key]) for r in search),
                          "configs": len(search), "edge steps": 0, "chosen": ", ".join(map(str, chosen)),
-                         "valid nDCG@10": valid, "at edge": "n/a (named variants)"})
+                         "valid nDCG@10": valid, "at edge": "n/a (named variants)",
+                         "not searched": _not_searched(t)})
     return pd.DataFrame(rows)
+
+def _not_searched(t: dict) -> str:
+    """A tuning summary's held values, compact (``blocks=2, heads=1``); ``none`` when every
+    hyper-parameter was searched; for a record written before ``held`` existed, its one-value
+    axes (``fixed``), else a dash (not recorded)."""
+    if "held" in t:
+        return held_text(t["held"]) or "none"
+    fixed = {a: t["axes"][a]["chosen"] for a in t.get("fixed", []) if a in t.get("axes", {})}
+    return held_text(fixed) if fixed else DASH
 
 def learning_curve_data(run_dir: str | os.PathLike) -> dict[str, dict]:
     """Each trained model's validation metric by epoch (``curves/<name>.json``) with the epoch

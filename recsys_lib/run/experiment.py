@@ -154,7 +154,8 @@ class Run:
         fit_seconds = time.perf_counter() - t0
         cfg = getattr(model, "cfg", None) or getattr(model, "config", None)
         summary = tuning.summarize(search, self.params.get(section, {}).get("grid"),
-                                   epochs=getattr(cfg, "epochs", None))
+                                   epochs=getattr(cfg, "epochs", None),
+                                   config=cfg)                   # and every value it held
         print(f"{name} search:\n{tuning.describe(summary, metric)}", flush=True)
         results = self.score(model, name, history_len=history_len)
         if hasattr(model, "save"):
@@ -180,6 +181,7 @@ class Run:
             model, search = blend.tune(members, labels, cfg.steps, self.eval.batch_users)
         fit_seconds = time.perf_counter() - t0
         summary = blend.summarize(search, model.weights, cfg.steps)
+        summary["held"] = tuning.held(cfg)                               # steps, max_users: not searched
         print(f"blend search:\n{tuning.describe(summary)}", flush=True)
         results = self.score(model, "blend")
         self.record("blend", results, params={**asdict(cfg), "members": names, "weights": model.weights},

@@ -2,6 +2,7 @@
 
 Bottom to top, each module importing only from those above it in this list:
 - `candidates`: the retriever's top K, joined by other candidate sources;
+- `sources`: stage 1's checkpoints as stage 2 loads them, and the candidate lists 20_two_tower writes;
 - `ranking`: candidate rows + scores -> each user's top list; the user splits and folds;
 - `features`: the re-ranker's features of (user, candidate) rows: counts from train rows, histories
   from the rows known at scoring time;

@@ -21,57 +21,18 @@ from . import selection
 from .. import config
 from ..protocol import guard
 from ..protocol.evaluate import DEFAULT_KS, EvalResult, evaluate_ranking
-from ..models.registry import spec
-from ..models.two_tower import TwoTower, history_len_needed
+from ..models import tuning
+from ..models.two_tower import TwoTower
 from ..run import launch
 from ..run import state as runstate
 from ..run.experiment import Run
-from ..run.layout import notebook_of
 from .features import _as_np, build_features, retriever_user_table
 from .inputs import StageInputs, WindowLists
 from .ranking import subset_labels
 from .refit import load_label_window, load_stale_lists, recent_items, refit_share
 from .rerankers import MLP_KINDS, Reranker, RerankerEnsemble
 from .section import RerankerSection
-
-def load_retriever(run: Run):
-    return TwoTower.load(run.require("models", "two_tower.pt", stage="20_two_tower"), device=str(run.device))
-
-
-def load_baselines(run: Run, names: list[str]) -> dict:
-    """Fitted baselines (from their notebooks' checkpoints): candidate sources or scorers whose
-    scores become re-ranker features. A missing checkpoint is an error naming the notebook to run
-    first: a silently skipped source would change the candidates and the features."""
-    out = {}
-    for name in names:
-        path = run.require("models", f"{name}.pt", stage=notebook_of(name))
-        out[name] = spec(name).cls.load(path, device=str(run.device))
-    return out
-
-
-def write_candidates(run: Run, retriever, sources: dict) -> dict:
-    """Write ``candidates/{valid,test}.parquet``: the retriever's top ``two_tower.candidate_k``
-    unseen items per user, joined (union) by each of ``sources``' own top ``candidate_k`` (stage-1
-    models fit on train, like the retriever). Validation candidates come from histories up to the
-    validation period, test candidates from histories that include the validation rows.
-    Also writes ``candidates/timing.json`` and ``candidates/recall.json`` (validation and test
-    Recall@K of each source and of the union); returns the recall."""
-    section = run.params["two_tower"]
-    k, history_len = int(section["candidate_k"]), history_len_needed(section)
-    timing, recall = {}, {}
-    for period in ("valid", "test"):
-        labels = run.evaluator(period, history_len=history_len).labels
-        t0 = time.perf_counter()
-        c = cand.generate_candidates(retriever, labels, k=k, progress=True)
-        c = cand.add_sources(c, retriever, sources, labels.ctx, k=k) if sources else c
-        timing[period] = time.perf_counter() - t0
-        cand.save_candidates(c, run.path("candidates", f"{period}.parquet"))
-        recall[period] = cand.source_recall(c, labels, [x for x in run.eval.ks if x <= k])
-        print(f"{period}: {c['user'].nunique()} users, {len(c):,} candidates ({len(c) / c['user'].nunique():.0f} "
-              f"a user) from {cand.source_names(c)} in {timing[period]:.1f}s")
-    config.write_json(run.path("candidates", "timing.json"), timing)
-    config.write_json(run.path("candidates", "recall.json"), recall)
-    return recall
+from .sources import load_baselines, load_retriever, write_candidates  # noqa: F401 (re-exported)
 
 
 def stage_inputs(run: Run, retriever, period: str, scorers: dict, cache: bool = True) -> StageInputs:
@@ -192,6 +153,8 @@ def record_variants(run: Run, chosen: RerankerEnsemble, search, models: dict[str
     if RerankerSection.from_params(run.params["reranker"]).stale_lists:
         note += ("; trained and chosen on the stale validation lists (25_label_window), valid re-ranks "
                  "the lists of the stage-1 models fit on train")
+    kind = [m.cfg for m in models.values() if type(m.cfg) is type(chosen.cfg)]   # the chosen kind's variants
+    held = tuning.held(chosen.cfg, tuning.varied_fields(kind), exclude=("variant",))  # not searched
     run.clear_records("two_stage")
     for old in (run.dir / "models").glob("reranker_*.pt"):
         old.unlink()
@@ -201,7 +164,8 @@ def record_variants(run: Run, chosen: RerankerEnsemble, search, models: dict[str
         res["test"].seconds += cand_timing["test"]
         label = "two_stage" if m is chosen else f"two_stage_{name}"
         run.record(label, res, params={**asdict(m.cfg), "reranker": name, "folds": folds},
-                   fit_seconds=m.info["fit_seconds"], search=search if m is chosen else None, notes=note)
+                   fit_seconds=m.info["fit_seconds"], search=search if m is chosen else None, notes=note,
+                   **({"tuning": {"held": held}} if m is chosen else {}))
     imp = feature_importance(models)
     config.write_json(run.path("analysis", "feature_importance.json"),
                       {"chosen": chosen.label, "share_of_gain": {c: imp[c].to_dict() for c in imp}})

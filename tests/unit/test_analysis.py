@@ -140,7 +140,14 @@ def test_tuning_table_flags_edges(tmp_path):
                             "configs": 3, "edge_steps": 0, "at_edge": []}},
         "mf": {"tuning": {"axes": {"lr": {"tried": [0.001, 0.003], "chosen": 0.003, "at_edge": True}},
                           "configs": 6, "edge_steps": 4, "at_edge": ["lr"], "epoch_cap": True, "max_epochs": 5}},
-        "two_tower": {"search": [{"name": "seed", "chosen": False}, {"name": "softmax", "chosen": True}]},
+        "two_tower": {"search": [{"name": "seed", "chosen": False}, {"name": "softmax", "chosen": True}],
+                      "tuning": {"axes": {}, "held": {"dim": 128, "user_hidden": [256, 128]}}},
+        "sasrec": {"tuning": {"axes": {"lr": {"tried": [0.001, 0.002], "chosen": 0.002, "at_edge": False},
+                                       "dim": {"tried": [64], "chosen": 64, "at_edge": False, "fixed": True}},
+                              "configs": 2, "edge_steps": 0, "at_edge": [], "fixed": ["dim"],
+                              "held": {"dim": 64, "blocks": 2, "heads": 1, "batch_size": 16}}},
+        "neumf": {"tuning": {"axes": {"lr": {"tried": [0.003], "chosen": 0.003, "at_edge": False, "fixed": True}},
+                             "configs": 1, "edge_steps": 0, "at_edge": [], "fixed": ["lr"]}},   # before `held`
     }
     for i, (name, extra) in enumerate(recs.items()):
         (tmp_path / "metrics" / f"{name}.json").write_text(json.dumps(
@@ -149,3 +156,9 @@ def test_tuning_table_flags_edges(tmp_path):
     assert t.loc["ease", "at edge"] == "no" and "reg ∈ {10, 200, 1000}" in t.loc["ease", "searched"]
     assert t.loc["mf", "at edge"] == "lr, epochs (best = cap 5)" and t.loc["mf", "edge steps"] == 4
     assert t.loc["two_tower", "chosen"] == "softmax"
+    # every held value, flagged "not searched" in its own column (issue 40, item 5)
+    assert t.loc["sasrec", "not searched"] == "dim=64, blocks=2, heads=1, batch_size=16"
+    assert t.loc["sasrec", "at edge"] == "no" and "dim ∈ {64}" in t.loc["sasrec", "searched"]
+    assert t.loc["two_tower", "not searched"] == "dim=128, user_hidden=[256,128]"
+    assert t.loc["neumf", "not searched"] == "lr=0.003"          # a record written before `held`
+    assert t.loc["ease", "not searched"] == "–"                 # not recorded

@@ -6,6 +6,7 @@ save/load with identical scores.
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 import numpy as np
@@ -386,6 +387,55 @@ def test_summarize_flags_an_epoch_cap():
     assert axes["window_days"] == {"tried": [30, None], "chosen": None, "at_edge": False}
     one = tuning.summarize(table.iloc[[1]], {"lr": [0.3]})
     assert one["fixed"] == ["lr"] and one["at_edge"] == [] and "NOT SEARCHED" in tuning.describe(one)
+
+
+def test_summarize_lists_every_held_value():
+    """Issue 40, item 5: every hyper-parameter held at one value is listed (``held``), not only the
+    grid's keys: a config field outside the grid and a one-value axis; a two-value axis is not;
+    epochs (the epoch cap), device, seed and printing are no hyper-parameters."""
+    from recsys_lib.models.sasrec import SASRecConfig
+    grid = {"max_len": [10, 20], "lr": [1e-3, 2e-3], "dim": [64], "blocks": [2], "dropout": [0.2]}
+    combos = tuning.expand_grid(grid)
+    table = pd.DataFrame([{**c, "valid_metric": 0.1 * i, "best_epoch": 3, "stage": "grid"}
+                          for i, c in enumerate(combos)])
+    cfg = SASRecConfig(max_len=20, lr=2e-3, batch_size=16, device="cpu", seed=42, progress=False)
+    summary = tuning.summarize(table, grid, epochs=cfg.epochs, config=cfg)
+    held = summary["held"]
+    assert held == {"dim": 64, "blocks": 2, "heads": 1, "dropout": 0.2, "batch_size": 16, "patience": 5,
+                    "eval_every": 1, "loss": "full", "positives_only": False}
+    assert "max_len" not in held and "lr" not in held                 # searched with two values
+    assert not {"epochs", "device", "seed", "progress", "verbose"} & set(held)
+    assert "n_neg" not in held                                         # the full loss never reads it
+    assert summary["fixed"] == ["blocks", "dim", "dropout"]            # the older key stays
+    assert json.loads(json.dumps(summary))["held"] == held             # plain JSON for metrics/<model>.json
+    assert "not searched (held): dim=64, blocks=2, heads=1" in tuning.describe(summary)
+    sampled = tuning.summarize(table, grid, config=SASRecConfig(loss="sampled"))["held"]
+    assert sampled["n_neg"] == 1024 and sampled["loss"] == "sampled"
+    # without a config only the one-value axes are known; MF's reg-like fields outside a grid are held
+    assert tuning.summarize(table, grid)["held"] == {"dim": 64, "blocks": 2, "dropout": 0.2}
+    mf = tuning.summarize(pd.DataFrame({"lr": [0.001, 0.003], "valid_metric": [0.1, 0.2]}),
+                          {"lr": [0.001, 0.003]}, config=MFConfig(lr=0.003, l2=1e-5))["held"]
+    assert mf["l2"] == 1e-5 and mf["dim"] == 64 and "lr" not in mf and "epochs" not in mf
+    # named variants (the two-tower): a column with two values was searched, one that a variant
+    # leaves empty (None) with one value elsewhere was held
+    variants = pd.DataFrame({"name": ["bpr", "softmax"], "variant": ["bpr", "softmax"], "dim": [128, 128],
+                             "temperature": [None, 0.05], "valid_metric": [0.3, 0.4]})
+    assert tuning.searched_names(variants, None) >= {"name", "variant", "valid_metric"}
+    assert not {"dim", "temperature"} & tuning.searched_names(variants, None)
+    assert tuning.searched_names(None, {"window_days": [None, 30], "x": [1]}) == {"window_days"}
+
+
+def test_held_values_of_the_blend_and_of_named_variants():
+    from recsys_lib.models.blend import BlendConfig
+    from recsys_lib.stage2.rerankers.config import IdMLPConfig, LGBMConfig
+    assert tuning.held(BlendConfig(members=["ease", "mf"])) == {"steps": 20, "max_users": None}
+    a, b = LGBMConfig(name="a"), LGBMConfig(name="b", num_leaves=7, drop_features=["time"])
+    assert tuning.varied_fields([a, b]) == {"name", "num_leaves", "drop_features"}
+    held = tuning.held(b, tuning.varied_fields([a, b]), exclude=("variant",))
+    assert "num_leaves" not in held and held["learning_rate"] == 0.05
+    assert not {"num_threads", "seed", "k_eval", "name", "variant"} & set(held)
+    assert tuning.held(IdMLPConfig(), exclude=("variant",))["hidden"] == [256, 128]   # JSON: a list
+    assert tuning.held(None) == {} and tuning.held_text({"hidden": [256, 128], "lr": 0.001}) == "hidden=[256,128], lr=0.001"
 
 
 def test_make_config_rejects_unknown_keys():
