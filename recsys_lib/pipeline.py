@@ -251,7 +251,7 @@ def run_pipeline(dataset: str = "synthetic", profile: str = "full", overrides: l
             summary = runstate.run_summary(every, run_dir)
             complete = not stale
             if render and complete:
-                render_report(dataset, run_dir, report_dir, run=summary)
+                render_report(dataset, run_dir, report_dir, run=summary, params=params)
             elif render:
                 console.line(f"report not rendered: the run is incomplete; {report_dir} keeps the "
                              f"last complete run's report (rerun without --only to finish)")
@@ -363,7 +363,7 @@ def _first_line(text: str) -> str:
 
 
 def render_report(dataset: str, run_dir: Path, report_dir: Path, timings: dict | None = None,
-                  run: dict | None = None) -> Path:
+                  run: dict | None = None, params: dict | None = None) -> Path:
     """Render a run folder's executed notebooks into ``report_dir``: a page per notebook (with
     code), index.html from 90_report (without code), and metrics.json. The folder is built
     beside the old one and swapped in whole, so a reader never sees a mix of two runs."""
@@ -387,7 +387,10 @@ def render_report(dataset: str, run_dir: Path, report_dir: Path, timings: dict |
         paired = Path(run_dir, "analysis", "paired.json")   # the headline's paired test differences
         write_metrics_json(run_dir, tmp / "metrics.json",
                            {"notebook_seconds": seconds, "run": {**run, "run_dir": str(run_dir)},
-                            "paired": json.loads(paired.read_text()) if paired.exists() else None})
+                            "paired": json.loads(paired.read_text()) if paired.exists() else None,
+                            # the run's parameters now, which every record agrees with (run.json
+                            # keeps 01_split's, older when a later --set reran only its readers)
+                            **({"params": params} if params is not None else {})})
         config.replace_dir(tmp, report_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -5,6 +5,7 @@ copied untouched. Each runs `python -m recsys_lib.pipeline` as a user does and r
 notebooks ran from its console."""
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -70,6 +71,8 @@ def test_a_reranker_parameter_reruns_from_30_only_and_a_fork_leaves_its_source(b
     assert runstate.read_record(fork, "30_reranker")["reads"]["reranker"]["lgbm"]["num_leaves"] == 5
     # the fork has its own report; the source run and its report are as they were
     assert (root / "reports" / "synthetic-tiny--leaves" / "index.html").exists()
+    report = json.loads((root / "reports" / "synthetic-tiny--leaves" / "metrics.json").read_text())
+    assert report["params"]["reranker"]["lgbm"]["num_leaves"] == 5      # the fork's parameters, not run.json's
     assert runstate.fingerprint(source) == before
     assert {s: runstate.read_record(source, s)["finished"] for s in EVERY} == records_before
     again = subprocess.run(CMD, env=env_for(root), capture_output=True, text=True, timeout=600, cwd=root)
