@@ -79,3 +79,11 @@ def toy_split(inter: pd.DataFrame) -> types.SimpleNamespace:
 def toy_data() -> SplitData:
     inter, items, tags = toy_interactions()
     return SplitData.from_split(toy_split(inter), items, tags, name="toy")
+
+
+@pytest.fixture(scope="session")
+def toy_rows() -> pd.DataFrame:
+    """The toy's interaction rows alone, for tests that build their own split. (A test module
+    cannot `from conftest import ...`: which conftest that names depends on the order pytest
+    put the test folders on sys.path.)"""
+    return toy_interactions()[0]

@@ -210,12 +210,11 @@ def test_blocked_positives_are_misses_and_padding_never_hits(data, period):
     np.testing.assert_array_equal((top == -1).sum(1), ev.labels.ctx.catalogue.blocked_counts(ev.labels.users))
 
 
-def test_global_temporal_is_a_no_op(models):
+def test_global_temporal_is_a_no_op(models, toy_rows):
     """Under a global split every known row precedes every scored row: no catalogue is built,
     and one built anyway would block nothing strictly later than a cut. (The staggered toy has
     almost no user in both the train and the test period of a global split: the conftest toy.)"""
-    from conftest import toy_interactions
-    g = SplitData.from_split(global_temporal(toy_interactions()[0], train_core=2, eval_core=1), name="global")
+    g = SplitData.from_split(global_temporal(toy_rows, train_core=2, eval_core=1), name="global")
     for period in ("valid", "test"):
         on, off = Labels.build(g, period), Labels.build(g, period, causal_catalogue=False)
         assert on.ctx.catalogue is None and not g.causal(True)
