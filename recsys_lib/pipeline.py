@@ -224,30 +224,17 @@ def run_pipeline(dataset: str = "synthetic", profile: str = "full", overrides: l
                 fork_run(source, run_dir, console)
             run_dir.mkdir(parents=True, exist_ok=True)
             kernel = ensure_kernel()
-            if chosen is not None:
-                todo = chosen
-            else:
-                stale = runstate.stale_notebooks(every, run_dir, identity, params)
-                if start_at is not None:
-                    stale.update({i: f"--from {every[start_at].stem}" for i in range(start_at, len(every))
-                                  if i not in stale})
-                todo = plan(every, stale, run_dir, console)
-            machine = usage.speed_index() if todo else None
-            if machine is not None:
-                console.line(f"machine speed index {machine['speed_index']:.2f} (1.0 = the reference "
-                             f"machine; figures cached per boot)")
-            console.progress(len(todo))
-            for nb in todo:
-                execute(nb, run_dir, shared, identity, params, kernel, timeout, every, console, pm, machine)
-                console.advance()
+            seeds = seed_list(params)
+            first = every if len(seeds) < 2 or chosen is not None else [nb for nb in every if nb.stem != REPORT]
+            todo = _resume(first, chosen, start_at, run_dir, shared, identity, params, kernel, timeout, console, pm)
+            if chosen is None and len(seeds) > 1:
+                pins = seed_pins(run_dir, params)
+                for other in seeds[1:]:
+                    _run_seed(other, seeds, pins, dataset, profile, overrides, run_dir, shared, kernel,
+                              timeout, console, pm)
+                todo += _resume(every, None, None, run_dir, shared, identity, params, kernel, timeout,
+                                console, pm)
             stale = runstate.stale_notebooks(every, run_dir, identity, params)
-            if chosen is None and stale and todo:
-                # a notebook whose record was torn or missing wrote files nobody knew it wrote:
-                # their readers show up only now; one more pass runs them
-                todo = plan(every, stale, run_dir, console)
-                for nb in todo:
-                    execute(nb, run_dir, shared, identity, params, kernel, timeout, every, console, pm, machine)
-                stale = runstate.stale_notebooks(every, run_dir, identity, params)
             summary = runstate.run_summary(every, run_dir)
             complete = not stale
             if render and complete:
@@ -258,6 +245,108 @@ def run_pipeline(dataset: str = "synthetic", profile: str = "full", overrides: l
     finally:
         console.close()
     return report_dir / "index.html"
+
+
+#: the notebook that renders the report; with several seeds it runs after every seed's run
+REPORT = "90_report"
+#: notebooks a further seed's run leaves out: the report (the first seed's reads every seed) and the
+#: leakage audit (a property of the protocol, shown once, on the first seed)
+NOT_PER_SEED = (REPORT, "50_leakage_audit")
+
+
+def _resume(every: list[Path], chosen: list[Path] | None, start_at: int | None, run_dir: Path, shared: dict,
+            identity: dict, params: dict, kernel: str, timeout: int, console: "Console", pm) -> list[Path]:
+    """Run the stale notebooks of ``every`` in ``run_dir`` (or just ``chosen``; or from ``start_at``
+    on), then once more any whose readers show up stale only now; returns what ran."""
+    if chosen is not None:
+        todo = chosen
+    else:
+        stale = runstate.stale_notebooks(every, run_dir, identity, params)
+        if start_at is not None:
+            stale.update({i: f"--from {every[start_at].stem}" for i in range(start_at, len(every))
+                          if i not in stale})
+        todo = plan(every, stale, run_dir, console)
+    machine = usage.speed_index() if todo else None
+    if machine is not None:
+        console.line(f"machine speed index {machine['speed_index']:.2f} (1.0 = the reference "
+                     f"machine; figures cached per boot)")
+    console.progress(len(todo))
+    ran = list(todo)
+    for nb in todo:
+        execute(nb, run_dir, shared, identity, params, kernel, timeout, every, console, pm, machine)
+        console.advance()
+    stale = runstate.stale_notebooks(every, run_dir, identity, params)
+    if chosen is None and stale and todo:
+        # a notebook whose record was torn or missing wrote files nobody knew it wrote:
+        # their readers show up only now; one more pass runs them
+        todo = plan(every, stale, run_dir, console)
+        for nb in todo:
+            execute(nb, run_dir, shared, identity, params, kernel, timeout, every, console, pm, machine)
+        ran += todo
+    return ran
+
+
+def seed_list(params: dict) -> list[int]:
+    """The run's seeds, the first seed (``seed``, where every search runs) first: ``seeds`` lists
+    every seed the study runs with and must include ``seed``; absent or empty, just ``seed``."""
+    first = int(params.get("seed", 42))
+    seeds = [int(s) for s in (params.get("seeds") or [])]
+    if seeds and first not in seeds:
+        raise PipelineError(f"seeds {seeds} must include the run's seed {first} (where the searches run)")
+    return [first] + [s for s in dict.fromkeys(seeds) if s != first]
+
+
+def seed_pins(run_dir: Path, params: dict) -> list[str]:
+    """Overrides that fix every searched hyper-parameter at what the first seed's searches chose
+    (its ``metrics/<model>.json``): each searched axis at its chosen value and the grid emptied, and
+    the retriever's variants cut to the chosen one. Left free: epochs (each seed early-stops on
+    validation), the blend's weights and the re-ranker's selection, which are fits, not searches."""
+    import json as _json
+    pins: list[str] = []
+    for f in sorted((run_dir / "metrics").glob("*.json")):
+        rec = _json.loads(f.read_text())
+        name, section = rec.get("model"), params.get(rec.get("model"))
+        if not isinstance(section, dict):
+            continue
+        chosen = rec.get("params") or {}
+        if name == "two_tower":
+            best = next((r.get("name") for r in rec.get("search") or [] if r.get("best")), None)
+            entries = [v for v in section.get("variants", [])
+                       if (v.get("name") if isinstance(v, dict) else v) == best]
+            if entries:
+                pins.append(f"two_tower.variants={_json.dumps(entries[:1])}")
+            continue
+        axes = (rec.get("tuning") or {}).get("axes") or {}
+        if "grid" not in section or not axes:
+            continue
+        for axis, a in axes.items():
+            value = chosen.get(axis, a.get("chosen"))
+            pins.append(f"{name}.{axis}={_json.dumps(value)}")
+        pins.append(f"{name}.grid={{}}")
+    return pins
+
+
+def seed_dir(run_dir: Path, seed: int) -> Path:
+    """Where a further seed's run lives: inside the first seed's run, ``seeds/<seed>/``."""
+    return run_dir / "seeds" / str(int(seed))
+
+
+def _run_seed(seed: int, seeds: list[int], pins: list[str], dataset: str, profile: str,
+              overrides: list[str] | None, run_dir: Path, shared: dict, kernel: str, timeout: int,
+              console: "Console", pm) -> None:
+    """One further seed's run, resumed like any run: the notebooks but the report and the audit,
+    with the first seed's choices pinned (`seed_pins`)."""
+    sub = seed_dir(run_dir, seed)
+    sub.mkdir(parents=True, exist_ok=True)
+    over = [*(overrides or []), *pins]
+    params = config.load_params(profile, dataset, over)
+    params["seed"] = int(seed)
+    every = [nb for nb in notebooks() if nb.stem not in NOT_PER_SEED]
+    sub_shared = {**shared, "RUN_DIR": str(sub), "SEED": int(seed), "OVERRIDES": over}
+    identity = {k: sub_shared[k] for k in ("DATASET", "PROFILE", "SEED", "DEVICE")}
+    console.line(f"seed {seed} ({seeds.index(seed) + 1} of {len(seeds)}): {sub}; hyper-parameters pinned "
+                 f"at seed {seeds[0]}'s choices ({len(pins)} values)")
+    _resume(every, None, None, sub, sub_shared, identity, params, kernel, timeout, console, pm)
 
 
 def plan(every: list[Path], stale: dict[int, str], run_dir: Path, console: "Console") -> list[Path]:
@@ -385,9 +474,11 @@ def render_report(dataset: str, run_dir: Path, report_dir: Path, timings: dict |
         if report_nb.exists():
             render_notebook(report_nb, tmp / "index.html", include_code=False)
         paired = Path(run_dir, "analysis", "paired.json")   # the headline's paired test differences
+        seeds = Path(run_dir, "analysis", "seeds.json")     # every seed's scores, the comparisons over seeds
         write_metrics_json(run_dir, tmp / "metrics.json",
                            {"notebook_seconds": seconds, "run": {**run, "run_dir": str(run_dir)},
                             "paired": json.loads(paired.read_text()) if paired.exists() else None,
+                            "seeds": json.loads(seeds.read_text()) if seeds.exists() else None,
                             # the run's parameters now, which every record agrees with (run.json
                             # keeps 01_split's, older when a later --set reran only its readers)
                             **({"params": params} if params is not None else {})})
