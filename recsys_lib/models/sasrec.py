@@ -24,7 +24,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import tuning
 from ..errors import ConfigError
 from ..protocol.splitdata import POSITIVE_RATING, ScoringContext, SplitData
 from . import Recommender, train
@@ -228,6 +227,9 @@ class SASRec(Recommender):
 
 def tune(data: SplitData, section: dict | None, validate=None, device: str | None = None,
          seed: int | None = None, verbose: bool = True):
-    """Grid-search length, size, blocks, dropout and learning rate on validation (early stopping
-    picks the epochs) -> (model, table)."""
-    return tuning.tune_model(SASRec, data, section, validate, device=device, seed=seed, verbose=verbose)
+    """Search the section's ``grid`` on validation by the rule its ``search`` key names (early
+    stopping picks the epochs) -> (model, table). params/full.yaml: a coordinate search over
+    max_len, batch_size, lr, dim and dropout (`recsys_lib.models.search`; docs/PROTOCOL.md,
+    "A budgeted search: SASRec"); no ``search`` key: the grid (`tuning.tune_model`)."""
+    from . import search          # imported here: only the kernel that tunes SASRec loads it
+    return search.tune_model(SASRec, data, section, validate, device=device, seed=seed, verbose=verbose)
