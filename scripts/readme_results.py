@@ -8,9 +8,10 @@ The README holds one block per data set::
 
 This script replaces each block's body from ``reports/<dataset>/metrics.json`` (written by the
 pipeline): the test metrics of every model (``report.readme_table``), the headline
-(``report.text.headline``, from the run's paired differences: the primary comparison named in
+(``report.text.headline``, from the run's paired differences of the first seed: the primary comparison named in
 docs/PROTOCOL.md first, the two-stage system against the blend, then the secondary, the strongest
-single-stage model on validation, then one sentence on the exploratory rest) and the commit and
+single-stage model on validation, then one sentence on the exploratory rest), the seeds' sentence
+(``report.seeds.abstract_sentences``: how many, and the primary comparison over seeds and users) and the commit and
 command of the run. The re-ranker variants that were not chosen (``two_stage_<variant>``) stay in
 the report. Run it after ``make report DATASET=...``::
 
@@ -27,6 +28,7 @@ from pathlib import Path
 
 from recsys_lib import config
 from recsys_lib.report.tables import readme_table
+from recsys_lib.report import seeds
 from recsys_lib.report.text import headline
 
 BLOCK = re.compile(r"(<!-- results: (?P<dataset>[\w.-]+) -->\n)(?P<body>.*?)(<!-- /results -->)", re.S)
@@ -47,6 +49,8 @@ def results_block(metrics: dict) -> str:
              f"Made by `{command}` at commit `{commit}`.", "", readme_table(metrics), ""]
     if metrics.get("paired"):
         lines += [headline(metrics["paired"]), ""]
+    if metrics.get("seeds"):
+        lines += [seeds.abstract_sentences(metrics["seeds"]), ""]
     return "\n".join(lines)
 
 
