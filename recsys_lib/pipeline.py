@@ -172,7 +172,7 @@ def recorded_metrics(run_dir: Path, outputs: dict) -> str:
 
 # ---------------------------------------------------------------- the run
 def run_pipeline(dataset: str = "synthetic", profile: str = "full", overrides: list[str] | None = None,
-                 force: bool = False, only: list[str] | None = None, timeout: int = 3600,
+                 force: bool = False, only: list[str] | None = None, timeout: int = 14400,
                  seed: int | None = None, device: str = "", render: bool = True,
                  start: str | None = None, verbose: bool = False, run_name: str | None = None,
                  fork: str | None = None) -> Path:
@@ -503,7 +503,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="rerun from this notebook (name or prefix) to the end")
     parser.add_argument("--only", nargs="*", default=None,
                         help="run only these notebooks (name or prefix), whatever their records say")
-    parser.add_argument("--timeout", type=int, default=3600, help="per-cell execution timeout, seconds")
+    parser.add_argument("--timeout", type=int, default=14400,
+                        help="per-cell execution timeout, seconds (a real set's SASRec search, 10-15 fits in one cell, can pass an hour on 2 cores)")
     parser.add_argument("--device", default="", help="auto | cpu | cuda | mps (default: the profile's)")
     parser.add_argument("--verbose", action="store_true",
                         help="stream kernel output to the console instead of the logs")
