@@ -1,6 +1,6 @@
-"""Write each report's results into the README, so that no figure there is typed by hand.
+"""Write each report's results into the README (and the docs), so that no figure there is typed by hand.
 
-The README holds one block per data set::
+The README holds one block per real data set, and docs/running.md the demo's::
 
     <!-- results: ml-latest-small -->
     ...generated: the test table, the headline and the commit that made them...
@@ -15,8 +15,8 @@ single-stage model on validation, then one sentence on the exploratory rest), th
 command of the run. The re-ranker variants that were not chosen (``two_stage_<variant>``) stay in
 the report. Run it after ``make report DATASET=...``::
 
-    .venv/bin/python scripts/readme_results.py            # every block whose report exists
-    .venv/bin/python scripts/readme_results.py --check    # exit 1 if the README is out of date
+    .venv/bin/python scripts/readme_results.py            # every block whose report exists, in every file
+    .venv/bin/python scripts/readme_results.py --check    # exit 1 if a block is out of date
 """
 from __future__ import annotations
 
@@ -31,6 +31,8 @@ from recsys_lib.report.tables import readme_table
 from recsys_lib.report import seeds
 from recsys_lib.report.text import headline
 
+#: the files holding result blocks: the README (the real data sets) and the manual (the demo)
+FILES = (config.PROJECT_ROOT / "README.md", config.PROJECT_ROOT / "docs" / "running.md")
 BLOCK = re.compile(r"(<!-- results: (?P<dataset>[\w.-]+) -->\n)(?P<body>.*?)(<!-- /results -->)", re.S)
 
 
@@ -69,18 +71,22 @@ def update(readme: str, reports: Path) -> tuple[str, list[str]]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--readme", type=Path, default=config.PROJECT_ROOT / "README.md")
+    parser.add_argument("--readme", type=Path, nargs="+", default=list(FILES),
+                        help="the files whose blocks are rewritten (default: README.md and docs/running.md)")
     parser.add_argument("--reports", type=Path, default=config.PROJECT_ROOT / "reports")
     parser.add_argument("--check", action="store_true", help="do not write; exit 1 if a block is out of date")
     args = parser.parse_args(argv)
-    old = args.readme.read_text()
-    new, done = update(old, args.reports)
-    if args.check:
-        print("up to date" if new == old else f"out of date: {args.readme}")
-        return int(new != old)
-    args.readme.write_text(new)
-    print(f"rewrote {', '.join(done) or 'nothing (no report found)'} in {args.readme}")
-    return 0
+    stale = 0
+    for path in args.readme:
+        old = path.read_text()
+        new, done = update(old, args.reports)
+        if args.check:
+            print(f"up to date: {path}" if new == old else f"out of date: {path}")
+            stale += new != old
+            continue
+        path.write_text(new)
+        print(f"rewrote {', '.join(done) or 'nothing (no report found)'} in {path}")
+    return int(stale > 0)
 
 
 if __name__ == "__main__":
