@@ -36,6 +36,19 @@ FILES = (config.PROJECT_ROOT / "README.md", config.PROJECT_ROOT / "docs" / "runn
 BLOCK = re.compile(r"(<!-- results: (?P<dataset>[\w.-]+) -->\n)(?P<body>.*?)(<!-- /results -->)", re.S)
 
 
+def seeds_of(metrics: dict) -> tuple[list[int] | None, list[int] | None]:
+    """(the seeds the run used, the seeds params/ plan for its data set and profile); (None, None)
+    when the metrics carry no run parameters."""
+    params = metrics.get("params")
+    if not isinstance(params, dict) or "seeds" not in params:
+        return None, None
+    try:
+        planned = config.load_params(metrics.get("profile") or "full", metrics["dataset"]).get("seeds")
+    except Exception:  # noqa: BLE001 - an unknown data set or profile: nothing to compare with
+        return None, None
+    return list(params["seeds"] or []), list(planned or [])
+
+
 def results_block(metrics: dict) -> str:
     """The generated body of one data set's block (ends with a newline): every single-stage model
     and the two-stage system as the study reports it (``two_stage``, the chosen variant); the
@@ -47,6 +60,10 @@ def results_block(metrics: dict) -> str:
     command = f"make report DATASET={metrics['dataset']}"
     if metrics.get("profile") not in (None, "full"):
         command += f" PROFILE={metrics['profile']}"
+    ran, planned = seeds_of(metrics)
+    if ran is not None and ran != planned:                  # a run over fewer (or other) seeds than params/ plan
+        command = (f"python -m recsys_lib.pipeline --dataset {metrics['dataset']} --profile {metrics.get('profile') or 'full'}"
+                   f" --set \"seeds=[{','.join(map(str, ran))}]\"")
     lines = [f"Test period, {users}, every model ranking the full catalogue minus what each user rated.",
              f"Made by `{command}` at commit `{commit}`.", "", readme_table(metrics), ""]
     if metrics.get("paired"):
