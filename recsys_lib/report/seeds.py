@@ -6,11 +6,12 @@ in ``seeds/<seed>/`` (`pipeline._run_seed`): the same split, every hyper-paramet
 the first seed's searches chose, every stochastic fit repeated. This module reads those folders; it
 is imported by 90_report only, never by the report's facade, so the model notebooks never load it.
 
-The paired test resamples seeds, then users within each drawn seed: for each resample, ``S`` seeds
-are drawn with replacement and, for each drawn seed, ``U`` users with replacement from the users
-every run scored; the statistic is the mean of the drawn per-user differences. So the interval
-widens with the spread between seeds as well as with the spread between users, and with one seed it
-is the usual paired bootstrap over users.
+The paired test is a two-way bootstrap of the crossed seeds x users design: for each resample, ``S``
+seeds are drawn with replacement and, independently, ``U`` users with replacement from the users
+every run scored, the same users for every drawn seed (every seed scores the same users); the
+statistic is the mean of the drawn per-user differences. So the interval widens with the spread
+between seeds as well as with the spread between users, and with one seed it is the usual paired
+bootstrap over users.
 """
 from __future__ import annotations
 
@@ -138,7 +139,7 @@ def seed_summary(run_dir: str | os.PathLike, first_seed: int, seeds: list[int] |
     paired = read_json(run_dir, "analysis", "paired.json") or {}
     target = paired.get("target", "two_stage")
     out = {"seeds": list(runs), "first_seed": int(first_seed), "requested": [int(x) for x in seeds or [first_seed]], "metric": metric,
-           "test": "bootstrap over seeds, then users within each drawn seed", "n_bootstrap": n_resamples,
+           "test": "two-way bootstrap: seeds, and the same users for every drawn seed", "n_bootstrap": n_resamples,
            "bootstrap_seed": seed, "target": target, "comparisons": []}
     for period in ("valid", "test"):
         scores = per_seed_scores(runs, period, metric)
