@@ -231,7 +231,7 @@ except ConfigError as exc:
 spec = importlib.util.spec_from_file_location("house", house)
 mod = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(mod)
-mod.test_every_registered_model_is_fit_by_its_notebook()
+mod.test_every_registered_model_is_recorded_by_its_notebook()
 print(json.dumps({"models": list(table["model"]), "columns": list(table.columns), "refused": refused,
                   "users": report.scored_users(run_dir, "test"), "lib": report.__file__}))
 """
