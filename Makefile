@@ -34,7 +34,7 @@ report: $(STAMP)
 # The rendered report in headless Chromium (Debian's chromium): images, offline, console, width;
 # screenshots in reports/$(DATASET)/screenshots/.
 report-check: $(STAMP)
-	$(PY) -m recsys_lib.report.browser_check reports/$(DATASET)/index.html
+	$(PY) -m recsys_lib.report.browser_check reports/$(DATASET)/index.html --require timeline,example_users
 
 lab: $(STAMP)
 	$(VENV)/bin/jupyter lab notebooks/

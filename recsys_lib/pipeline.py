@@ -23,6 +23,13 @@ Each notebook runs in a fresh kernel (the named `recsys` kernel) with the shared
   same folder fail at once, naming the first run.
 - **What each notebook cost.** Its console line and record give wall and CPU seconds and peak RSS;
   each run records the machine's speed index (``recsys_lib.run.usage``).
+- **The next kernel starts early.** While a notebook runs, the next one's kernel starts on a
+  background thread and imports the heavy third-party modules every notebook loads (`PRELOAD`;
+  never ``recsys_lib``), with exactly the environment and working directory its own start would
+  have had, so the notebook begins on a ready kernel (`run.prestart.Prestart`). Results are unchanged; a
+  notebook's wall seconds no longer include its kernel's start when that was ready in time. The
+  idle kernel is left out of the running notebook's peak RSS; its CPU counts in its own notebook's.
+  ``RECSYS_PRESTART=0`` turns this off; a kernel that fails to start early is started as usual.
 - **Quiet console.** The console gets one line as each notebook starts and ends (with the metric
   it recorded). Kernel output and progress bars go to ``<run>/logs/<notebook>.log``; ``--verbose``
   streams them instead. On failure, the console names the notebook, the cell's error and both
@@ -49,6 +56,7 @@ from .errors import PipelineError, RecsysError
 from .run.experiment import default_run_dir
 from .run import usage
 from .run.layout import notebooks
+from .run.prestart import Prestart, prestart_enabled
 
 KERNEL = "recsys"
 
@@ -272,18 +280,39 @@ def _resume(every: list[Path], chosen: list[Path] | None, start_at: int | None, 
                      f"machine; figures cached per boot)")
     console.progress(len(todo))
     ran = list(todo)
-    for nb in todo:
-        execute(nb, run_dir, shared, identity, params, kernel, timeout, every, console, pm, machine)
-        console.advance()
+    run_notebooks(todo, run_dir, shared, identity, params, kernel, timeout, every, console, pm, machine)
     stale = runstate.stale_notebooks(every, run_dir, identity, params)
     if chosen is None and stale and todo:
         # a notebook whose record was torn or missing wrote files nobody knew it wrote:
         # their readers show up only now; one more pass runs them
         todo = plan(every, stale, run_dir, console)
-        for nb in todo:
-            execute(nb, run_dir, shared, identity, params, kernel, timeout, every, console, pm, machine)
+        run_notebooks(todo, run_dir, shared, identity, params, kernel, timeout, every, console, pm, machine,
+                      advance=False)
         ran += todo
     return ran
+
+
+def run_notebooks(todo: list[Path], run_dir: Path, shared: dict, identity: dict, params: dict, kernel: str,
+                  timeout: int, every: list[Path], console: "Console", pm, machine: dict | None,
+                  advance: bool = True) -> None:
+    """Execute ``todo`` in order, stopping at the first failure. Unless ``$RECSYS_PRESTART`` is 0,
+    each notebook's kernel is started (its `PRELOAD` imports done) while the notebook before it
+    runs (`run.prestart.Prestart`); whatever happens, no kernel started here outlives this call."""
+    early = prestart_enabled() and bool(todo)
+    current = Prestart.start(todo[0], kernel, run_dir, console) if early else None
+    upcoming = None
+    try:
+        for i, nb in enumerate(todo):
+            upcoming = (Prestart.start(todo[i + 1], kernel, run_dir, console, after=current)
+                        if early and i + 1 < len(todo) else None)
+            execute(nb, run_dir, shared, identity, params, kernel, timeout, every, console, pm, machine,
+                    prestarted=current, idle=upcoming)
+            if advance:
+                console.advance()
+            current, upcoming = upcoming, None
+    finally:
+        for handle in list(Prestart.live):      # a failure, Ctrl-C: the kernels nobody will use
+            handle.close(now=True)
 
 
 def seed_list(params: dict) -> list[int]:
@@ -407,25 +436,39 @@ def fork_run(source: Path, run_dir: Path, console: "Console") -> None:
 
 def execute(nb: Path, run_dir: Path, shared: dict, identity: dict, params: dict,
             kernel: str, timeout: int, every: list[Path], console: Console, pm,
-            machine: dict | None = None) -> dict:
+            machine: dict | None = None, prestarted: Prestart | None = None,
+            idle: Prestart | None = None) -> dict:
     """Run one notebook into ``<run>/notebooks/`` with its output in ``<run>/logs/``; on success
     write its completion record, with what it cost. Failure: PipelineError naming the cell, the
-    copy and the log."""
+    copy and the log. ``prestarted``: the notebook's kernel, started early (`run.prestart.Prestart`), which this
+    closes whatever happens; ``idle``: the next notebook's, starting meanwhile, left out of this
+    notebook's peak RSS."""
     out = run_dir / "notebooks" / nb.name
     log = run_dir / "logs" / f"{nb.stem}.log"
     out.parent.mkdir(parents=True, exist_ok=True)
     log.unlink(missing_ok=True)
+    if prestarted is not None:
+        prestarted.claim_log(log)
     runstate.record_path(run_dir, nb.stem).unlink(missing_ok=True)
     before = runstate.fingerprint(run_dir)
     console.line(f"{nb.stem} ...")
     failure = None
     os.environ[runstate.ENV_NOTEBOOK] = nb.stem
-    cost = usage.Usage()
+    cost = usage.Usage(exclude=idle.pids if idle is not None else ())
     try:
         with console.to_log(log), cost:
-            pm.execute_notebook(str(nb), str(out), parameters=shared, kernel_name=kernel,
-                                log_output=True, progress_bar=False, execution_timeout=timeout,
-                                cwd=str(config.notebooks_dir()))
+            interrupted = False
+            try:
+                km = prestarted.take(console) if prestarted is not None else None
+                pm.execute_notebook(str(nb), str(out), parameters=shared, kernel_name=kernel,
+                                    log_output=True, progress_bar=False, execution_timeout=timeout,
+                                    cwd=str(config.notebooks_dir()), **({"km": km} if km is not None else {}))
+            except KeyboardInterrupt:
+                interrupted = True
+                raise
+            finally:
+                if prestarted is not None:       # in the block: the kernel is reaped, its CPU counted, here
+                    prestarted.close(now=interrupted)
     except KeyboardInterrupt:
         raise Interrupted(nb.stem) from None
     except pm.PapermillExecutionError as exc:

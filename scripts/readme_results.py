@@ -1,6 +1,6 @@
-"""Write each report's results into the README, so that no figure there is typed by hand.
+"""Write each report's results into the README (and the docs), so that no figure there is typed by hand.
 
-The README holds one block per data set::
+The README holds one block per real data set, and docs/running.md the demo's::
 
     <!-- results: ml-latest-small -->
     ...generated: the test table, the headline and the commit that made them...
@@ -15,8 +15,8 @@ single-stage model on validation, then one sentence on the exploratory rest), th
 command of the run. The re-ranker variants that were not chosen (``two_stage_<variant>``) stay in
 the report. Run it after ``make report DATASET=...``::
 
-    .venv/bin/python scripts/readme_results.py            # every block whose report exists
-    .venv/bin/python scripts/readme_results.py --check    # exit 1 if the README is out of date
+    .venv/bin/python scripts/readme_results.py            # every block whose report exists, in every file
+    .venv/bin/python scripts/readme_results.py --check    # exit 1 if a block is out of date
 """
 from __future__ import annotations
 
@@ -31,7 +31,22 @@ from recsys_lib.report.tables import readme_table
 from recsys_lib.report import seeds
 from recsys_lib.report.text import headline
 
+#: the files holding result blocks: the README (the real data sets) and the manual (the demo)
+FILES = (config.PROJECT_ROOT / "README.md", config.PROJECT_ROOT / "docs" / "running.md")
 BLOCK = re.compile(r"(<!-- results: (?P<dataset>[\w.-]+) -->\n)(?P<body>.*?)(<!-- /results -->)", re.S)
+
+
+def seeds_of(metrics: dict) -> tuple[list[int] | None, list[int] | None]:
+    """(the seeds the run used, the seeds params/ plan for its data set and profile); (None, None)
+    when the metrics carry no run parameters."""
+    params = metrics.get("params")
+    if not isinstance(params, dict) or "seeds" not in params:
+        return None, None
+    try:
+        planned = config.load_params(metrics.get("profile") or "full", metrics["dataset"]).get("seeds")
+    except Exception:  # noqa: BLE001 - an unknown data set or profile: nothing to compare with
+        return None, None
+    return list(params["seeds"] or []), list(planned or [])
 
 
 def results_block(metrics: dict) -> str:
@@ -45,6 +60,10 @@ def results_block(metrics: dict) -> str:
     command = f"make report DATASET={metrics['dataset']}"
     if metrics.get("profile") not in (None, "full"):
         command += f" PROFILE={metrics['profile']}"
+    ran, planned = seeds_of(metrics)
+    if ran is not None and ran != planned:                  # a run over fewer (or other) seeds than params/ plan
+        command = (f"python -m recsys_lib.pipeline --dataset {metrics['dataset']} --profile {metrics.get('profile') or 'full'}"
+                   f" --set \"seeds=[{','.join(map(str, ran))}]\"")
     lines = [f"Test period, {users}, every model ranking the full catalogue minus what each user rated.",
              f"Made by `{command}` at commit `{commit}`.", "", readme_table(metrics), ""]
     if metrics.get("paired"):
@@ -69,18 +88,22 @@ def update(readme: str, reports: Path) -> tuple[str, list[str]]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--readme", type=Path, default=config.PROJECT_ROOT / "README.md")
+    parser.add_argument("--readme", type=Path, nargs="+", default=list(FILES),
+                        help="the files whose blocks are rewritten (default: README.md and docs/running.md)")
     parser.add_argument("--reports", type=Path, default=config.PROJECT_ROOT / "reports")
     parser.add_argument("--check", action="store_true", help="do not write; exit 1 if a block is out of date")
     args = parser.parse_args(argv)
-    old = args.readme.read_text()
-    new, done = update(old, args.reports)
-    if args.check:
-        print("up to date" if new == old else f"out of date: {args.readme}")
-        return int(new != old)
-    args.readme.write_text(new)
-    print(f"rewrote {', '.join(done) or 'nothing (no report found)'} in {args.readme}")
-    return 0
+    stale = 0
+    for path in args.readme:
+        old = path.read_text()
+        new, done = update(old, args.reports)
+        if args.check:
+            print(f"up to date: {path}" if new == old else f"out of date: {path}")
+            stale += new != old
+            continue
+        path.write_text(new)
+        print(f"rewrote {', '.join(done) or 'nothing (no report found)'} in {path}")
+    return int(stale > 0)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,12 @@ and aborted. The check collects: images that do not decode (naturalWidth 0), req
 the file, console errors and page errors, elements wider than the page, the abstract's text and
 the ids of the captioned figures and tables; and writes screenshots of the page (the whole page
 and its first screen) beside the report, under ``screenshots/``.
+
+Two parts a reader looks at rather than reads get their own screenshot and checks (`SHOWN`): the
+protocol timeline (``#timeline``, its image's shown width against its drawn width, so that its
+labels are not shrunk past reading) and each example user (``section.rs-ex-user``: the smallest
+font in it, the share of its table cells cut by an ellipsis, and whether it is wider than the
+page). A report without them is a problem (`problems`) only when asked for (``--require``).
 """
 from __future__ import annotations
 
@@ -39,6 +45,33 @@ _INSPECT = """() => {
           uncaptioned: [...document.querySelectorAll('figure.rs-figure')].filter(f => !f.querySelector('figcaption')).map(f => f.id),
           abstract: abstract ? abstract.innerText : null,
           text: document.body.innerText.length};
+}"""
+
+
+#: the parts of the report screenshotted and checked on their own: name -> CSS selector
+SHOWN = {"timeline": "figure#timeline", "example_users": "section.rs-ex-user"}
+MIN_FONT_PX = 10.0        # smaller text is not readable on a 1,280 px screen
+MIN_IMAGE_SCALE = 0.6     # a figure shown at under 60% of its drawn width has unreadable labels
+MAX_CLIPPED_SHARE = 0.5   # at most half of an example's cells may be cut by an ellipsis (titles keep a hover)
+
+_INSPECT_PART = """el => {
+  const W = document.documentElement.clientWidth;
+  const r = el.getBoundingClientRect();
+  let minFont = Infinity, cells = 0, clipped = 0;
+  for (const t of [el, ...el.querySelectorAll('*')]) {
+    const own = [...t.childNodes].some(n => n.nodeType === 3 && n.textContent.trim());
+    if (own) minFont = Math.min(minFont, parseFloat(getComputedStyle(t).fontSize));
+  }
+  for (const td of el.querySelectorAll('td')) {
+    if (!td.textContent.trim()) continue;
+    cells += 1;
+    if (td.scrollWidth > td.clientWidth + 1) clipped += 1;
+  }
+  const img = el.querySelector('img');
+  return {id: el.id, width: Math.round(r.width), right: Math.round(r.right), wider_than_page: r.right > W + 1,
+          min_font_px: minFont === Infinity ? null : minFont, cells: cells, clipped_cells: clipped,
+          image_scale: img && img.naturalWidth ? img.getBoundingClientRect().width / img.naturalWidth : null,
+          text: el.innerText.slice(0, 200)};
 }"""
 
 
@@ -91,18 +124,51 @@ def check_report(index: str | os.PathLike, screenshot_dir: str | os.PathLike | N
             full, top = shots / f"index-{width}.png", shots / f"index-{width}-top.png"
             page.screenshot(path=str(full), full_page=True)
             page.screenshot(path=str(top))
+            parts, part_shots = {}, []
+            for name, selector in SHOWN.items():
+                parts[name] = []
+                for i, element in enumerate(page.locator(selector).all()):
+                    element.scroll_into_view_if_needed(timeout=timeout_ms)
+                    parts[name].append(element.evaluate(_INSPECT_PART))
+                    path = shots / f"{name}-{i + 1}-{width}.png"
+                    element.screenshot(path=str(path), timeout=timeout_ms)
+                    part_shots.append(str(path))
         finally:
             browser.close()
     left = sorted({u for u in requests if not u.startswith(("file://", "data:"))} | set(outside))
     return {"index": str(index), "chromium": exe, "width": width, **found,
             "broken_images": [i["src"] for i in found["images"] if not i["ok"]],
             "requests_outside_file": left, "console_errors": errors,
-            "requests": len(requests), "screenshots": [str(full), str(top)]}
+            "requests": len(requests), "screenshots": [str(full), str(top)], "parts": parts,
+            "part_screenshots": part_shots}
 
 
-def problems(result: dict) -> list[str]:
-    """What a reader would stumble on, in words (empty when the page is fine)."""
+def part_problems(result: dict, require: tuple[str, ...] = ()) -> list[str]:
+    """What a reader would stumble on in the parts shown on their own (`SHOWN`): a required part
+    missing, a part wider than the page, text under `MIN_FONT_PX`, a figure shrunk under
+    `MIN_IMAGE_SCALE`, or an example with more than `MAX_CLIPPED_SHARE` of its cells cut."""
     out = []
+    for name in require:
+        if not result["parts"].get(name):
+            out.append(f"no {name} ({SHOWN[name]}) in the report")
+    for name, found in result["parts"].items():
+        for part in found:
+            where = f"{name} {part['id'] or ''}".strip()
+            if part["wider_than_page"]:
+                out.append(f"{where} is wider than the page (right edge {part['right']} px)")
+            if part["min_font_px"] is not None and part["min_font_px"] < MIN_FONT_PX:
+                out.append(f"{where} has text at {part['min_font_px']:.1f} px (< {MIN_FONT_PX:g} px)")
+            if part["image_scale"] is not None and part["image_scale"] < MIN_IMAGE_SCALE:
+                out.append(f"{where}'s image is shown at {part['image_scale']:.0%} of its drawn width")
+            if part["cells"] and part["clipped_cells"] > MAX_CLIPPED_SHARE * part["cells"]:
+                out.append(f"{where}: {part['clipped_cells']} of {part['cells']} cells cut by an ellipsis")
+    return out
+
+
+def problems(result: dict, require: tuple[str, ...] = ()) -> list[str]:
+    """What a reader would stumble on, in words (empty when the page is fine); ``require`` names
+    parts of `SHOWN` the report must have."""
+    out = part_problems(result, require) if "parts" in result else []
     if result["broken_images"]:
         out.append(f"images that do not decode: {result['broken_images']}")
     if result["requests_outside_file"]:
@@ -125,11 +191,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("index", help="a rendered report, e.g. reports/synthetic/index.html")
     parser.add_argument("--width", type=int, default=1280)
     parser.add_argument("--screenshots", default=None, help="folder for the screenshots (default: beside the report)")
+    parser.add_argument("--require", default="", help=f"comma-separated parts the report must show, of {sorted(SHOWN)}")
     args = parser.parse_args(argv)
+    require = tuple(n for n in args.require.split(",") if n)
+    unknown = sorted(set(require) - set(SHOWN))
+    if unknown:
+        parser.error(f"--require: unknown part(s) {unknown}; valid: {sorted(SHOWN)}")
     result = check_report(args.index, args.screenshots, width=args.width)
     result.pop("images")
     print(json.dumps(result, indent=1))
-    found = problems(result)
+    found = problems(result, require)
     for line in found:
         print(f"problem: {line}", file=sys.stderr)
     return 1 if found else 0

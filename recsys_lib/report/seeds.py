@@ -90,9 +90,13 @@ def user_differences(runs: dict[int, Path], target: str, against: str, period: s
 
 def seed_user_bootstrap(diffs: np.ndarray, n_resamples: int = 1000, seed: int = 0,
                         max_cells: int = 4_000_000) -> np.ndarray:
-    """Resampled means of ``diffs`` (S seeds x U users): each resample draws S seeds with
-    replacement, then U users with replacement independently within each drawn seed. With S = 1 it
-    is the paired bootstrap over users (the same draws as `protocol.metrics._resampled_means`)."""
+    """Resampled means of ``diffs`` (S seeds x U users), a two-way bootstrap over the crossed design:
+    each resample draws S seeds with replacement and, independently, U users with replacement, and
+    takes the mean over the drawn seeds of the drawn users. The users are drawn once per resample,
+    not once per drawn seed, because every seed scores the same users: drawing them afresh for each
+    seed would treat one user's luck as S independent draws and shrink the users' share of the
+    interval by about sqrt(S). With S = 1 it is the paired bootstrap over users (the same draws as
+    `protocol.metrics._resampled_means`)."""
     diffs = np.asarray(diffs, dtype=np.float64)
     n_seeds, n_users = diffs.shape
     if n_seeds == 1:
@@ -103,7 +107,7 @@ def seed_user_bootstrap(diffs: np.ndarray, n_resamples: int = 1000, seed: int = 
     for start in range(0, n_resamples, chunk):
         r = min(n_resamples, start + chunk) - start
         s = rng.integers(0, n_seeds, size=(r, n_seeds, 1))          # seeds drawn per resample
-        u = rng.integers(0, n_users, size=(r, n_seeds, n_users))    # users drawn within each drawn seed
+        u = rng.integers(0, n_users, size=(r, 1, n_users))          # users drawn once, for every drawn seed
         out[start:start + r] = diffs[s, u].mean(axis=(1, 2))
     return out
 

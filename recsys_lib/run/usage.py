@@ -4,6 +4,11 @@
   seconds; CPU seconds of the children it waited for (``RUSAGE_CHILDREN``, user + system, so the
   kernel's threads all count); peak RSS, the larger of the process tree's summed RSS polled every
   0.2 s and any one process's own high-water mark (``VmHWM``, which catches a peak between polls).
+  ``exclude`` names processes (with their descendants) that run beside the block but are not its
+  work: the pipeline's next kernel, started early and idle (`run.prestart.Prestart`), is left out of a
+  notebook's peak RSS. CPU cannot be split that way: ``RUSAGE_CHILDREN`` credits a process's CPU
+  when it is reaped, so a kernel's CPU counts in the block that reaps it (the pipeline reaps each
+  kernel inside its own notebook's block, early imports included).
 - `speed_index` is a fixed ~10 s micro-benchmark: an fp32 matrix product on the threads torch
   uses, a memory copy, and a one-thread sort. Each figure is divided by this project's reference
   machine's (2 cores, measured 2026-12-06), and the index is their geometric mean: 1.0 is the
@@ -21,6 +26,7 @@ import resource
 import threading
 import time
 from pathlib import Path
+from typing import Callable, Iterable
 
 GB = 1024 ** 3
 #: the reference machine's figures: a 2-core AMD EPYC development machine of this project, idle, 2026-12-06
@@ -42,10 +48,14 @@ def _hwm_bytes(pid: int) -> int:
 
 class Usage:
     """``with Usage() as u: ...`` then ``u.figures()``: wall and children's CPU seconds, and the
-    children's peak RSS (see the module docstring)."""
+    children's peak RSS (see the module docstring). ``exclude``: pids whose processes (and their
+    descendants) the RSS leaves out, or a function returning them, asked at every poll (a process
+    started during the block)."""
 
-    def __init__(self, interval: float = 0.2):
+    def __init__(self, interval: float = 0.2,
+                 exclude: Iterable[int] | Callable[[], Iterable[int]] = ()):
         self.interval = interval
+        self.exclude = exclude
         self.peak_tree = 0
         self.peak_one = 0
         self.wall = 0.0
@@ -53,14 +63,29 @@ class Usage:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._poll, daemon=True)
 
+    def _excluded(self) -> set[int]:
+        """The pids left out now: those named and their descendants."""
+        import psutil
+        named = self.exclude() if callable(self.exclude) else self.exclude
+        out = {int(p) for p in named or ()}
+        for pid in list(out):
+            try:
+                out.update(p.pid for p in psutil.Process(pid).children(recursive=True))
+            except psutil.Error:             # gone, or not started yet
+                continue
+        return out
+
     def _sample(self) -> None:
         import psutil
         try:
             kids = psutil.Process().children(recursive=True)
         except psutil.Error:
             return
+        skip = self._excluded()
         total = 0
         for child in kids:
+            if child.pid in skip:
+                continue
             try:
                 total += child.memory_info().rss
             except psutil.Error:             # exited between listing and reading

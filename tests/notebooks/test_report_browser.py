@@ -51,3 +51,19 @@ def test_screenshots_are_written_beside_the_report(seen, built_report):
         assert str(path).startswith(str(shots))
         with Image.open(path) as im:
             assert im.size[0] == 1280 and im.size[1] >= 900
+
+
+@pytest.mark.slow
+def test_the_timeline_and_example_users_are_shown_readable_with_their_own_screenshots(seen, built_report):
+    """Issue 42's check: the protocol timeline and each example user, screenshotted on their own
+    at 1,280 px, with text a reader can read and nothing wider than the page."""
+    from PIL import Image
+    parts = seen["parts"]
+    assert len(parts["timeline"]) == 1 and parts["example_users"], parts
+    assert all(p["id"].startswith("example-user-") for p in parts["example_users"])
+    assert browser_check.part_problems(seen, require=("timeline", "example_users")) == []
+    assert len(seen["part_screenshots"]) == 1 + len(parts["example_users"])
+    for path in seen["part_screenshots"]:
+        assert str(path).startswith(str(built_report.parent / "screenshots"))
+        with Image.open(path) as im:
+            assert 200 <= im.size[0] <= 1280 and im.size[1] >= 100

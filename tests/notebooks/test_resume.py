@@ -21,6 +21,12 @@ CMD = [sys.executable, "-m", "recsys_lib.pipeline", "--dataset", "synthetic-tiny
 pytestmark = pytest.mark.slow
 
 
+def heed_ctrl_c() -> None:
+    """In the child, before exec: SIGINT back to its default. A shell starts a background job (``cmd &``,
+    as CI and nohup'd runs do) with SIGINT ignored, the child inherits that, and Python then installs
+    no KeyboardInterrupt handler: the Ctrl-C under test would be silently ignored."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
 @pytest.fixture(scope="module")
 def notebooks(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("notebooks")
@@ -76,7 +82,7 @@ def test_killed_run_resumes_with_the_metrics_of_an_uninterrupted_run(notebooks, 
     root = tmp_path / "run"
     env = env_for(root, notebooks)
     proc = subprocess.Popen(CMD, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=heed_ctrl_c)
     wait_for(run_dir(root) / "logs" / "11_mf.log", proc)
     time.sleep(1.0)
     os.killpg(proc.pid, signal.SIGINT)
@@ -88,7 +94,7 @@ def test_killed_run_resumes_with_the_metrics_of_an_uninterrupted_run(notebooks, 
 
     # SIGKILL in 11_mf: no lock, no record left behind
     proc = subprocess.Popen(CMD, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=heed_ctrl_c)
     wait_for(run_dir(root) / "logs" / "11_mf.log", proc)
     time.sleep(1.0)
     os.killpg(proc.pid, signal.SIGKILL)

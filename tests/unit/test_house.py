@@ -5,6 +5,7 @@ from pathlib import Path
 
 import nbformat
 
+from recsys_lib import config
 from recsys_lib.models.registry import REGISTRY
 from recsys_lib.run import layout
 
@@ -76,3 +77,8 @@ def test_readme_results_are_written_from_metrics_json(tmp_path):
     assert "| two_stage |" in new and "two_stage_lgbm" not in new     # the chosen system, not every variant
     assert "561 test users" in new and "`abcdef0`" in new
     assert mod.update(new, tmp_path)[0] == new            # idempotent: --check passes after a write
+    assert "Made by `make report DATASET=ml-latest-small`" in new          # no run parameters: the plain command
+    fewer = mod.results_block({**metrics, "params": {"seeds": [42, 43]}})  # params/ plan five seeds here
+    assert '`python -m recsys_lib.pipeline --dataset ml-latest-small --profile full --set "seeds=[42,43]"`' in fewer
+    planned = config.load_params("full", "ml-latest-small")["seeds"]
+    assert "make report DATASET=ml-latest-small`" in mod.results_block({**metrics, "params": {"seeds": planned}})

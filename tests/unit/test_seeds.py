@@ -20,6 +20,17 @@ def test_one_seed_is_the_paired_bootstrap_over_users():
     np.testing.assert_array_equal(seeds.seed_user_bootstrap(d, 200, 3), metrics._resampled_means(d[0], 200, 3))
 
 
+def test_seeds_that_agree_give_the_users_interval_not_a_narrower_one():
+    """Every seed scores the same users: five seeds that agree carry the evidence of one, so the
+    interval keeps the one-seed (users') width instead of shrinking by sqrt(5) (drawing users afresh
+    within each seed would do that)."""
+    rng = np.random.default_rng(2)
+    users = rng.normal(0.01, 0.05, size=400)
+    one = np.ptp(np.quantile(seeds.seed_user_bootstrap(users[None], 2000, 0), [0.025, 0.975]))
+    five = np.ptp(np.quantile(seeds.seed_user_bootstrap(np.stack([users] * 5), 2000, 0), [0.025, 0.975]))
+    assert 0.85 < five / one < 1.15, (five, one)
+
+
 def test_the_interval_widens_with_the_spread_between_seeds():
     rng = np.random.default_rng(1)
     users = rng.normal(0.01, 0.05, size=400)
