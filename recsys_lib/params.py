@@ -17,7 +17,6 @@ from typing import Any
 
 from .config import parse_override
 from .errors import ConfigError
-from .models.blend import BlendConfig
 from .models.registry import REGISTRY
 from .protocol.evaluate import EvalConfig
 from .stage2.leakage import AuditConfig
@@ -25,8 +24,8 @@ from .stage2.rerankers import CONFIGS as RERANKER_CONFIGS
 from .stage2.section import RerankerSection
 
 #: params section (dotted for a sub-section) -> the config dataclass whose fields it may set
-SECTION_CONFIGS = {**{name: spec.config for name, spec in REGISTRY.items()}, "eval": EvalConfig,
-                   "audit": AuditConfig, "reranker": RerankerSection, "blend": BlendConfig,
+SECTION_CONFIGS = {**{spec.section or name: spec.config for name, spec in REGISTRY.items() if spec.config_name},
+                   "eval": EvalConfig, "audit": AuditConfig, "reranker": RerankerSection,
                    **{f"reranker.{kind}": cls for kind, cls in RERANKER_CONFIGS.items()}}
 AT_LEAST_ONE = {"epochs", "batch_size", "dim", "dim_gmf", "dim_mlp", "factors", "iterations", "n_estimators",
                 "folds", "candidate_k", "users_per_batch", "history_len", "num_leaves", "emb_dim",

@@ -40,8 +40,9 @@ from .stage2.section import RerankerSection
 from .stage2 import system as two_stage
 from .stage2.features import _as_np
 
-#: the models a worker can search from a run folder alone (``MODEL`` on the command line)
-TUNED = ("mf", "neumf", "two_tower")
+#: the models a worker can search from a run folder alone (``MODEL`` on the command line): the
+#: registry's entries marked ``worker``
+TUNED = tuple(n for n, s in REGISTRY.items() if s.worker)
 
 
 class FrozenItems:

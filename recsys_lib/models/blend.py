@@ -29,7 +29,7 @@ FLOOR = -1e5               # scores at or below it mean "below every scored item
 @dataclass
 class BlendConfig:
     """The params ``blend:`` section."""
-    members: list[str] = field(default_factory=list)  # single-stage models blended ([]: every one fit before 17_blend)
+    members: list[str] = field(default_factory=list)  # single-stage models blended ([]: the registry's declared members)
     steps: int = 20                   # greedy steps: weights are multiples of 1 / steps
     max_users: int | None = None      # validation users the weights are chosen on (null: all)
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from ..models.registry import role_of
 from ..protocol import metrics
 from ..protocol.splitdata import SplitData
 
@@ -233,13 +234,14 @@ def hit_popularity(per_user: dict[str, pd.DataFrame], data: SplitData, positives
 
 
 def is_two_stage(name: str) -> bool:
-    """Two-stage systems are recorded as ``two_stage`` and ``two_stage_<variant>``."""
-    return name == "two_stage" or name.startswith("two_stage_")
+    """A two-stage system (``two_stage``, ``two_stage_<variant>``) or one of its ablations, by the
+    model registry's role (`models.registry.role_of`)."""
+    return role_of(name) in ("two_stage", "ablation")
 
 
 def is_blend(name: str) -> bool:
     """The score blend of the single-stage models (17_blend): a baseline, not a single model."""
-    return name == "blend"
+    return role_of(name) == "blend"
 
 
 def strongest_single_stage(records: list[dict], metric: str = "ndcg@10") -> dict | None:

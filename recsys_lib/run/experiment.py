@@ -28,9 +28,9 @@ from .. import config
 from ..protocol import guard
 from . import tracking
 from . import launch
-from .layout import BLEND_NOTEBOOK, notebook_of
+from .layout import notebook_of
 from ..models import blend, tuning
-from ..models.registry import REGISTRY
+from ..models.registry import REGISTRY, blend_members
 from ..errors import PipelineError
 from ..protocol.evaluate import HEADLINE, EvalConfig, EvalResult, Evaluator
 from ..protocol.splitdata import SplitData
@@ -123,7 +123,8 @@ class Run:
         """A callback ``validate(scorer) -> float``: validation ``metric`` (nDCG@10 unless told;
         optionally on a user sample, with histories of ``history_len`` items). It ranks only the
         lists' head the metric reads, unless the registered ``model``'s scores tie (`tuning.validator`)."""
-        ties = model in REGISTRY and getattr(REGISTRY[model].cls, "scores_tie", False)
+        spec = REGISTRY.get(model) if model else None
+        ties = bool(spec and spec.class_name and getattr(spec.cls, "scores_tie", False))
         return tuning.validator(self.evaluator("valid", max_users, history_len), metric, full_lists=ties)
 
     def score(self, model: Any, name: str, periods=("valid", "test"),
@@ -169,10 +170,10 @@ class Run:
 
     def fit_blend(self) -> tuple[Any, pd.DataFrame, dict[str, EvalResult]]:
         """The score blend of the single-stage models (`models.blend`): the members' checkpoints
-        (the params' ``blend.members``, or every registered model whose notebook runs before
-        17_blend), weights chosen on validation, scored on validation and test, recorded as ``blend``."""
+        (the params' ``blend.members``, or the registry's declared members, `registry.blend_members`),
+        weights chosen on validation, scored on validation and test, recorded as ``blend``."""
         cfg = blend.BlendConfig.from_params(self.params.get("blend"))
-        names = list(cfg.members) or [n for n, s in REGISTRY.items() if s.notebook < BLEND_NOTEBOOK]
+        names = list(cfg.members) or blend_members()
         members = {n: REGISTRY[n].cls.load(self.require("models", f"{n}.pt", stage=REGISTRY[n].notebook),
                                            device=str(self.device)) for n in names}
         labels = self.evaluator("valid", cfg.max_users).labels          # built before the search

@@ -9,12 +9,12 @@ from pathlib import Path
 
 from .. import config
 from ..errors import PipelineError
-from ..models.registry import REGISTRY
+from ..models.registry import REGISTRY, record_spec
 
 #: the notebook that fits and records the two-stage systems (``two_stage``, ``two_stage_<variant>``)
-RERANKER_NOTEBOOK = "30_reranker"
-#: the notebook that blends the single-stage models fit before it (``blend``)
-BLEND_NOTEBOOK = "17_blend"
+RERANKER_NOTEBOOK = REGISTRY["two_stage"].notebook
+#: the notebook that blends the single-stage models declared its members (``blend``)
+BLEND_NOTEBOOK = REGISTRY["blend"].notebook
 
 
 def notebooks(only: list[str] | None = None) -> list[Path]:
@@ -28,9 +28,7 @@ def notebooks(only: list[str] | None = None) -> list[Path]:
 
 
 def notebook_of(model: str) -> str:
-    """The notebook that fits ``model`` (``ease`` -> ``13_ease``), for errors that say what to run."""
-    if model == "two_stage" or model.startswith("two_stage_"):
-        return RERANKER_NOTEBOOK
-    if model == "blend":
-        return BLEND_NOTEBOOK
-    return REGISTRY[model].notebook if model in REGISTRY else f"the notebook of {model}"
+    """The notebook that fits ``model`` (``ease`` -> ``13_ease``, ``two_stage_lgbm`` -> ``30_reranker``),
+    for errors that say what to run."""
+    found = record_spec(model)
+    return found.notebook if found else f"the notebook of {model}"

@@ -23,7 +23,7 @@ stage 1 only: 00_data .. 17_blend), it asserts:
 - `metrics/itempop_recent.json` holds valid and test nDCG@10 in [0, 1], scored on the same test
   users as every other model (count and the per-user ids);
 - `metrics/blend.json`'s `params.members` contains `itempop_recent`, which the blend read from the
-  registry (every model whose notebook sorts before 17_blend: here, every model the run fit);
+  registry (its declared members, `in_blend=True` in the doc's registry line: here, every model the run fit);
 - the results table: `report.results_frame(run_dir, "test")`, the function that builds the
   report's "Results on the test period" table (90_report, 40_evaluation, 30_reranker) straight
   from the run's `metrics/*.json` (it needs no output of 40_evaluation), run with the copy's
@@ -81,8 +81,8 @@ class Doc:
         self.class_head = head                                      # class ItemPopRecent(torch.nn.Module, Recommender):
         self.class_attrs = [l for l in body if l.strip() and not l.strip().startswith("#")]
         self.tune_src = step1[step1.index("def tune"):].strip() + "\n"
-        self.registry_line = next(b for b in fenced(s, "python") if "ModelSpec(" in b).strip()
-        self.notebook = re.search(r'ModelSpec\([^)]*"(\d\d_\w+)"\)', self.registry_line).group(1)
+        self.registry_line = next(b for b in fenced(s, "python") if f'"{NAME}": _baseline(' in b).strip()
+        self.notebook = re.search(r'_baseline\([^)]*"(\d\d_\w+)"', self.registry_line).group(1)
         self.template, self.copy_to = re.search(
             r"Copy `notebooks/(\d\d_\w+\.ipynb)` \(JSON\) to `notebooks/(\d\d_\w+)\.ipynb`", s).groups()
         self.fit_call = re.search(r'`(run\.fit_model\("\w+"\))`', s).group(1)
@@ -231,7 +231,7 @@ except ConfigError as exc:
 spec = importlib.util.spec_from_file_location("house", house)
 mod = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(mod)
-mod.test_every_registered_model_is_fit_by_its_notebook()
+mod.test_every_registered_model_is_recorded_by_its_notebook()
 print(json.dumps({"models": list(table["model"]), "columns": list(table.columns), "refused": refused,
                   "users": report.scored_users(run_dir, "test"), "lib": report.__file__}))
 """

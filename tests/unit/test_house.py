@@ -12,13 +12,19 @@ from recsys_lib.run import layout
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_every_registered_model_is_fit_by_its_notebook():
+#: how each role's notebook records its model (`run.experiment.Run`, `stage2`)
+RECORDED_BY = {"single_stage": 'run.fit_model("{name}"', "retriever": 'run.fit_model("{name}"',
+               "blend": "run.fit_blend()", "two_stage": ".record_variants(run,", "ablation": "ablation.record_"}
+
+
+def test_every_registered_model_is_recorded_by_its_notebook():
     stems = {p.stem: p for p in layout.notebooks()}
     for name, spec in REGISTRY.items():
         assert spec.notebook in stems, f"{name}: notebook {spec.notebook} is not in notebooks/"
         code = "\n".join(c.source for c in nbformat.read(stems[spec.notebook], as_version=4).cells
                          if c.cell_type == "code")
-        assert f'run.fit_model("{name}"' in code, f"{spec.notebook} does not fit {name}"
+        call = RECORDED_BY[spec.role].format(name=name)
+        assert call in code, f"{spec.notebook} does not record {name} ({call})"
         assert layout.notebook_of(name) == spec.notebook
     assert layout.RERANKER_NOTEBOOK in stems
     assert layout.notebook_of("two_stage_lgbm") == layout.RERANKER_NOTEBOOK
