@@ -23,23 +23,33 @@ sequential recommenders; the study asks whether one already gets the re-ranker's
 """
 from __future__ import annotations
 
+import hashlib
+import os
 import time
+import zipfile
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import scipy.sparse as sp
 import torch
 
 from . import tuning
+from ..config import atomic_write
 from ..errors import ConfigError
 from ..protocol.splitdata import ScoringContext, SplitData
 from .train import save_checkpoint
 from . import Recommender
 
+_SOURCE_DIGEST = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()   # the counting code, for `table_name`
+
 NORMALISE = ("none", "row", "sqrt")
 TIE_BREAK = 1e-12          # popularity share in [0, 1) times this: orders only exact ties
 KEEP_TABLES = 2            # transition tables a split's contexts keep (ctx.shared)
+TABLE_FORMAT = 1           # bump when what `save_table` writes changes
 CHUNK_PAIRS = 1 << 25      # (row, gap) pairs counted at once (`transition_counts`): ~1 GB of work
+DENSE_ENTRIES = 1 << 23    # table entries a chunk spans at most (a dense block: 64 MB of float64)
+DENSE_RATIO = 8            # a chunk is summed densely when it spans at most this many entries a pair
 BLOCK = 1 << 24            # table entries converted at once (`transition_matrix`)
 
 
@@ -55,6 +65,22 @@ class TransitionConfig:
     seed: int | None = 0          # unused (deterministic); kept so every model takes one
 
 
+def user_time_order(user: np.ndarray, timestamp: np.ndarray, item: np.ndarray) -> np.ndarray:
+    """The permutation that puts rows in (user, time, item) order, ties in row order: exactly
+    ``np.lexsort((item, timestamp, user))``. A split's periods are already in (time, user, item)
+    order (`Period`), and then one stable sort by user gives the same permutation (within a user
+    the rows keep their (time, item) order), for a third of a three-key lexsort's work; rows in
+    any other order are lexsorted."""
+    n = len(user)
+    if n > 1:
+        dt, du = np.diff(timestamp), np.diff(user)
+        in_order = (dt > 0) | ((dt == 0) & ((du > 0) | ((du == 0) & (np.diff(item) >= 0))))
+        del dt, du
+        if not in_order.all():
+            return np.lexsort((item, timestamp, user))
+    return np.argsort(user, kind="stable")
+
+
 def transition_counts(rows, n_items: int, window: int, gap_decay: float = 1.0,
                       positives_only: bool = False,
                       chunk_pairs: int = CHUNK_PAIRS) -> tuple[np.ndarray, np.ndarray]:
@@ -63,46 +89,92 @@ def transition_counts(rows, n_items: int, window: int, gap_decay: float = 1.0,
     order; ties by item id, as the splits order them), weighing ``gap_decay ** (d - 1)`` at d ratings
     apart (1: plain counts). ``positives_only`` keeps the rows rated >= 4 first.
 
-    The pairs are counted in chunks of source items of about ``chunk_pairs`` pairs each, so memory
-    grows with the distinct pairs, not with every (row, gap) pair at once (ML-32M at window 40:
-    193 M pairs). Each gap's pairs are put in source-item order once (a stable sort), so a chunk is
-    a slice of each gap's, not a scan of all of them. Within a chunk the pairs are taken gap by
-    gap and, for one source item, in row order, as in one pass over all of them, so every key's
-    weights are summed in the same order: the counts do not depend on the chunk size
-    (tests/unit/test_sequential.py)."""
+    How, and why it needs no full sort of the pairs (ML-32M at window 40: about a billion (row,
+    gap) pairs, which ``np.unique`` once argsorted in chunks):
+    - the rows are put in (user, time) order once (`user_time_order`: one stable sort by user),
+      and in source-item order once (a stable argsort of the items, row order kept). Row p pairs
+      with row p + d for every d up to the number of the user's rows after it, so no per-gap
+      array of pairs is kept (40 of them, 3.8 GB at ML-32M size, before);
+    - the pairs are counted in chunks of source items [lo, hi) of at most ``chunk_pairs`` pairs and
+      ``DENSE_ENTRIES`` table entries. A chunk whose key range (hi - lo) * n_items is at most
+      ``DENSE_RATIO`` times its pairs is summed by one ``np.bincount`` into a dense block (no
+      sort); a sparser one sorts its keys directly (``np.sort``, not an argsort), with the gap in
+      the low digits, and sums each key's run.
+    Either way every key's weights are added one at a time in the same order as one pass over all
+    pairs would: gap by gap, and within a gap the same weight. So the weights are bit for bit those
+    of that pass, whatever the chunking (tests/unit/test_sequential.py)."""
     keep = rows.rating >= 4.0 if positives_only else np.ones(len(rows), bool)
     user = np.asarray(rows.user, np.int64)[keep]
     item = np.asarray(rows.item, np.int64)[keep]
-    order = np.lexsort((item, np.asarray(rows.timestamp)[keep], user))
+    order = user_time_order(user, np.asarray(rows.timestamp)[keep], item)
     u, it = user[order], item[order]
-    gaps = range(1, int(window) + 1)                       # window is small: loop over gaps, not rows
-    idx = np.int32 if len(u) < 2 ** 31 else np.int64
-    same = {d: np.flatnonzero(u[d:] == u[:-d]).astype(idx) for d in gaps}   # row p pairs with row p + d
-    if not any(len(s) for s in same.values()):
+    del user, item, order
+    n, w_max = len(u), max(int(window), 0)
+    if n < 2 or w_max == 0:
         return np.zeros(0, np.int64), np.zeros(0)
-    starts = sum(np.bincount(it[s], minlength=n_items) for s in same.values())   # pairs by source item
-    cut = np.searchsorted(np.cumsum(starts), np.arange(1, starts.sum() // max(int(chunk_pairs), 1) + 1)
-                          * max(int(chunk_pairs), 1), side="right")
-    bounds = np.unique(np.r_[0, cut, n_items].clip(0, n_items))
-    at = {}                                                # each gap's rows by source item, row order kept
-    for d, s in same.items():
-        src = it[s]
-        by_src = np.argsort(src, kind="stable")
-        same[d] = s[by_src]
-        at[d] = np.searchsorted(src[by_src], bounds)       # chunk c of gap d: same[d][at[d][c]:at[d][c + 1]]
-        del src, by_src
+    first = np.flatnonzero(np.r_[True, u[1:] != u[:-1]])                    # each user's first row
+    sizes = np.diff(np.r_[first, n])
+    after = np.minimum(np.repeat(first + sizes, sizes) - 1 - np.arange(n), w_max)   # pairs row p starts
+    after = after.astype(np.int16 if w_max < 2 ** 15 else np.int64)
+    del first, sizes, u
+    if not after.any():
+        return np.zeros(0, np.int64), np.zeros(0)
+    starts = np.bincount(it, weights=after, minlength=n_items)              # pairs by source item
+    step = max(int(chunk_pairs), 1)
+    cut = np.searchsorted(np.cumsum(starts), np.arange(1, int(starts.sum()) // step + 1) * step, side="right")
+    span = max(1, DENSE_ENTRIES // max(n_items, 1))                        # items per chunk at most
+    bounds = np.unique(np.r_[0, cut, np.arange(0, n_items, span), n_items].clip(0, n_items))
+    del starts, cut
+    idx = np.int32 if n < 2 ** 31 else np.int64
+    by_src = np.argsort(it.astype(idx), kind="stable").astype(idx)          # source-item order, row order kept
+    at = np.searchsorted(it[by_src], bounds)                                # chunk c: by_src[at[c]:at[c + 1]]
+    wtab = np.array([float(gap_decay) ** (d - 1) for d in range(1, w_max + 1)])
+    unit = bool((wtab == 1.0).all())                                       # plain counts: exact integers
     out_keys, out_weights = [], []
     for c in range(len(bounds) - 1):
-        keys, weights = [], []
-        for d, s in same.items():
-            s = s[at[d][c]:at[d][c + 1]]
-            keys.append(it[s] * n_items + it[s + d])
-            weights.append(np.full(len(s), float(gap_decay) ** (d - 1)))
-        uniq, inverse = np.unique(np.concatenate(keys), return_inverse=True)
-        out_keys.append(uniq)
-        out_weights.append(np.bincount(inverse, weights=np.concatenate(weights), minlength=len(uniq)))
-        del keys, weights, inverse
-    del same
+        if at[c] == at[c + 1]:
+            continue
+        lo, hi = int(bounds[c]), int(bounds[c + 1])
+        r = by_src[at[c]:at[c + 1]]                                         # the chunk's source rows
+        a, src = after[r], (it[r] - lo) * n_items                           # local keys: (i - lo) * n + j
+        top = int(a.max())
+        if top == 0:
+            continue
+        keys, per_gap = [], []
+        for d in range(1, top + 1):                                # gap by gap, as one pass
+            m = a >= d
+            keys.append(src[m] + it[r[m] + d])
+            per_gap.append(len(keys[-1]))
+        k = np.concatenate(keys)
+        del keys, a, src, r
+        size = (hi - lo) * n_items
+        if size <= DENSE_RATIO * len(k):                                    # dense block: no sort
+            if unit:
+                acc = np.bincount(k, minlength=size).astype(np.float64)
+                local = np.flatnonzero(acc)
+            else:
+                acc = np.bincount(k, weights=np.repeat(wtab[:len(per_gap)], per_gap), minlength=size)
+                local = np.flatnonzero(acc if (wtab > 0).all() else np.bincount(k, minlength=size))
+            weights = acc[local]
+            del acc
+        elif unit:                                                          # sparse: sort the keys
+            k.sort()
+            head = np.flatnonzero(np.r_[True, k[1:] != k[:-1]])
+            local, weights = k[head], np.diff(np.r_[head, len(k)]).astype(np.float64)
+        else:                                                               # gap in the low digits
+            k = k * w_max + np.repeat(np.arange(len(per_gap)), per_gap)
+            k.sort()
+            key, gap = np.divmod(k, w_max)
+            head = np.r_[True, key[1:] != key[:-1]]
+            local = key[head]
+            weights = np.bincount(np.cumsum(head) - 1, weights=wtab[gap], minlength=len(local))
+            del key, gap, head
+        del k
+        out_keys.append(local + lo * n_items)
+        out_weights.append(weights)
+    del by_src, after
+    if not out_keys:
+        return np.zeros(0, np.int64), np.zeros(0)
     return concatenate_freeing(out_keys), concatenate_freeing(out_weights)
 
 
@@ -146,6 +218,53 @@ def transition_matrix(rows, n_items: int, window: int, gap_decay: float = 1.0, p
     return sp.csr_matrix((data, dst, indptr), shape=(n_items, n_items))
 
 
+def count_table(rows, window: int, gap_decay: float, positives_only: bool, normalise: str,
+                n_items: int) -> tuple[sp.csr_matrix, np.ndarray]:
+    """(T, tie): `transition_matrix` of ``rows`` and the train-popularity tie-break (each item's
+    popularity rank over the rows counted, / n_items * ``TIE_BREAK``): what `Transition.table`
+    keeps, in `Transition.table`'s key order."""
+    T = transition_matrix(rows, n_items, window, gap_decay, positives_only, normalise)
+    keep = rows.rating >= 4.0 if positives_only else slice(None)
+    pop = np.bincount(rows.item[keep], minlength=n_items)
+    tie = (pop.argsort(kind="stable").argsort() / max(n_items, 1) * TIE_BREAK).astype(np.float32)
+    return T, tie
+
+
+def table_name(rows_digest: str, window: int, gap_decay: float, positives_only: bool, normalise: str,
+               n_items: int) -> str:
+    """The cache file of the table counted on the rows of ``rows_digest`` (`protocol.splitdata.
+    rows_digest`) with these options, by this module's code: a hash of all of them and of this
+    file's source, so a table counted by other code, options or rows is never read."""
+    h = hashlib.sha256(f"{TABLE_FORMAT};{rows_digest};{int(window)};{float(gap_decay)!r};"
+                       f"{bool(positives_only)};{normalise};{int(n_items)};".encode())
+    h.update(_SOURCE_DIGEST.encode())
+    return f"transition-{h.hexdigest()[:32]}.npz"
+
+
+def save_table(path: str | os.PathLike, T: sp.csr_matrix, tie: np.ndarray) -> None:
+    """Write (T, tie) to ``path`` atomically (`config.atomic_write`: a reader never sees half a
+    file, and two processes writing the same table never tear it), uncompressed: reading ~1 GB at
+    ML-32M size takes seconds, against minutes to count it. A failed write (a full disk) only
+    costs the next process a count."""
+    try:
+        with atomic_write(path) as tmp:
+            np.savez(tmp, data=T.data, indices=T.indices, indptr=T.indptr,
+                     shape=np.asarray(T.shape, np.int64), tie=tie)
+    except OSError as e:
+        print(f"transition: could not keep the table in {path}: {e}", flush=True)
+
+
+def load_table(path: str | os.PathLike) -> tuple[sp.csr_matrix, np.ndarray] | None:
+    """(T, tie) as `save_table` wrote them, or None when ``path`` is absent or unreadable (then
+    the caller counts it again): the same arrays, bit for bit."""
+    try:
+        with np.load(path) as z:
+            T = sp.csr_matrix((z["data"], z["indices"], z["indptr"]), shape=tuple(int(x) for x in z["shape"]))
+            return T, z["tie"]
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+        return None
+
+
 class Transition(torch.nn.Module, Recommender):
     name = "transition"
     scores_tie = True             # counts: tied items' order may depend on the list length
@@ -169,22 +288,32 @@ class Transition(torch.nn.Module, Recommender):
         never on validation rows, at test too. Built once per split: the split's contexts share the
         last ``KEEP_TABLES`` (``ctx.shared``), so the test context reads the table validation
         counted, and a search that varies the history and decay fastest counts once per window,
-        gap weighting, rows and normalisation."""
+        gap weighting, rows and normalisation.
+
+        Once per run, too: where the context names a folder (``ctx.table_dir``, the run's), the
+        table is also written there (`save_table`) and read back by any later process that asks
+        for the same one, so 15_transition counts it and 17_blend, 25_label_window, 30_reranker,
+        35_ablations and 40_evaluation read it (at ML-32M size each count of a window-40 table
+        took ~190 s). The file's name (`table_name`) holds everything the table depends on."""
         cfg = self.cfg
         key = (int(cfg.window), float(cfg.gap_decay), bool(cfg.positives_only), cfg.normalise, self.n_items)
         tables = ctx.shared.setdefault("transition_tables", {})
         if key not in tables:
             t0 = time.perf_counter()
             rows = ctx.parameter_rows()
-            T = transition_matrix(rows, self.n_items, cfg.window, cfg.gap_decay, cfg.positives_only, cfg.normalise)
-            keep = rows.rating >= 4.0 if cfg.positives_only else slice(None)
-            pop = np.bincount(rows.item[keep], minlength=self.n_items)
-            tie = (pop.argsort(kind="stable").argsort() / max(self.n_items, 1) * TIE_BREAK).astype(np.float32)
+            path = None if ctx.table_dir is None else Path(ctx.table_dir) / table_name(ctx.digest(rows), *key)
+            got = load_table(path) if path is not None else None
+            how = "read from the run's cache"
+            if got is None:
+                got = count_table(rows, *key)
+                how = "counted"
+                if path is not None:
+                    save_table(path, *got)
             while len(tables) >= KEEP_TABLES:
                 tables.pop(next(iter(tables)))
-            tables[key] = (T, tie)
+            tables[key] = got
             if len(rows) > 1_000_000:
-                print(f"transition: {T.nnz:,} pairs from {len(rows):,} train rows in "
+                print(f"transition: {got[0].nnz:,} pairs from {len(rows):,} train rows {how} in "
                       f"{time.perf_counter() - t0:.1f}s", flush=True)
         return tables[key]
 

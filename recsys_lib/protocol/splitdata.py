@@ -9,8 +9,10 @@ Id conventions: users and items are 0..n-1 (train users, train items). Padded in
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from functools import cached_property
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -69,6 +71,19 @@ class Period:
         m.sum_duplicates()
         m.data[:] = 1.0
         return m
+
+
+def rows_digest(rows) -> str:
+    """A content hash of rows (``user``, ``item``, ``rating``, ``timestamp``: each array's dtype,
+    length and bytes): the name of what a table counted on exactly these rows may be cached
+    under, in any process (`ScoringContext.table_dir`). Hashes ~28 bytes a row (ML-32M's train
+    rows: ~0.7 GB, about a second), so a caller that asks often keeps it (`ScoringContext.digest`)."""
+    h = hashlib.sha256()
+    for name in ("user", "item", "rating", "timestamp"):
+        a = np.ascontiguousarray(getattr(rows, name))
+        h.update(f"{name}:{a.dtype.str}:{a.shape};".encode())
+        h.update(memoryview(a).cast("B"))
+    return h.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -270,6 +285,7 @@ class ScoringContext:
     rows: Period | None = None  # every row before the period (train; train + valid for test), time order
     train_rows: Period | None = None  # the train rows, whatever the period: what parameters count
     catalogue: CausalCatalogue | None = None  # items not yet seen at each user's cut (masked from rankings)
+    table_dir: Path | None = None  # where tables counted on train_rows may be kept across processes (the run's)
     shared: dict = field(default_factory=dict, repr=False, compare=False)  # tables of train_rows, one per split
     _cache: dict = field(default_factory=dict, repr=False, compare=False)  # last_items, per context
 
@@ -295,6 +311,15 @@ class ScoringContext:
     def __getstate__(self) -> dict:
         """Pickled (a torchrun job's inputs) without the shared tables: they belong to the split."""
         return {**self.__dict__, "shared": {}}
+
+    def digest(self, rows: Period) -> str:
+        """`rows_digest` of ``rows`` (the parameter rows), hashed once per split: kept in ``shared``
+        beside the rows it names, so another rows object never reads it."""
+        memo = self.shared.setdefault("rows_digests", {})
+        held = memo.get(id(rows))
+        if held is None or held[0] is not rows:
+            held = memo[id(rows)] = (rows, rows_digest(rows))
+        return held[1]
 
     def last_items(self, n: int, positives_only: bool = False) -> torch.Tensor:
         """(n_users, n) each user's last ``n`` known items (``positives_only``: rated >= 4), item + 1,
@@ -435,7 +460,8 @@ class SplitData:
         return ScoringContext(period=period, seen=self.seen_before(period),
                               history=last_items(rows.user, rows.item, self.n_users, history_len),
                               seen_positive=self.seen_before(period, positives_only=True), rows=rows,
-                              train_rows=self.train, shared=self.train_tables(), catalogue=catalogue)
+                              train_rows=self.train, shared=self.train_tables(), catalogue=catalogue,
+                              table_dir=self.table_dir)
 
     def train_tables(self) -> dict:
         """A cache of tables counted on this split's train rows (the transition model's), shared by
@@ -443,9 +469,26 @@ class SplitData:
         Not pickled (`__getstate__`); a split made by `label_window` has its own."""
         return self.__dict__.setdefault("_train_tables", {})
 
+    @property
+    def table_dir(self) -> Path | None:
+        """The folder where tables counted on this split's train rows are kept across processes
+        (`use_table_dir`; None: in this process only, `train_tables`)."""
+        return self.__dict__.get("_table_dir")
+
+    def use_table_dir(self, path: str | Path | None) -> "SplitData":
+        """Keep tables counted on the train rows in ``path`` too (the run folder's, set by
+        `run.experiment.Run`), so the notebooks after the first read them instead of counting
+        again. A cached table is named by everything it depends on (the rows' content hash among
+        it), so a split with other rows never reads it. Returns self."""
+        self.__dict__["_table_dir"] = Path(path) if path is not None else None
+        return self
+
     def __getstate__(self) -> dict:
+        """Pickled (``data.pt``, a torchrun job) without this process's tables or the run's folder:
+        the folder belongs to the run that loads it."""
         state = dict(self.__dict__)
         state.pop("_train_tables", None)
+        state.pop("_table_dir", None)
         return state
 
     def label_window(self, share: float = 0.1) -> "SplitData":
@@ -476,7 +519,8 @@ class SplitData:
         return SplitData(name=f"{self.name}:window", users=self.users, items=self.items,
                          item_features=self.item_features,
                          _periods={"train": take(~in_window), "valid": take(in_window), "test": empty},
-                         split_params={**self.split_params, "label_window": str(share)})
+                         split_params={**self.split_params, "label_window": str(share)}
+                         ).use_table_dir(self.table_dir)
 
     @cached_property
     def item_popularity(self) -> np.ndarray:

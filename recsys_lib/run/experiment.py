@@ -8,6 +8,9 @@
         per_user/<name>-<period>.parquet   per-user metrics and top-10 lists (paired bootstrap)
         candidates/<period>.parquet        retriever candidates for the re-ranker
         curves/<name>.json        training curves
+        .cache/tables/            tables counted on the train rows (the transition model's), named by
+                                  their content and options: a cache, read by any notebook that
+                                  counts the same table, never an input of a notebook's record
 
 `Run.open` is what each notebook calls in its derived cell; it fails fast, naming the missing
 file, when an earlier stage has not run.
@@ -34,6 +37,9 @@ from ..models.registry import REGISTRY, blend_members
 from ..errors import PipelineError
 from ..protocol.evaluate import HEADLINE, EvalConfig, EvalResult, Evaluator
 from ..protocol.splitdata import SplitData
+
+
+TABLE_CACHE = (".cache", "tables")   # hidden: run.tracking and run.state never record it
 
 
 def default_run_dir(dataset: str, profile: str) -> Path:
@@ -89,12 +95,18 @@ class Run:
             torch.save(data, tmp)
         config.write_json(self.path("run.json"), {"dataset": self.dataset, "profile": self.profile,
                                                   "params": self.params, **info})
-        self._data = data
+        self._data = data.use_table_dir(self.dir.joinpath(*TABLE_CACHE))
 
     @property
     def data(self) -> SplitData:
+        """The encoded split (``data.pt``), whose train-row tables are kept in the run's
+        ``.cache/tables/`` (`SplitData.use_table_dir`): a table one notebook counted, the next reads.
+        The cache is hidden from the completion records on purpose: a table is named by the rows,
+        options and code it comes from, so reading it and counting it give the same arrays, and a
+        notebook that read one does not depend on the notebook that wrote it."""
         if self._data is None:
-            self._data = config.load_torch(self.require("data.pt", stage="01_split"))
+            self._data = config.load_torch(self.require("data.pt", stage="01_split")).use_table_dir(
+                self.dir.joinpath(*TABLE_CACHE))
         return self._data
 
     @property

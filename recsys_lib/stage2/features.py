@@ -295,7 +295,8 @@ def recent_context(ctx: ScoringContext, rows, n_users: int, n_items: int, n: int
     return ScoringContext(period=ctx.period, history=ctx.history,
                           seen=last_rows_matrix(rows, n_users, n_items, n),
                           seen_positive=last_rows_matrix(rows, n_users, n_items, n, positives_only=True),
-                          rows=ctx.rows, train_rows=ctx.train_rows, shared=ctx.shared)
+                          rows=ctx.rows, train_rows=ctx.train_rows, shared=ctx.shared,
+                          table_dir=ctx.table_dir)
 
 
 def _pair_scores(scorer, users: np.ndarray, items: np.ndarray, ctx: ScoringContext,

@@ -1,0 +1,153 @@
+"""Issue 41, item 3: exact savings at ML-32M size, each against the path it replaced
+(tests/unit/old_paths.py): the transition table counted without sorting every pair and kept in
+the run folder, the blend searched on each member's top candidates with an exactness check, and
+the negative sampler's membership built once per process for the same train rows. Every test
+asserts the same arrays, weights and metrics bit for bit, and that the cache was hit (a counter,
+not a timing)."""
+from __future__ import annotations
+
+import dataclasses
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from old_paths import old_transition_counts
+from recsys_lib.models import transition
+from recsys_lib.protocol.splitdata import Period, SplitData
+from recsys_lib.run import state, tracking
+from recsys_lib.run.experiment import TABLE_CACHE, Run
+
+
+# ---------------------------------------------------------------- (a) transition counts
+def _rows(n=4000, n_users=40, n_items=60, seed=0, period_order=False) -> Period:
+    rng = np.random.default_rng(seed)
+    p = Period(user=rng.integers(0, n_users, n), item=rng.integers(0, n_items, n),
+               rating=rng.choice([2.0, 4.0, 5.0], n).astype(np.float32), timestamp=rng.integers(0, 50, n))
+    if period_order:                                     # as a split's periods: (time, user, item)
+        o = np.lexsort((p.item, p.user, p.timestamp))
+        p = Period(p.user[o], p.item[o], p.rating[o], p.timestamp[o])
+    return p
+
+
+@pytest.mark.parametrize("period_order", [False, True])
+@pytest.mark.parametrize("gap_decay", [1.0, 0.7, 0.0])
+@pytest.mark.parametrize("path", ["dense", "sort", "mixed"])
+def test_transition_counts_equal_the_old_path_bit_for_bit(monkeypatch, path, gap_decay, period_order):
+    """Every way a chunk is summed (a dense block, a direct sort, both in one count), plain and
+    gap-weighted weights (0.0: zero weights still name their keys), rows in a split's order (one
+    stable sort) or not (the lexsort): the keys and weights of the old sorted count, bit for bit."""
+    rows = _rows(period_order=period_order)
+    ratio = {"dense": 10 ** 9, "sort": 0, "mixed": 8}[path]
+    monkeypatch.setattr(transition, "DENSE_RATIO", ratio)
+    monkeypatch.setattr(transition, "DENSE_ENTRIES", 60 * 7)          # many chunks: 7 source items each
+    for window, positives_only, chunk in ((1, False, 1 << 25), (6, False, 97), (6, True, 1), (40, False, 500)):
+        want = old_transition_counts(rows, 60, window, gap_decay, positives_only, chunk_pairs=chunk)
+        got = transition.transition_counts(rows, 60, window, gap_decay, positives_only, chunk_pairs=chunk)
+        assert got[0].dtype == want[0].dtype and got[1].dtype == want[1].dtype
+        assert np.array_equal(got[0], want[0]) and np.array_equal(got[1], want[1]), (window, positives_only)
+
+
+def test_user_time_order_is_the_lexsort(toy_data):
+    for rows in (toy_data.train, _rows(seed=3), _rows(seed=4, period_order=True)):
+        want = np.lexsort((rows.item, rows.timestamp, rows.user))
+        assert np.array_equal(transition.user_time_order(rows.user, rows.timestamp, rows.item), want)
+
+
+def test_transition_counts_of_the_toy_split_equal_the_old_path(toy_data):
+    for window, gd in ((3, 1.0), (40, 0.9)):
+        want = old_transition_counts(toy_data.train, toy_data.n_items, window, gd)
+        got = transition.transition_counts(toy_data.train, toy_data.n_items, window, gd)
+        assert np.array_equal(got[0], want[0]) and np.array_equal(got[1], want[1])
+
+
+# ---------------------------------------------------------------- (a) the run's table cache
+def _fresh(data: SplitData) -> SplitData:
+    """The split as another notebook's kernel loads it: no table counted in this process."""
+    return pickle.loads(pickle.dumps(data))
+
+
+def _counting(monkeypatch) -> list:
+    calls = []
+    real = transition.count_table
+
+    def counted(*args, **kw):
+        calls.append(args[1:])
+        return real(*args, **kw)
+    monkeypatch.setattr(transition, "count_table", counted)
+    return calls
+
+
+def _same_table(a, b) -> bool:
+    (Ta, ta), (Tb, tb) = a, b
+    return (Ta.shape == Tb.shape and all(np.array_equal(getattr(Ta, k), getattr(Tb, k)) and
+                                         getattr(Ta, k).dtype == getattr(Tb, k).dtype
+                                         for k in ("data", "indices", "indptr"))
+            and np.array_equal(ta, tb) and ta.dtype == tb.dtype)
+
+
+def test_a_later_process_reads_the_table_the_first_counted(toy_data, tmp_path, monkeypatch):
+    """One count per distinct table and run: a fresh split (another notebook) with the run's
+    folder reads the table back, the same arrays bit for bit and the same scores; another window,
+    other rows or no folder count again."""
+    calls = _counting(monkeypatch)
+    model = transition.Transition(history=3, window=4, gap_decay=0.8, normalise="row")
+    model.fit(toy_data)
+    users = torch.from_numpy(toy_data.scored_users("valid"))
+    plain = _fresh(toy_data)                                          # no folder: this process only
+    want = model.table(plain.context("valid"))
+    want_scores = model.score_all(users, plain.context("valid")).numpy()
+    assert len(calls) == 1
+
+    first = _fresh(toy_data).use_table_dir(tmp_path)
+    assert _same_table(model.table(first.context("valid")), want) and len(calls) == 2   # counted, written
+    assert len(list(tmp_path.glob("transition-*.npz"))) == 1
+    later = _fresh(toy_data).use_table_dir(tmp_path)                   # the next notebook
+    ctx = later.context("test")
+    got = model.table(ctx)
+    assert len(calls) == 2 and _same_table(got, want)                  # read, not counted
+    assert np.array_equal(model.score_all(users, later.context("valid")).numpy(), want_scores)
+
+    other = transition.Transition(history=3, window=5, gap_decay=0.8, normalise="row")
+    other.fit(toy_data)
+    other.table(_fresh(toy_data).use_table_dir(tmp_path).context("valid"))
+    assert len(calls) == 3                                             # another window: its own table
+    moved = dataclasses.replace(toy_data, _periods={**toy_data._periods, "train": Period(
+        toy_data.train.user, np.roll(toy_data.train.item, 1), toy_data.train.rating, toy_data.train.timestamp)})
+    moved_T = model.table(_fresh(moved).use_table_dir(tmp_path).context("valid"))
+    assert len(calls) == 4 and not _same_table(moved_T, want)          # other rows: counted again
+    window = _fresh(toy_data).use_table_dir(tmp_path).label_window(0.1)
+    assert window.table_dir == tmp_path                                # the label window's refit shares it
+    model.table(window.context("valid"))
+    model.table(_fresh(toy_data).use_table_dir(tmp_path).label_window(0.1).context("valid"))
+    assert len(calls) == 5 and len(list(tmp_path.glob("transition-*.npz"))) == 4
+
+
+def test_a_torn_cache_file_is_counted_again(toy_data, tmp_path, monkeypatch):
+    calls = _counting(monkeypatch)
+    model = transition.Transition(window=3)
+    model.fit(toy_data)
+    want = model.table(_fresh(toy_data).use_table_dir(tmp_path).context("valid"))
+    (path,) = tmp_path.glob("transition-*.npz")
+    path.write_bytes(path.read_bytes()[:100])
+    assert _same_table(model.table(_fresh(toy_data).use_table_dir(tmp_path).context("valid")), want)
+    assert len(calls) == 2
+
+
+def test_the_run_keeps_tables_in_a_folder_no_record_reads(toy_data, tmp_path):
+    """`Run` points its split at ``.cache/tables/``; the folder is not pickled into data.pt, and
+    the completion records never see it (a cache read is no input: the next run is not stale)."""
+    run = Run(dataset="toy", profile="quick", dir=tmp_path, params={}, seed=0, device=torch.device("cpu"))
+    run.save_data(_fresh(toy_data), {})
+    folder = tmp_path.joinpath(*TABLE_CACHE)
+    assert run.data.table_dir == folder
+    reloaded = Run(dataset="toy", profile="quick", dir=tmp_path, params={}, seed=0, device=torch.device("cpu"))
+    assert reloaded.data.table_dir == folder and reloaded.data is not run.data
+    assert torch.load(tmp_path / "data.pt", weights_only=False).table_dir is None
+    model = transition.Transition(window=3)
+    model.fit(reloaded.data)
+    model.table(reloaded.data.context("valid"))
+    (path,) = folder.glob("transition-*.npz")
+    assert tracking.Notes(tmp_path / "notes.json", tmp_path).relative(path) is None
+    assert not any(p.startswith(".cache") for p in state.fingerprint(tmp_path))
