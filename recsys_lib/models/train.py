@@ -8,8 +8,10 @@ context (recsys_lib.protocol.evaluate.Evaluator).
 from __future__ import annotations
 
 import copy
+import hashlib
 import os
 import time
+from collections import OrderedDict
 from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -66,6 +68,73 @@ def adam(params, lr: float, weight_decay: float = 0.0) -> torch.optim.Adam:
     return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, fused=fused)
 
 
+@dataclass(frozen=True)
+class Membership:
+    """Who knows what, for `NegativeSampler`: the known matrix (sorted, no duplicates), its sorted
+    pair keys ``user * n_items + item`` and, for ``lookup="bitmap"``, their packed bitmap. Read
+    only (the arrays are locked), so samplers of the same rows share one."""
+
+    known: sp.csr_matrix
+    keys: np.ndarray
+    bits: np.ndarray | None
+    n_items: int
+
+
+MEMBERSHIP_CACHE = 2       # memberships a process keeps (`membership`): the train rows and the label window's
+_MEMBERSHIPS: "OrderedDict[tuple, Membership]" = OrderedDict()
+MEMBERSHIP_STATS = {"built": 0, "reused": 0}   # counted, so a test can see the cache hit
+
+
+def _known_digest(known: sp.csr_matrix) -> str:
+    """A content hash of a canonical csr matrix (shape, row pointers, column indices): two
+    matrices of the same known pairs, built apart (``data.train.matrix`` makes a new one each
+    call), hash the same, and any other pairs do not."""
+    h = hashlib.sha256(f"{known.shape};{known.indptr.dtype.str};{known.indices.dtype.str};".encode())
+    h.update(memoryview(np.ascontiguousarray(known.indptr)).cast("B"))
+    h.update(memoryview(np.ascontiguousarray(known.indices)).cast("B"))
+    return h.hexdigest()
+
+
+def membership(known: sp.csr_matrix, lookup: str, cache: bool = True) -> Membership:
+    """The `Membership` of ``known`` for ``lookup`` ("bitmap" or "search"), built once per process
+    for the same known pairs: the last ``MEMBERSHIP_CACHE`` are kept, keyed by their content
+    (`_known_digest`). Why: every MF, NeuMF and two-tower fit made its own sampler, and at ML-32M
+    size the bitmap alone took 8.7 s and 412 MiB each, for the same train rows in every fit of a
+    search. The sampler only reads it, so a shared one draws the same negatives as its own.
+    ``cache=False`` builds a fresh one (the old path; tests and benchmarks)."""
+    canonical = isinstance(known, sp.csr_matrix) and known.has_canonical_format   # train.matrix's are
+    mat = known
+    if not canonical:
+        mat = sp.csr_matrix(known, copy=True)
+        mat.sum_duplicates()                                 # sorted column indices per row
+    key = (_known_digest(mat), lookup) if cache else None
+    if key is not None and key in _MEMBERSHIPS:
+        _MEMBERSHIPS.move_to_end(key)
+        MEMBERSHIP_STATS["reused"] += 1
+        return _MEMBERSHIPS[key]
+    if mat is known:
+        mat = sp.csr_matrix(known, copy=True)                # the caller's matrix stays theirs
+    coo = mat.tocoo()
+    n_items = mat.shape[1]
+    keys = np.unique(coo.row.astype(np.int64) * n_items + coo.col)
+    n_bytes = (mat.shape[0] * n_items + 7) // 8
+    bits = packed_bitmap(keys, n_bytes) if lookup == "bitmap" else None
+    for a in (mat.data, mat.indices, mat.indptr, keys) + ((bits,) if bits is not None else ()):
+        a.flags.writeable = False
+    m = Membership(known=mat, keys=keys, bits=bits, n_items=n_items)
+    MEMBERSHIP_STATS["built"] += 1
+    if key is not None:
+        while len(_MEMBERSHIPS) >= MEMBERSHIP_CACHE:
+            _MEMBERSHIPS.popitem(last=False)
+        _MEMBERSHIPS[key] = m
+    return m
+
+
+def clear_membership_cache() -> None:
+    """Drop the kept memberships (their memory goes with the last sampler that holds one)."""
+    _MEMBERSHIPS.clear()
+
+
 class NegativeSampler:
     """Uniform negatives that exclude each user's known items.
 
@@ -77,22 +146,21 @@ class NegativeSampler:
     ``max_bitmap_bytes`` (412 MiB at ml-32m's 52.7k x 65.6k): a lookup is one gather, against a
     binary search of every known pair (``lookup="search"``, the fallback for larger grids): one
     4,096 x 4 MF batch drew in 0.3 ms against 11.4 ms at that size (``make bench-speedups``). Both
-    give the same answers, so the same random stream draws the same negatives."""
+    give the same answers, so the same random stream draws the same negatives.
+
+    The membership (matrix, keys, bitmap) is built once per process for the same known pairs and
+    shared (`membership`); each sampler has its own random stream only."""
 
     def __init__(self, known: sp.csr_matrix, seed: int = 0, rounds: int = 5, lookup: str = "auto",
-                 max_bitmap_bytes: int = 2 ** 30):
-        self.known = sp.csr_matrix(known, copy=True)
-        self.known.sum_duplicates()                          # sorted column indices per row
-        coo = self.known.tocoo()
-        self.n_items = self.known.shape[1]
-        self.keys = np.unique(coo.row.astype(np.int64) * self.n_items + coo.col)
-        self.rng = np.random.default_rng(seed)
-        self.rounds = rounds
+                 max_bitmap_bytes: int = 2 ** 30, cache: bool = True):
         if lookup not in ("auto", "bitmap", "search"):
             raise ValueError(f"NegativeSampler lookup must be auto, bitmap or search, got {lookup!r}")
-        n_bytes = (self.known.shape[0] * self.n_items + 7) // 8
+        self.rng = np.random.default_rng(seed)
+        self.rounds = rounds
+        n_bytes = (known.shape[0] * known.shape[1] + 7) // 8
         self.lookup = lookup if lookup != "auto" else ("bitmap" if n_bytes <= max_bitmap_bytes else "search")
-        self.bits = packed_bitmap(self.keys, n_bytes) if self.lookup == "bitmap" else None
+        m = membership(known, self.lookup, cache)
+        self.known, self.keys, self.bits, self.n_items = m.known, m.keys, m.bits, m.n_items
 
     def is_known(self, users: np.ndarray, items: np.ndarray) -> np.ndarray:
         keys = users.astype(np.int64) * self.n_items + items

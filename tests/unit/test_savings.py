@@ -1,7 +1,6 @@
 """Issue 41, item 3: exact savings at ML-32M size, each against the path it replaced
 (tests/unit/old_paths.py): the transition table counted without sorting every pair and kept in
-the run folder, the blend searched on each member's top candidates with an exactness check, and
-the negative sampler's membership built once per process for the same train rows. Every test
+the run folder, and the negative sampler's membership built once per process for the same train rows. Every test
 asserts the same arrays, weights and metrics bit for bit, and that the cache was hit (a counter,
 not a timing)."""
 from __future__ import annotations
@@ -10,6 +9,7 @@ import dataclasses
 import pickle
 
 import numpy as np
+import scipy.sparse as sp
 import pytest
 import torch
 
@@ -151,3 +151,73 @@ def test_the_run_keeps_tables_in_a_folder_no_record_reads(toy_data, tmp_path):
     (path,) = folder.glob("transition-*.npz")
     assert tracking.Notes(tmp_path / "notes.json", tmp_path).relative(path) is None
     assert not any(p.startswith(".cache") for p in state.fingerprint(tmp_path))
+
+
+# ---------------------------------------------------------------- (c) the negative sampler
+def _known(seed: int = 0, n_users: int = 50, n_items: int = 70) -> sp.csr_matrix:
+    rng = np.random.default_rng(seed)
+    m = (rng.random((n_users, n_items)) < 0.3) | (np.arange(n_items) < 3)
+    m[0, :] = True                                                    # a user who knows every item
+    m[1, :-1] = True                                                  # one with a single unknown item
+    return sp.csr_matrix(m.astype(np.float32))
+
+
+@pytest.mark.parametrize("lookup", ["bitmap", "search"])
+def test_samplers_of_the_same_rows_share_one_membership_and_draw_the_same(lookup):
+    """A second sampler of the same known pairs (another matrix object, as every fit builds) reuses
+    the first's membership, and draws what a sampler built from scratch draws (the old path)."""
+    from recsys_lib.models import train
+    train.clear_membership_cache()
+    known = _known()
+    before = dict(train.MEMBERSHIP_STATS)
+    first = train.NegativeSampler(known, seed=3, lookup=lookup)
+    second = train.NegativeSampler(_known(), seed=3, lookup=lookup)   # equal content, new object
+    assert train.MEMBERSHIP_STATS["built"] == before["built"] + 1
+    assert train.MEMBERSHIP_STATS["reused"] == before["reused"] + 1
+    assert second.keys is first.keys and second.known is first.known
+    assert (second.bits is first.bits) if lookup == "bitmap" else second.bits is None
+    old = train.NegativeSampler(_known(), seed=3, lookup=lookup, cache=False)
+    assert train.MEMBERSHIP_STATS["built"] == before["built"] + 2   # the old path builds its own
+    assert old.keys is not first.keys and np.array_equal(old.keys, first.keys)
+    if lookup == "bitmap":
+        assert np.array_equal(old.bits, first.bits)
+    assert (old.known != first.known).nnz == 0
+    users = np.random.default_rng(9).integers(0, 50, 500)
+    for _ in range(3):
+        want = old.sample(users, 4)
+        assert np.array_equal(second.sample(users, 4), want)
+    known.data[:10] = 0                                                # the caller's matrix stays theirs
+    known.eliminate_zeros()
+    assert np.array_equal(first.keys, old.keys)
+    other = train.NegativeSampler(_known(seed=1), seed=3, lookup=lookup)
+    assert other.keys is not first.keys                                # other rows: built again
+    assert not first.keys.flags.writeable
+
+
+def test_positive_batches_of_one_split_build_the_membership_once(toy_data):
+    """MF's and NeuMF's batches: every fit of a search on the same train rows shares it, and the
+    negatives are those of the old path."""
+    from recsys_lib.models import train
+    train.clear_membership_cache()
+    before = dict(train.MEMBERSHIP_STATS)
+    draws = []
+    for _ in range(3):
+        batches, _ = train.positive_batches(toy_data, 256, 2, seed=5, device=torch.device("cpu"))
+        draws.append([neg.numpy() for _, _, neg in batches(0)])
+    assert train.MEMBERSHIP_STATS["built"] == before["built"] + 1
+    assert train.MEMBERSHIP_STATS["reused"] == before["reused"] + 2
+    old = train.NegativeSampler(toy_data.train.matrix(toy_data.n_users, toy_data.n_items), seed=5, cache=False)
+    users = torch.from_numpy(toy_data.train.user[toy_data.train.positive]).long()
+    gen = torch.Generator().manual_seed(5)
+    want = [old.sample(users[idx].numpy(), 2) for idx in train.permuted_batches(len(users), 256, gen)]
+    for got in draws:
+        assert all(np.array_equal(g, w) for g, w in zip(got, want)) and len(got) == len(want)
+
+
+def test_the_membership_cache_keeps_the_last_two(monkeypatch):
+    from recsys_lib.models import train
+    train.clear_membership_cache()
+    before = dict(train.MEMBERSHIP_STATS)
+    for seed in (0, 1, 2, 0):                                          # 0 was dropped when 2 came
+        train.NegativeSampler(_known(seed), lookup="bitmap")
+    assert train.MEMBERSHIP_STATS["built"] == before["built"] + 4 and len(train._MEMBERSHIPS) == 2
