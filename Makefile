@@ -8,7 +8,7 @@ DATASET ?= synthetic
 PROFILE ?= full
 PYTEST_ARGS ?=
 
-.PHONY: venv test test-demo report report-check bench bench-data bench-eval bench-step bench-features bench-speedups lab clean-runs
+.PHONY: venv test test-demo report report-check bench bench-data bench-eval bench-step bench-features bench-speedups bench-savings lab clean-runs
 
 venv: $(STAMP)
 
@@ -54,6 +54,9 @@ bench-features: $(STAMP)
 # issue 27's exact speed-ups: the old and new code paths timed side by side, results compared
 bench-speedups: $(STAMP)
 	$(PY) scripts/bench_speedups.py
+
+bench-savings: $(STAMP)
+	$(PY) scripts/bench_savings.py
 
 bench: $(STAMP)
 	$(PY) scripts/bench_pipeline.py

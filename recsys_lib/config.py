@@ -193,6 +193,21 @@ def seed_everything(seed: int) -> None:
 
 
 THREADS_ENV = "RECSYS_TORCH_THREADS"
+LGBM_THREADS_ENV = "RECSYS_LGBM_THREADS"
+
+
+def lgbm_threads(configured: int) -> int:
+    """LightGBM's thread count: ``$RECSYS_LGBM_THREADS`` (a positive integer) when set, else the
+    params' ``reranker.lgbm.num_threads``. Why a variable beside the parameter: a machine running
+    two jobs side by side (CI's `make test` beside `make test-demo`) gives each one core without
+    editing params. The booster is trained with ``deterministic`` and ``force_row_wise``, so it
+    is the same tree for tree under any thread count (tests/unit/test_lgbm_threads.py)."""
+    value = os.environ.get(LGBM_THREADS_ENV, "").strip()
+    if not value:
+        return int(configured)
+    if not value.isdigit() or int(value) < 1:
+        raise ConfigError(f"{LGBM_THREADS_ENV}={value!r}: expected a positive integer (LightGBM threads), or unset")
+    return int(value)
 
 
 def torch_threads() -> int:

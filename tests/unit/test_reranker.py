@@ -755,3 +755,24 @@ def test_recent_taste_scores_come_from_the_users_last_rows(setup):
     assert (n_known > n).any() and not np.allclose(got[n_known > n], full[n_known > n])
     np.testing.assert_allclose(X[:, names.index(f"ease_last{recent[-1]}_score")][n_known <= recent[-1]],
                                full[n_known <= recent[-1]], rtol=1e-5, atol=1e-6)
+
+
+def test_lgbm_threads_variable_sets_the_count_and_keeps_the_booster(setup, monkeypatch):
+    """``RECSYS_LGBM_THREADS`` overrides ``num_threads`` (CI gives each of two side-by-side jobs one
+    core); with ``deterministic`` and ``force_row_wise`` the trees are the same under 1 and 2 threads."""
+    from recsys_lib import config
+    monkeypatch.delenv(config.LGBM_THREADS_ENV, raising=False)
+    assert config.lgbm_threads(2) == 2
+    boosters = {}
+    for threads in ("1", "2"):
+        monkeypatch.setenv(config.LGBM_THREADS_ENV, threads)
+        assert config.lgbm_threads(2) == int(threads)
+        cfg = R.from_params(SECTION, "lgbm", seed=0)
+        with guard.fitting("reranker", allow=("train", "valid")):
+            model = S.fit_reranker(cfg, setup["inputs"], setup["data"], retriever=setup["retriever"], **setup["split"])
+        boosters[threads] = (model.booster_str.split("parameters:")[0], model.score(setup["inputs"]))
+    assert boosters["1"][0] == boosters["2"][0]                          # the trees, not the thread line
+    np.testing.assert_array_equal(boosters["1"][1], boosters["2"][1])
+    monkeypatch.setenv(config.LGBM_THREADS_ENV, "two")
+    with pytest.raises(ConfigError, match="RECSYS_LGBM_THREADS"):
+        config.lgbm_threads(2)

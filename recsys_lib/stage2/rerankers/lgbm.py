@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from ...config import lgbm_threads
 from .. import features as rf
 from ..inputs import Prepared, StageInputs, WindowLists
 from ..ranking import RepeatedTopK, ndcg_of
@@ -33,7 +34,7 @@ class LGBMReranker(Reranker):
         if self._booster is None:
             import lightgbm as lgb
             self._booster = lgb.Booster(model_str=self.booster_str)
-        return self._booster.predict(X, num_threads=self.cfg.num_threads).astype(np.float64)
+        return self._booster.predict(X, num_threads=lgbm_threads(self.cfg.num_threads)).astype(np.float64)
 
     def importance(self) -> pd.Series:
         """Total gain of each feature column over the booster's splits (0 for dropped columns)."""
@@ -79,7 +80,7 @@ class LGBMReranker(Reranker):
 
         params = dict(objective="lambdarank", metric="None", learning_rate=cfg.learning_rate,
                       num_leaves=cfg.num_leaves, min_data_in_leaf=cfg.min_child_samples, seed=cfg.seed,
-                      deterministic=True, force_row_wise=True, num_threads=cfg.num_threads, verbose=-1)
+                      deterministic=True, force_row_wise=True, num_threads=lgbm_threads(cfg.num_threads), verbose=-1)
         X_train, y_train, n_window = X[tr], p.y[tr], 0
         if window is not None:                            # label-window lists, less the held-out users'
             rows, sizes = window.groups(p.held_users)
