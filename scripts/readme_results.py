@@ -13,7 +13,13 @@ docs/PROTOCOL.md first, the two-stage system against the blend, then the seconda
 single-stage model on validation, then one sentence on the exploratory rest), the seeds' sentence
 (``report.seeds.abstract_sentences``: how many, and the primary comparison over seeds and users) and the commit and
 command of the run. The re-ranker variants that were not chosen (``two_stage_<variant>``) stay in
-the report. Run it after ``make report DATASET=...``::
+the report.
+
+The README's answer is generated too, between ``<!-- answer -->`` and ``<!-- /answer -->``
+(`answer_block`): the primary comparison on every real data set with a block and a report, over its
+seeds and users, then the demo's; the secondary; what each stage adds (each ablation over seeds and
+users, from ``analysis/seeds.json``). Its words follow the CIs, whichever way they fall.
+Run it after ``make report DATASET=...``::
 
     .venv/bin/python scripts/readme_results.py            # every block whose report exists, in every file
     .venv/bin/python scripts/readme_results.py --check    # exit 1 if a block is out of date
@@ -34,6 +40,12 @@ from recsys_lib.report.text import headline
 #: the files holding result blocks: the README (the real data sets) and the manual (the demo)
 FILES = (config.PROJECT_ROOT / "README.md", config.PROJECT_ROOT / "docs" / "running.md")
 BLOCK = re.compile(r"(<!-- results: (?P<dataset>[\w.-]+) -->\n)(?P<body>.*?)(<!-- /results -->)", re.S)
+ANSWER = re.compile(r"(<!-- answer -->\n)(?P<body>.*?)(<!-- /answer -->)", re.S)
+#: the embedded demo: stated after the real data sets, as not evidence about real users
+DEMO = "synthetic"
+#: what each ablation takes out, in the answer's words (35_ablations' names)
+WITHOUT = {"two_stage_no_reranker": "without the re-ranker (the candidates ordered by the blend)",
+           "two_stage_no_two_tower": "without the two-tower retriever"}
 
 
 def seeds_of(metrics: dict) -> tuple[list[int] | None, list[int] | None]:
@@ -73,9 +85,81 @@ def results_block(metrics: dict) -> str:
     return "\n".join(lines)
 
 
+def _ci(c: dict) -> str:
+    return f"{c['diff']:+.4f} [{c['lo']:+.4f}, {c['hi']:+.4f}]"
+
+
+def _says(c: dict, rival: str) -> str:
+    """The verdict of a comparison's 95% CI against ``rival``, in a few words."""
+    return (f"beats {rival}" if c["lo"] > 0 else f"is beaten by {rival}" if c["hi"] < 0
+            else f"does not separate from {rival}")
+
+
+def _over(summary: dict, metrics: dict) -> str:
+    n = len(summary.get("seeds") or [])
+    ran, planned = seeds_of(metrics)
+    of = f" of the {len(planned)} planned" if planned and ran is not None and len(planned) > n else ""
+    users = (seeds.comparison(summary, "primary") or {}).get("n_users")
+    return f"{n} seed{'s' if n != 1 else ''}{of}" + (f", {users:,} test users" if users else "")
+
+
+def answer_block(reports: dict[str, dict]) -> str | None:
+    """The README's answer (ends with a newline) from each data set's ``metrics.json`` (``reports``:
+    data set -> metrics, the real ones in the README's order, the demo last); None when none of
+    them has its seeds' summary. Every number is a paired difference, two-stage system minus the
+    other, with its 95% CI over seeds and users (`report.seeds`)."""
+    rows = [(d, m, m.get("seeds")) for d, m in reports.items() if m.get("seeds")]
+    rows = [r for r in rows if seeds.comparison(r[2], "primary")]
+    if not rows:
+        return None
+
+    def name(d: str) -> str:
+        return "the synthetic demo" if d == DEMO else d
+
+    def over(d: str, m: dict, sm: dict) -> str:
+        return _over(sm, m) + ("; not evidence about real users" if d == DEMO else "")
+
+    primary = "; ".join(f"on {name(d)} it {_says(seeds.comparison(s, 'primary'), 'the blend')}, "
+                        f"{_ci(seeds.comparison(s, 'primary'))} ({over(d, m, s)})" for d, m, s in rows)
+    second = "; ".join(f"on {name(d)} it {_says(c, c['against'])}, {_ci(c)}"
+                       for d, m, s in rows if (c := seeds.comparison(s, "secondary")))
+    stages = []
+    for key, words in WITHOUT.items():
+        found = [(d, c) for d, m, s in rows for c in s.get("comparisons", []) if c["role"] == "ablation"
+                 and c["against"] == key]
+        if found:
+            stages.append(f"{words}, the full system minus it: " + ", ".join(
+                f"{_ci(c)} on {name(d)}" for d, c in found))
+    lines = ["**The answer.** The two-stage system against the z-scored blend of the single-stage models (the "
+             "primary comparison, named in advance in the [protocol](docs/PROTOCOL.md): the like-for-like rival of "
+             f"a re-ranker that takes all their scores as features): {primary}. Each figure is the paired difference in test nDCG@10, "
+             "two-stage minus the other, with its 95% CI over seeds and users."]
+    if second:
+        lines.append(f"Against the secondary, the strongest single-stage model on validation: {second}. Every "
+                     "other comparison is exploratory.")
+    if stages:
+        lines.append("What each stage adds (exploratory, over seeds and users): " + "; ".join(stages) + ".")
+    commits = sorted({(m.get("git_commit") or "unknown")[:7] for _, m, _ in rows})
+    lines.append(f"Generated by `scripts/readme_results.py` from the reports' `metrics.json` (commit "
+                 f"{', '.join(f'`{c}`' for c in commits)}).")
+    return "\n".join(lines) + "\n"
+
+
 def update(readme: str, reports: Path) -> tuple[str, list[str]]:
-    """The README with every block whose report exists rewritten, and the data sets rewritten."""
+    """The README with every block whose report exists rewritten (and the answer, where the file
+    has one), and the data sets rewritten."""
     done = []
+    found = {}
+    for m in BLOCK.finditer(readme):
+        path = reports / m["dataset"] / "metrics.json"
+        if path.exists():
+            found[m["dataset"]] = json.loads(path.read_text())
+    demo = reports / DEMO / "metrics.json"
+    if DEMO not in found and demo.exists():
+        found[DEMO] = json.loads(demo.read_text())
+    answer = answer_block({d: m for d, m in found.items() if d != DEMO} | ({DEMO: found[DEMO]} if DEMO in found else {}))
+    if answer is not None:
+        readme = ANSWER.sub(lambda m: m[1] + answer + m[3], readme)
 
     def repl(m: re.Match) -> str:
         path = reports / m["dataset"] / "metrics.json"

@@ -11,7 +11,8 @@ seeds are drawn with replacement and, independently, ``U`` users with replacemen
 every run scored, the same users for every drawn seed (every seed scores the same users); the
 statistic is the mean of the drawn per-user differences. So the interval widens with the spread
 between seeds as well as with the spread between users, and with one seed it is the usual paired
-bootstrap over users.
+bootstrap over users. The ablations (35_ablations) are tested the same way, the full system minus
+each, as exploratory rows (role ``ablation``): what each stage adds, over seeds.
 """
 from __future__ import annotations
 
@@ -152,7 +153,18 @@ def seed_summary(run_dir: str | os.PathLike, first_seed: int, seeds: list[int] |
         res = paired_over_seeds(runs, target, row["against"], n_resamples, seed, "test", metric)
         if res is not None:
             out["comparisons"].append({"role": row["role"], **res})
+    for name in ablation_names(runs[int(first_seed)]):          # exploratory: what each stage adds
+        res = paired_over_seeds(runs, target, name, n_resamples, seed, "test", metric)
+        if res is not None:
+            out["comparisons"].append({"role": "ablation", **res})
     return out
+
+
+def ablation_names(run: Path) -> list[str]:
+    """The ablations a run recorded (35_ablations: metrics records with an ``ablation`` field), in
+    name order. Tested over seeds like the comparisons named in advance, but exploratory: they are
+    parts of the system, not rivals (report/ablation.py)."""
+    return [name for name, r in _records(run).items() if r.get("ablation")]
 
 
 def comparison(summary: dict, role: str) -> dict | None:

@@ -82,3 +82,44 @@ def test_readme_results_are_written_from_metrics_json(tmp_path):
     assert '`python -m recsys_lib.pipeline --dataset ml-latest-small --profile full --set "seeds=[42,43]"`' in fewer
     planned = config.load_params("full", "ml-latest-small")["seeds"]
     assert "make report DATASET=ml-latest-small`" in mod.results_block({**metrics, "params": {"seeds": planned}})
+
+
+def test_readme_answer_is_generated_from_every_report_and_follows_the_cis(tmp_path):
+    """The README's answer names the primary comparison on each real data set, then the demo, with
+    the verdict its CI gives (whichever way it falls), the secondary, and each ablation."""
+    import importlib.util
+    import json
+    spec = importlib.util.spec_from_file_location("readme_results", ROOT / "scripts" / "readme_results.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+
+    def summary(primary, ablation=None):
+        comps = [{"role": "primary", "against": "blend", "n_users": 500, **primary},
+                 {"role": "secondary", "against": "ease", "diff": -0.03, "lo": -0.05, "hi": -0.01, "n_users": 500}]
+        if ablation:
+            comps.append({"role": "ablation", "against": "two_stage_no_reranker", **ablation})
+        return {"seeds": [42, 43, 44, 45, 46], "first_seed": 42, "comparisons": comps}
+
+    reports = {"ml-100k": {"dataset": "ml-100k", "git_commit": "1234567abc", "params": {"seeds": [42, 43, 44, 45, 46]},
+                           "seeds": summary({"diff": 0.002, "lo": -0.004, "hi": 0.008},
+                                            {"diff": 0.011, "lo": 0.004, "hi": 0.019})},
+               "ml-latest-small": {"dataset": "ml-latest-small", "git_commit": "1234567abc",
+                                   "seeds": summary({"diff": 0.013, "lo": 0.005, "hi": 0.021})},
+               "synthetic": {"dataset": "synthetic", "git_commit": "1234567abc",
+                             "seeds": summary({"diff": -0.02, "lo": -0.03, "hi": -0.01})}}
+    for name, metrics in reports.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.json").write_text(json.dumps({**metrics, "models": {}}))
+    readme = ("<!-- answer -->\nold words\n<!-- /answer -->\n<!-- results: ml-latest-small -->\nx\n<!-- /results -->\n"
+              "<!-- results: ml-100k -->\ny\n<!-- /results -->\n")
+    new, _ = mod.update(readme, tmp_path)
+    answer = new.split("<!-- /answer -->")[0]
+    assert "old words" not in answer
+    assert answer.index("on ml-latest-small it beats the blend, +0.0130 [+0.0050, +0.0210]") \
+        < answer.index("on ml-100k it does not separate from the blend, +0.0020 [-0.0040, +0.0080]") \
+        < answer.index("on the synthetic demo it is beaten by the blend, -0.0200")    # README order, the demo last
+    assert "not evidence about real users" in answer and "5 seeds, 500 test users" in answer
+    assert "on ml-100k it is beaten by ease, -0.0300" in answer
+    assert "without the re-ranker (the candidates ordered by the blend), the full system minus it: +0.0110 " \
+           "[+0.0040, +0.0190] on ml-100k" in answer
+    assert "`1234567`" in answer and mod.update(new, tmp_path)[0] == new

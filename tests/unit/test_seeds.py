@@ -80,9 +80,10 @@ def test_summary_reads_every_seed_and_tests_the_named_comparisons(tmp_path):
     users = np.arange(40)
     rng = np.random.default_rng(2)
     for s, run in ((42, tmp_path), (7, tmp_path / "seeds" / "7")):
-        for name, base in (("two_stage", 0.3), ("blend", 0.25), ("ease", 0.2)):
+        for name, base in (("two_stage", 0.3), ("blend", 0.25), ("ease", 0.2), ("two_stage_no_reranker", 0.26)):
             vals = np.clip(base + rng.normal(0, 0.05, size=len(users)), 0, 1)
-            _write(run, name, {"seed": s, "valid": {"ndcg@10": base}, "test": {"ndcg@10": float(vals.mean())}})
+            extra = {"ablation": {"without": "reranker"}} if name.endswith("no_reranker") else {}
+            _write(run, name, {"seed": s, "valid": {"ndcg@10": base}, "test": {"ndcg@10": float(vals.mean())}, **extra})
             (run / "per_user").mkdir(exist_ok=True)
             pd.DataFrame({"user": users, "ndcg@10": vals}).to_parquet(run / "per_user" / f"{name}-test.parquet")
     (tmp_path / "analysis").mkdir()
@@ -95,4 +96,8 @@ def test_summary_reads_every_seed_and_tests_the_named_comparisons(tmp_path):
     assert primary["against"] == "blend" and primary["n_seeds"] == 2 and primary["n_users"] == 40
     assert primary["lo"] < primary["diff"] < primary["hi"] and primary["diff"] > 0
     assert "Over 2 seeds (42, 7;" in seeds.abstract_sentences(out)
-    assert len(seeds.comparison_frame(out)) == 2 and list(seeds.spread_frame(out, "test", ["two_stage"])["model"])[0] == "two_stage"
+    ablated = seeds.comparison(out, "ablation")                 # what the stage adds, over seeds too
+    assert ablated["against"] == "two_stage_no_reranker" and ablated["n_seeds"] == 2 and ablated["diff"] > 0
+    assert [c["role"] for c in out["comparisons"]] == ["primary", "secondary", "ablation"]
+    assert "ablation" not in seeds.abstract_sentences(out)
+    assert len(seeds.comparison_frame(out)) == 3 and list(seeds.spread_frame(out, "test", ["two_stage"])["model"])[0] == "two_stage"
