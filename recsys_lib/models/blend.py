@@ -88,17 +88,34 @@ class Blend(Recommender):
         return out                                                       # (B, n_items)
 
 
+def zscore_batches(model: Recommender, users: np.ndarray, ctx: ScoringContext, batch_users: int = 1024):
+    """Yield ``model``'s (b, n_items) float32 z-scores (`unseen_zscore`) of ``users``, ``batch_users``
+    rows at a time, in order."""
+    for s in range(0, len(users), batch_users):
+        b = torch.from_numpy(users[s:s + batch_users])
+        yield unseen_zscore(model.score_all(b, ctx).float().cpu(), ctx.seen, b.numpy()).numpy()
+
+
 def member_scores(members: dict[str, Recommender], users: np.ndarray, ctx: ScoringContext,
                   batch_users: int = 1024) -> dict[str, np.ndarray]:
     """Each member's (U, n_items) float32 z-scores of ``users`` (their seen items -inf for ranking)."""
-    out = {}
-    for name, model in members.items():
-        rows = []
-        for s in range(0, len(users), batch_users):
-            b = torch.from_numpy(users[s:s + batch_users])
-            rows.append(unseen_zscore(model.score_all(b, ctx).float().cpu(), ctx.seen, b.numpy()).numpy())
-        out[name] = np.concatenate(rows)
-    return out
+    return {name: np.concatenate(list(zscore_batches(model, users, ctx, batch_users)))
+            for name, model in members.items()}
+
+
+def batch_ndcg(z_rows: dict[str, np.ndarray], weights: dict[str, float], seen_rows: sp.csr_matrix,
+               positives: sp.csr_matrix, k: int = 10, blocked_rows: torch.Tensor | None = None) -> np.ndarray:
+    """Per-user nDCG@k of one batch of users: the blend of their z-score rows ``z_rows`` with
+    ``weights`` (summed in the weights' order), their seen items (``seen_rows``) and, when given,
+    ``blocked_rows`` ((b, n_items) bool: outside the causal catalogue) masked."""
+    total = sum(w * z_rows[n] for n, w in weights.items() if w > 0)
+    t = torch.from_numpy(np.ascontiguousarray(total, dtype=np.float32))
+    r, c = seen_rows.nonzero()
+    t[torch.from_numpy(r), torch.from_numpy(c)] = -torch.inf
+    if blocked_rows is not None:
+        t.masked_fill_(blocked_rows, -torch.inf)
+    top = torch.topk(t, k, dim=1).indices.numpy()
+    return metrics.ndcg_at_k(metrics.ranked_hits(top, positives), np.diff(positives.indptr), k)
 
 
 def blend_ndcg(z: dict[str, np.ndarray], weights: dict[str, float], seen_rows: sp.csr_matrix,
@@ -110,35 +127,54 @@ def blend_ndcg(z: dict[str, np.ndarray], weights: dict[str, float], seen_rows: s
     per_user = []
     for a in range(0, seen_rows.shape[0], int(batch_users)):
         b = slice(a, a + int(batch_users))
-        total = sum(w * z[n][b] for n, w in weights.items() if w > 0)
-        t = torch.from_numpy(np.ascontiguousarray(total, dtype=np.float32))
-        r, c = seen_rows[b].nonzero()
-        t[torch.from_numpy(r), torch.from_numpy(c)] = -torch.inf
-        if blocked is not None:
-            t.masked_fill_(blocked(b), -torch.inf)
-        top = torch.topk(t, k, dim=1).indices.numpy()
-        pos = positives[b]
-        per_user.append(metrics.ndcg_at_k(metrics.ranked_hits(top, pos), np.diff(pos.indptr), k))
+        per_user.append(batch_ndcg({n: z[n][b] for n in z}, weights, seen_rows[b], positives[b], k,
+                                   None if blocked is None else blocked(b)))
     return float(np.concatenate(per_user).mean())
 
 
+#: above this many bytes of z-score tables (members x users x items, float32), `tune` keeps them on
+#: disk (`models.blend_spill`) when given a folder: ML-32M's validation users make ~14 GB
+IN_MEMORY_BYTES = 2 * 1024 ** 3
+
+
 def tune(members: dict[str, Recommender], labels, steps: int = 20, batch_users: int = 1024,
-         verbose: bool = True) -> tuple[Blend, pd.DataFrame]:
+         verbose: bool = True, spill_dir=None,
+         in_memory_bytes: int = IN_MEMORY_BYTES) -> tuple[Blend, pd.DataFrame]:
     """Greedy forward selection of simplex weights (multiples of 1/steps) on ``labels`` (validation:
-    `protocol.evaluate.Labels`) -> (the blend of the best prefix, one table row per step)."""
-    z = member_scores(members, labels.users, labels.ctx, batch_users)
+    `protocol.evaluate.Labels`) -> (the blend of the best prefix, one table row per step).
+
+    The members' z-score tables are held in memory, or, when they would pass ``in_memory_bytes``
+    and ``spill_dir`` is given, written there and read back a batch of users at a time
+    (`blend_spill.SpilledTables`): the same float operations on the same rows, so the same table
+    and weights, bit for bit (tests/unit/test_savings.py), with memory bounded by the batch."""
     seen = labels.ctx.seen[labels.users]
     cat = getattr(labels.ctx, "catalogue", None)                       # the causal catalogue, if any
     blocked = None if cat is None else (lambda rows: cat.blocked(labels.users[rows]))
-    counts = {n: 0 for n in members}
+    size = 4 * len(members) * len(labels.users) * int(labels.n_items)
+    if spill_dir is not None and size > in_memory_bytes:
+        from .blend_spill import SpilledTables            # imported only by a run this large
+        tables = SpilledTables(members, labels, spill_dir, batch_users, blocked)
+        try:
+            return greedy(list(members), tables.evaluate, members, steps, verbose)
+        finally:
+            tables.remove()
+    z = member_scores(members, labels.users, labels.ctx, batch_users)
+
+    def evaluate(trials: list[dict[str, float]]) -> list[float]:
+        return [blend_ndcg(z, w, seen, labels.positives, batch_users=batch_users, blocked=blocked) for w in trials]
+    return greedy(list(members), evaluate, members, steps, verbose)
+
+
+def greedy(names: list[str], evaluate, members: dict[str, Recommender], steps: int,
+           verbose: bool) -> tuple[Blend, pd.DataFrame]:
+    """The greedy search itself: at each step, ``evaluate`` (a list of trial weights -> their
+    validation nDCG@10) scores adding 1/steps to each member in turn; ties go to the earlier member."""
+    counts = {n: 0 for n in names}
     rows, best = [], (-np.inf, dict(counts))
     for step in range(1, int(steps) + 1):
-        tried = {}
-        for name in members:
-            trial = {**counts, name: counts[name] + 1}
-            tried[name] = blend_ndcg(z, {n: c / step for n, c in trial.items()}, seen, labels.positives,
-                                     batch_users=batch_users, blocked=blocked)
-        pick = max(tried, key=lambda n: (tried[n], -list(members).index(n)))   # ties: the earlier member
+        trials = [{n: c / step for n, c in {**counts, name: counts[name] + 1}.items()} for name in names]
+        tried = dict(zip(names, evaluate(trials)))
+        pick = max(tried, key=lambda n: (tried[n], -names.index(n)))   # ties: the earlier member
         counts[pick] += 1
         rows.append({"step": step, "added": pick, "valid_metric": tried[pick],
                      **{f"w_{n}": c / step for n, c in counts.items()}})

@@ -8,6 +8,8 @@
         per_user/<name>-<period>.parquet   per-user metrics and top-10 lists (paired bootstrap)
         candidates/<period>.parquet        retriever candidates for the re-ranker
         curves/<name>.json        training curves
+        .cache/blend/             17_blend's z-score tables while its search runs, when too large
+                                  for memory (`models.blend_spill`); removed after
         .cache/tables/            tables counted on the train rows (the transition model's), named by
                                   their content and options: a cache, read by any notebook that
                                   counts the same table, never an input of a notebook's record
@@ -32,7 +34,7 @@ from ..protocol import guard
 from . import tracking
 from . import launch
 from .layout import notebook_of
-from ..models import blend, tuning
+from ..models import tuning
 from ..models.registry import REGISTRY, blend_members
 from ..errors import PipelineError
 from ..protocol.evaluate import HEADLINE, EvalConfig, EvalResult, Evaluator
@@ -183,7 +185,9 @@ class Run:
     def fit_blend(self) -> tuple[Any, pd.DataFrame, dict[str, EvalResult]]:
         """The score blend of the single-stage models (`models.blend`): the members' checkpoints
         (the params' ``blend.members``, or the registry's declared members, `registry.blend_members`),
-        weights chosen on validation, scored on validation and test, recorded as ``blend``."""
+        weights chosen on validation, scored on validation and test, recorded as ``blend``. Tables too
+        large for memory go to the run's hidden ``.cache/blend/`` during the search (`blend.tune`)."""
+        from ..models import blend                  # here: the notebooks before 17_blend never load it
         cfg = blend.BlendConfig.from_params(self.params.get("blend"))
         names = list(cfg.members) or blend_members()
         members = {n: REGISTRY[n].cls.load(self.require("models", f"{n}.pt", stage=REGISTRY[n].notebook),
@@ -191,7 +195,8 @@ class Run:
         labels = self.evaluator("valid", cfg.max_users).labels          # built before the search
         t0 = time.perf_counter()
         with guard.fitting("blend"):
-            model, search = blend.tune(members, labels, cfg.steps, self.eval.batch_users)
+            model, search = blend.tune(members, labels, cfg.steps, self.eval.batch_users,
+                                       spill_dir=self.dir.joinpath(".cache", "blend"))
         fit_seconds = time.perf_counter() - t0
         summary = blend.summarize(search, model.weights, cfg.steps)
         summary["held"] = tuning.held(cfg)                               # steps, max_users: not searched

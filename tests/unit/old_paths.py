@@ -1,13 +1,17 @@
 """The code paths issue 41, item 3 replaced, kept verbatim as the reference its equality tests
 (tests/unit/test_savings.py) and its benchmark (scripts/bench_savings.py) compare the new paths
 with: the transition counts before they stopped sorting every pair (`old_transition_counts`,
-recsys_lib/models/transition.py at bcb38fe). The negative sampler's
+recsys_lib/models/transition.py at bcb38fe) and the blend's search over full users x items z-score
+tables (`old_blend_tune`, recsys_lib/models/blend.py at bcb38fe, before `blend.tune` grew the
+spilled tables of `models.blend_spill`). The negative sampler's
 old path is the library's own, uncached (``NegativeSampler(..., cache=False)``).
 Imported with tests/unit on sys.path (pytest puts it there; the benchmark adds it)."""
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 
+from recsys_lib.models import blend
 from recsys_lib.models.transition import CHUNK_PAIRS, concatenate_freeing
 
 
@@ -61,3 +65,32 @@ def old_transition_counts(rows, n_items: int, window: int, gap_decay: float = 1.
     del same
     return concatenate_freeing(out_keys), concatenate_freeing(out_weights)
 
+
+def old_blend_tune(members: dict, labels, steps: int = 20, batch_users: int = 1024,
+                   verbose: bool = False) -> tuple[blend.Blend, pd.DataFrame]:
+    """Greedy forward selection of simplex weights (multiples of 1/steps) on ``labels`` (validation:
+    `protocol.evaluate.Labels`) -> (the blend of the best prefix, one table row per step)."""
+    z = blend.member_scores(members, labels.users, labels.ctx, batch_users)
+    seen = labels.ctx.seen[labels.users]
+    cat = getattr(labels.ctx, "catalogue", None)                       # the causal catalogue, if any
+    blocked = None if cat is None else (lambda rows: cat.blocked(labels.users[rows]))
+    counts = {n: 0 for n in members}
+    rows, best = [], (-np.inf, dict(counts))
+    for step in range(1, int(steps) + 1):
+        tried = {}
+        for name in members:
+            trial = {**counts, name: counts[name] + 1}
+            tried[name] = blend.blend_ndcg(z, {n: c / step for n, c in trial.items()}, seen, labels.positives,
+                                     batch_users=batch_users, blocked=blocked)
+        pick = max(tried, key=lambda n: (tried[n], -list(members).index(n)))   # ties: the earlier member
+        counts[pick] += 1
+        rows.append({"step": step, "added": pick, "valid_metric": tried[pick],
+                     **{f"w_{n}": c / step for n, c in counts.items()}})
+        if verbose:
+            print(f"blend step {step}: + {pick} -> valid {tried[pick]:.4f}", flush=True)
+        if tried[pick] > best[0]:
+            best = (tried[pick], {n: c / step for n, c in counts.items()})
+    table = pd.DataFrame(rows)
+    table["best"] = False
+    table.loc[table["valid_metric"].idxmax(), "best"] = True          # the first best step, as kept
+    return blend.Blend(members, best[1]), table

@@ -463,3 +463,14 @@ def test_mirror_ml100k_counts(data_dir):
     assert all(isinstance(g, list) for g in ds.items["genres"])
     assert not any("unknown" in g for g in ds.items["genres"])
     assert sorted((p.name, p.stat().st_mtime_ns) for p in (MIRROR / "ml-100k").iterdir()) == before
+
+
+def test_a_real_data_set_never_loads_the_synthetic_generator():
+    """Why: a notebook's completion record lists the modules its kernel loaded, and an edit to any
+    of them reruns it (docs/running.md). The demo's generator must not be one of a real run's."""
+    import subprocess
+    import sys
+    code = ("import sys\nfrom recsys_lib import data\nfrom recsys_lib.run import experiment\n"
+            "print('recsys_lib.data.synthetic' in sys.modules, 'recsys_lib.models.blend' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "False"]                # nor do the notebooks before 17_blend the blend

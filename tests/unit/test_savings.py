@@ -1,6 +1,7 @@
 """Issue 41, item 3: exact savings at ML-32M size, each against the path it replaced
 (tests/unit/old_paths.py): the transition table counted without sorting every pair and kept in
-the run folder, and the negative sampler's membership built once per process for the same train rows. Every test
+the run folder, the blend's search on z-score tables spilt to disk when too large for memory, and
+the negative sampler's membership built once per process for the same train rows. Every test
 asserts the same arrays, weights and metrics bit for bit, and that the cache was hit (a counter,
 not a timing)."""
 from __future__ import annotations
@@ -9,11 +10,13 @@ import dataclasses
 import pickle
 
 import numpy as np
-import scipy.sparse as sp
+import pandas as pd
 import pytest
+import scipy.sparse as sp
 import torch
 
 from old_paths import old_transition_counts
+from recsys_lib import config
 from recsys_lib.models import transition
 from recsys_lib.protocol.splitdata import Period, SplitData
 from recsys_lib.run import state, tracking
@@ -151,6 +154,116 @@ def test_the_run_keeps_tables_in_a_folder_no_record_reads(toy_data, tmp_path):
     (path,) = folder.glob("transition-*.npz")
     assert tracking.Notes(tmp_path / "notes.json", tmp_path).relative(path) is None
     assert not any(p.startswith(".cache") for p in state.fingerprint(tmp_path))
+
+
+# ---------------------------------------------------------------- (b) the blend's search
+class _Fixed:
+    """A member with fixed (n_users, n_items) scores."""
+
+    def __init__(self, table):
+        self.table = torch.as_tensor(table, dtype=torch.float32)
+
+    def score_all(self, users, ctx):
+        return self.table[users].clone()
+
+
+def _blend_case(seed: int, n_users: int = 60, n_items: int = 80, blocked: bool = False):
+    """Members that agree and disagree, with exact ties (integer scores), a floored score (EASE's
+    cap), seen items, and users with few eligible items; optionally a causal catalogue."""
+    from recsys_lib.protocol.evaluate import Labels
+    from recsys_lib.protocol.splitdata import CausalCatalogue
+    rng = np.random.default_rng(seed)
+    truth = rng.random((n_users, n_items))
+    seen_m = rng.random((n_users, n_items)) < 0.2
+    seen_m[:3, :-8] = True                                            # three users with 8 unseen items
+    positives = sp.csr_matrix(((rng.random((n_users, n_items)) < 0.12) & ~seen_m).astype(np.float32))
+    members = {
+        "ties": _Fixed(rng.integers(0, 4, (n_users, n_items))),       # many exact ties
+        "good": _Fixed(positives.toarray() + 0.8 * rng.random((n_users, n_items))),
+        "pop": _Fixed(np.tile(np.sort(rng.pareto(1.0, n_items)), (n_users, 1))),
+        "capped": _Fixed(np.where(rng.random((n_users, n_items)) < 0.3, -1e6, truth)),
+        "noise": _Fixed(rng.standard_normal((n_users, n_items))),
+    }
+    seen = sp.csr_matrix(seen_m.astype(np.float32))
+    users = np.flatnonzero(np.diff(positives.indptr) > 0)
+    catalogue = None
+    if blocked:
+        catalogue = CausalCatalogue(item_first=rng.integers(0, 100, n_items), cut=rng.integers(50, 150, n_users))
+    ctx = type("Ctx", (), {"seen": seen, "period": "valid", "catalogue": catalogue})()
+    labels = Labels(period="valid", users=users, positives=positives[users], ctx=ctx, n_items=n_items)
+    return members, labels
+
+
+@pytest.mark.parametrize("seed,blocked,batch", [(0, False, 1024), (1, True, 1024), (2, False, 7), (3, True, 16),
+                                                (4, False, 13)])
+def test_the_blend_search_on_spilled_tables_equals_the_old_search_bit_for_bit(seed, blocked, batch, tmp_path):
+    """Same steps, members added, weights and validation nDCG@10 (exact floats) as the search over
+    every member's users x items table in memory (the old code, verbatim), with one user batch or
+    several, read back in other batches (``batch_bytes``), with and without a causal catalogue;
+    the spilled tables are removed after."""
+    from old_paths import old_blend_tune
+    from recsys_lib.models import blend, blend_spill
+    members, labels = _blend_case(seed, blocked=blocked)
+    want_model, want = old_blend_tune(members, labels, steps=12, batch_users=batch)
+    in_memory = blend.tune(members, labels, steps=12, batch_users=batch, verbose=False, spill_dir=tmp_path)
+    made = []
+    real = blend_spill.SpilledTables
+
+    class Small(real):                                                 # read back 5 users at a time
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k, batch_bytes=5 * 4 * 80 * len(members))
+            made.append(self)
+    blend_spill.SpilledTables = Small
+    try:
+        spilled = blend.tune(members, labels, steps=12, batch_users=batch, verbose=False, spill_dir=tmp_path,
+                             in_memory_bytes=0)
+    finally:
+        blend_spill.SpilledTables = real
+    assert len(made) == 1 and made[0].rows == 5 and not made[0].folder.exists()
+    for model, table in (in_memory, spilled):
+        pd.testing.assert_frame_equal(table, want, check_exact=True)
+        assert model.weights == want_model.weights
+    assert len(set(want["added"])) > 1
+
+
+def test_the_blend_search_of_fitted_models_equals_the_old_one(toy_data, tmp_path):
+    """The library's own members on the toy split (its causal catalogue on): popularity (ties),
+    EASE, transition and iALS; the old search, the new one in memory and on spilled tables agree
+    step for step."""
+    from old_paths import old_blend_tune
+    from recsys_lib.models import blend
+    from recsys_lib.models.ease import EASE
+    from recsys_lib.models.ials import IALS
+    from recsys_lib.models.popularity import Popularity
+    from recsys_lib.protocol.evaluate import Labels
+    members = {"popularity": Popularity(device="cpu"), "ease": EASE(device="cpu"),
+               "transition": transition.Transition(window=3, device="cpu"),
+               "ials": IALS(factors=8, iterations=3, device="cpu")}
+    for m in members.values():
+        m.fit(toy_data)
+    labels = Labels.build(toy_data, "valid")
+    assert labels.ctx.catalogue is not None
+    want_model, want = old_blend_tune(members, labels, steps=8, batch_users=64)
+    for kw in ({}, {"spill_dir": tmp_path, "in_memory_bytes": 0}):
+        got_model, got = blend.tune(members, labels, steps=8, batch_users=64, verbose=False, **kw)
+        pd.testing.assert_frame_equal(got, want, check_exact=True)
+        assert got_model.weights == want_model.weights and len(set(got["added"])) > 1
+    assert not any(tmp_path.iterdir())                                 # nothing left behind
+
+
+def test_only_a_search_too_large_for_memory_loads_the_spill_module(tmp_path):
+    import subprocess
+    import sys
+    code = ("import sys, numpy as np\n"
+            "sys.path.insert(0, 'tests/unit')\n"
+            "import test_savings as t\n"
+            "from recsys_lib.models import blend\n"
+            "members, labels = t._blend_case(0)\n"
+            f"blend.tune(members, labels, steps=2, verbose=False, spill_dir={str(tmp_path)!r})\n"
+            "print('recsys_lib.models.blend_spill' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=config.PROJECT_ROOT,
+                         check=True)
+    assert out.stdout.strip().splitlines()[-1] == "False"
 
 
 # ---------------------------------------------------------------- (c) the negative sampler
