@@ -484,6 +484,7 @@ def execute(nb: Path, run_dir: Path, shared: dict, identity: dict, params: dict,
                             f"  log: {log}")
     if machine is not None:
         figures["speed_index"] = machine["speed_index"]
+    figures["threads"] = usage.thread_settings()          # the thread variables its kernel ran under
     rec = runstate.write_record(run_dir, nb, before, identity, params, every, figures)
     console.line(f"{nb.stem} done in {usage.describe(figures)}{recorded_metrics(run_dir, rec['outputs'])}")
     return rec

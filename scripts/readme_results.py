@@ -36,6 +36,7 @@ from recsys_lib import config
 from recsys_lib.report.tables import readme_table
 from recsys_lib.report import seeds
 from recsys_lib.report.text import headline
+from recsys_lib.run.usage import THREAD_VARS
 
 #: the files holding result blocks: the README (the real data sets) and the manual (the demo)
 FILES = (config.PROJECT_ROOT / "README.md", config.PROJECT_ROOT / "docs" / "running.md")
@@ -61,6 +62,21 @@ def seeds_of(metrics: dict) -> tuple[list[int] | None, list[int] | None]:
     return list(params["seeds"] or []), list(planned or [])
 
 
+def thread_prefix(metrics: dict) -> tuple[str, str]:
+    """(the thread variables every notebook of the first seed's run recorded, as a command prefix;
+    a note when they differ or some notebooks ran before they were recorded). Float sums, and so the
+    last digits, move with thread counts: the command reproduces them only with the same settings."""
+    notebooks = ((metrics.get("run") or {}).get("notebooks") or {}).values()
+    seen = {json.dumps(nb.get("threads"), sort_keys=True) for nb in notebooks}
+    if not seen or seen == {"null"}:
+        return "", ""
+    if len(seen) > 1:
+        return "", " (its notebooks ran under different thread settings: see each record's `threads`)"
+    settings = json.loads(seen.pop())
+    order = [k for k in THREAD_VARS if k in settings] + sorted(set(settings) - set(THREAD_VARS))
+    return "".join(f"{k}={settings[k]} " for k in order), ""
+
+
 def results_block(metrics: dict) -> str:
     """The generated body of one data set's block (ends with a newline): every single-stage model
     and the two-stage system as the study reports it (``two_stage``, the chosen variant); the
@@ -76,8 +92,9 @@ def results_block(metrics: dict) -> str:
     if ran is not None and ran != planned:                  # a run over fewer (or other) seeds than params/ plan
         command = (f"python -m recsys_lib.pipeline --dataset {metrics['dataset']} --profile {metrics.get('profile') or 'full'}"
                    f" --set \"seeds=[{','.join(map(str, ran))}]\"")
+    threads = thread_prefix(metrics)
     lines = [f"Test period, {users}, every model ranking the full catalogue minus what each user rated.",
-             f"Made by `{command}` at commit `{commit}`.", "", readme_table(metrics), ""]
+             f"Made by `{threads[0]}{command}` at commit `{commit}`{threads[1]}.", "", readme_table(metrics), ""]
     if metrics.get("paired"):
         lines += [headline(metrics["paired"]), ""]
     if metrics.get("seeds"):

@@ -343,7 +343,7 @@ def forget_from(notebooks: list[Path], run_dir: Path, start: int) -> None:
     forget(notebooks, run_dir, range(start, len(notebooks)))
 
 
-USAGE_KEYS = ("seconds", "cpu_seconds", "peak_rss_gb", "speed_index")
+USAGE_KEYS = ("seconds", "cpu_seconds", "peak_rss_gb", "speed_index", "threads")
 
 
 def run_summary(notebooks: list[Path], run_dir: Path) -> dict:

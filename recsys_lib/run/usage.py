@@ -31,6 +31,10 @@ from typing import Callable, Iterable
 GB = 1024 ** 3
 #: the reference machine's figures: a 2-core AMD EPYC development machine of this project, idle, 2026-12-06
 REFERENCE = {"matmul_gflops": 70.0, "copy_gb_per_s": 22.0, "sort_mkeys_per_s": 44.0}
+#: the variables that set a run's thread counts (torch, LightGBM, OpenMP, BLAS): float sums, and so a
+#: run's last digits, move with them (docs/running.md, Determinism)
+THREAD_VARS = ("RECSYS_TORCH_THREADS", "RECSYS_LGBM_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS",
+               "MKL_NUM_THREADS")
 
 
 # ---------------------------------------------------------------- one block's cost
@@ -114,6 +118,11 @@ class Usage:
     def figures(self) -> dict:
         return {"seconds": round(self.wall, 3), "cpu_seconds": round(self.cpu, 3),
                 "peak_rss_gb": round(max(self.peak_tree, self.peak_one) / GB, 3)}
+
+
+def thread_settings() -> dict[str, str]:
+    """The thread variables set in this process's environment (those a notebook's kernel inherits)."""
+    return {k: os.environ[k] for k in THREAD_VARS if os.environ.get(k, "").strip()}
 
 
 def describe(figures: dict) -> str:

@@ -43,6 +43,8 @@ def test_metrics_json_holds_every_model_in_bounds(report):
     m = json.loads((report.parent / "metrics.json").read_text())
     assert set(MODELS) <= set(m["models"])
     assert m["git_commit"] and m["packages"]["torch"].startswith("2.13") and m["dataset_checksums"]
+    from recsys_lib.run.usage import thread_settings                 # each notebook's thread variables, recorded
+    assert {json.dumps(nb["threads"]) for nb in m["run"]["notebooks"].values()} == {json.dumps(thread_settings())}
     for name, rec in m["models"].items():
         for period in ("valid", "test"):
             s = rec[period]

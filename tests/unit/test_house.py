@@ -82,6 +82,11 @@ def test_readme_results_are_written_from_metrics_json(tmp_path):
     assert '`python -m recsys_lib.pipeline --dataset ml-latest-small --profile full --set "seeds=[42,43]"`' in fewer
     planned = config.load_params("full", "ml-latest-small")["seeds"]
     assert "make report DATASET=ml-latest-small`" in mod.results_block({**metrics, "params": {"seeds": planned}})
+    one = {"threads": {"RECSYS_TORCH_THREADS": "1", "OMP_NUM_THREADS": "1"}}     # the records' thread settings
+    threaded = mod.results_block({**metrics, "run": {"notebooks": {"00_data": one, "90_report": one}}})
+    assert "Made by `RECSYS_TORCH_THREADS=1 OMP_NUM_THREADS=1 make report DATASET=ml-latest-small` at" in threaded
+    mixed = mod.results_block({**metrics, "run": {"notebooks": {"00_data": one, "90_report": {"threads": {}}}}})
+    assert "different thread settings" in mixed and "RECSYS_TORCH_THREADS=1 make" not in mixed
 
 
 def test_readme_answer_is_generated_from_every_report_and_follows_the_cis(tmp_path):
