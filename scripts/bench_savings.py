@@ -45,6 +45,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests" / "unit"))               # old_paths: the code paths replaced
 
+from bench_speedups import random_known  # noqa: E402  (scripts/, beside this file)
+
 
 def rss_mb() -> float:
     """This process's resident memory now (Linux /proc)."""
@@ -75,16 +77,6 @@ def synthetic_rows(n_rows: int, n_users: int, n_items: int, seed: int = 0):
     ts = rng.integers(0, 10 ** 8, n_rows)
     o = np.lexsort((item, user, ts))
     return Period(user[o], item[o], rng.choice([2.0, 3.5, 4.0, 5.0], n_rows).astype(np.float32)[o], ts[o])
-
-
-def random_known(n_users: int, n_items: int, n_rows: int, seed: int = 0) -> sp.csr_matrix:
-    rng = np.random.default_rng(seed)
-    users = rng.integers(0, n_users, n_rows)
-    items = np.minimum((rng.pareto(1.2, n_rows) * n_items / 50).astype(np.int64), n_items - 1)
-    m = sp.csr_matrix((np.ones(n_rows, np.float32), (users, items)), shape=(n_users, n_items))
-    m.sum_duplicates()
-    m.data[:] = 1.0
-    return m
 
 
 class Factors:
