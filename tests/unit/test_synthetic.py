@@ -1,6 +1,7 @@
 """The synthetic MovieLens-shaped data set: format, determinism, and that it is learnable."""
 from __future__ import annotations
 
+import dataclasses
 import csv
 import re
 
@@ -107,6 +108,20 @@ def test_generate_is_idempotent_and_force_replaces(tiny, tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]   # no temp leftovers
     with pytest.raises(DataError, match="valid presets"):
         synthetic.generate("huge")
+
+
+def test_a_folder_from_an_older_definition_of_the_preset_is_written_again(tiny, tmp_path, monkeypatch):
+    """The demo preset shrank on 2026-12-06: a folder generated before must not be kept at the old size."""
+    out = synthetic.generate("tiny", seed=0, out_dir=tmp_path / "t")
+    first = (out / "ratings.csv").read_bytes()
+    smaller = dataclasses.replace(synthetic.PRESETS["tiny"], n_ratings=20_000)
+    monkeypatch.setitem(synthetic.PRESETS, "tiny", smaller)
+    synthetic.generate("tiny", seed=0, out_dir=out)
+    assert data.read_marker(out)["sizes"]["n_ratings"] == 20_000
+    assert len((out / "ratings.csv").read_text().splitlines()) == 20_000 + 1
+    monkeypatch.undo()
+    synthetic.generate("tiny", seed=0, out_dir=out)          # back to the current definition: the same bytes
+    assert (out / "ratings.csv").read_bytes() == first
 
 
 # ------------------------------------------------------------------ learnability
