@@ -24,6 +24,13 @@
    that format, to commit under ``docs/bench/`` for the next comparison. ``--compare-only
    BENCH_JSON`` runs nothing and prints a finished bench's comparison.
 
+6. ``--resume`` continues an interrupted bench in the same ``--out`` (a session that ends kills a
+   run, and the whole bench takes hours): a notebook whose completion record still holds
+   (`run.state.stale_notebooks`) and whose stage the earlier ``bench.json`` recorded without an
+   error is not run again; its stage is kept as it was measured, marked ``resumed_from`` with
+   that bench's date, commit and speed index, so seconds from two sessions are never mixed
+   unmarked. Anything stale runs, and so does every notebook after it that reads its files.
+
 The split is cached in ``data/processed/<dataset>/`` (and the ratings' Arrow cache next to it):
 a stage that found its cache is marked ``cached``; ``--fresh`` removes the run folder and the
 cached split folders (not the Arrow cache) first, so every stage does its full work.
@@ -410,6 +417,31 @@ def render_html(bench: dict) -> str:
 
 
 # ---------------------------------------------------------------- main
+def earlier_stages(path: Path, dataset: str, profile: str, overrides: list[str]) -> dict[str, dict]:
+    """{notebook: stage} of an earlier bench at ``path`` that ran the same data set, profile and
+    overrides, for the stages it finished without an error, each marked ``resumed_from`` (that
+    bench's date, commit and speed index; kept from the bench it was first measured in)."""
+    prev = _read(path)
+    if not isinstance(prev, dict) or (prev.get("dataset"), prev.get("profile"), list(prev.get("overrides") or [])) \
+            != (dataset, profile, list(overrides)):
+        return {}
+    origin = {"date": prev.get("date"), "git_commit": prev.get("git_commit"),
+              "speed_index": ((prev.get("machine") or {}).get("speed") or {}).get("speed_index")}
+    return {s["name"]: {**s, "resumed_from": s.get("resumed_from") or origin}
+            for s in prev.get("stages") or [] if not s.get("error") and s.get("name") not in ("generate", "render")}
+
+
+def is_stale(nb: Path, run_dir: Path, dataset: str, profile: str, overrides: list[str]) -> bool:
+    """Whether ``nb`` must run again in ``run_dir``, by the pipeline's own rule (its record, its
+    parameters, its inputs, the modules it loaded, and any stale notebook whose files it reads)."""
+    from recsys_lib.run import state as runstate
+    params = config.load_params(profile, dataset, overrides)
+    every = layout.notebooks()
+    shared = {"DATASET": dataset, "PROFILE": profile, "SEED": int(params["seed"]), "DEVICE": ""}
+    stale = runstate.stale_notebooks(every, run_dir, shared, params)
+    return any(every[i].stem == nb.stem for i in stale)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dataset", default=None, help="default synthetic-32m (--smoke: synthetic-tiny)")
@@ -423,6 +455,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--timeout", type=int, default=3600, help="per-cell execution timeout, seconds")
     ap.add_argument("--fresh", action="store_true",
                     help="remove the run folder and the cached split folders of the dataset first")
+    ap.add_argument("--resume", action="store_true",
+                    help="continue an interrupted bench in the same --out: keep the stages of notebooks whose "
+                         "records still hold, marked with the earlier bench's date and speed index")
     ap.add_argument("--baseline", action="append", default=[],
                     help="an earlier bench's record (docs/bench/*.json or a bench.json) to compare each "
                          "stage with (repeatable); default the newest docs/bench/*.json; 'none': no comparison")
@@ -439,6 +474,9 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = default_run_dir(dataset, profile)
     complete_study = only is None
 
+    if args.fresh and args.resume:
+        raise SystemExit("--fresh and --resume contradict each other: --fresh removes the run that --resume continues")
+    earlier = earlier_stages(out / "bench.json", dataset, profile, args.set) if args.resume else {}
     if args.fresh:
         if run_dir.exists():
             shutil.rmtree(run_dir)
@@ -516,6 +554,14 @@ def main(argv: list[str] | None = None) -> int:
             write()
         timings: dict[str, float] = {}
         for nb in ([] if failed else nbs):
+            if nb.stem in earlier and not is_stale(nb, run_dir, dataset, profile, args.set):
+                rec = earlier[nb.stem]
+                print(f"[bench] {nb.stem}: its record holds; stage kept from the bench of "
+                      f"{rec['resumed_from']['date']}", flush=True)
+                timings[nb.stem] = rec["seconds"]
+                bench["stages"].append(rec)
+                write()
+                continue
             rec = run_stage(nb.stem, lambda: pipeline.run_pipeline(
                 dataset, profile, args.set, only=[nb.stem], render=False, timeout=args.timeout))
             if nb.stem.startswith("01_"):

@@ -55,6 +55,25 @@ def test_bench_smoke(tmp_path):
     assert (tmp_path / "reports" / "synthetic-tiny" / "index.html").exists()
     assert (tmp_path / "data" / "runs" / "synthetic-tiny" / "quick" / "run.json").exists()
 
+    # --resume (a bench cut by a session's end): the notebooks whose records hold keep their stages,
+    # marked with the first bench; one whose record is gone runs again, and so does its reader (90)
+    state = tmp_path / "data" / "runs" / "synthetic-tiny" / "quick" / "state"
+    (state / "10_popularity.json").unlink()
+    kept = {s["name"]: s for s in bench["stages"]}
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_pipeline.py"), "--smoke", "--resume",
+                           "--out", str(out), "--timeout", "300"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    again = json.loads((out / "bench.json").read_text())
+    assert [s["name"] for s in again["stages"]] == names
+    stages = {s["name"]: s for s in again["stages"]}
+    for name in ("00_data", "01_split"):
+        assert stages[name]["resumed_from"]["date"] == bench["date"], stages[name]
+        assert stages[name]["seconds"] == kept[name]["seconds"]
+    for name in ("10_popularity", "90_report", "render"):
+        assert "resumed_from" not in stages[name], stages[name]
+    assert (state / "10_popularity.json").exists()
+
 
 def test_bench_features_smoke():
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_features.py"), "--users", "200",
