@@ -20,7 +20,9 @@ Each notebook runs in a fresh kernel (the named `recsys` kernel) with the shared
   starts it as a copy of run RUN, so a variant reruns only what its change touches and RUN's files
   stay as they were.
 - **One run per folder.** A lock (``<runs>/<dataset>/.<name>.lock``) makes a second run on the
-  same folder fail at once, naming the first run.
+  same folder fail at once, naming the first run. Each further seed has a lock of its own, so
+  ``--seeds-only 45 46`` in a second process runs those seeds beside the run's own command, which
+  leaves a held seed to it and renders the report only once every seed is done.
 - **What each notebook cost.** Its console line and record give wall and CPU seconds and peak RSS;
   each run records the machine's speed index (``recsys_lib.run.usage``).
 - **The next kernel starts early.** While a notebook runs, the next one's kernel starts on a
@@ -81,6 +83,12 @@ def ensure_kernel(name: str = KERNEL) -> str:
 def lock_path(dataset: str, name: str) -> Path:
     """Beside the run folder, not inside it: ``--force`` removes the folder while holding the lock."""
     return config.runs_dir(dataset) / f".{name}.lock"
+
+
+def seed_lock_path(dataset: str, name: str, seed: int) -> Path:
+    """The lock of one further seed's run (``seeds/<seed>/``), so that two processes can run two
+    seeds of one run at once (``--seeds-only``) and never the same seed twice."""
+    return config.runs_dir(dataset) / f".{name}.seed{int(seed)}.lock"
 
 
 # ---------------------------------------------------------------- console
@@ -183,7 +191,7 @@ def run_pipeline(dataset: str = "synthetic", profile: str = "full", overrides: l
                  force: bool = False, only: list[str] | None = None, timeout: int = 14400,
                  seed: int | None = None, device: str = "", render: bool = True,
                  start: str | None = None, verbose: bool = False, run_name: str | None = None,
-                 fork: str | None = None) -> Path:
+                 fork: str | None = None, seeds_only: list[int] | None = None) -> Path:
     """Execute the notebooks that need it and render the report; returns the report's index.html.
 
     Without ``only`` or ``start``, the run resumes: it runs only the stale notebooks
@@ -192,7 +200,8 @@ def run_pipeline(dataset: str = "synthetic", profile: str = "full", overrides: l
     ``run_name`` names the run folder (``data/runs/<dataset>/<run_name>``, default: the profile)
     and its report (``reports/<dataset>--<run_name>/``); ``fork`` first copies that named run's
     folder of the same dataset into it, so a variant reruns only what its changes touch and the
-    original run is left as it was."""
+    original run is left as it was. ``seeds_only`` runs just those further seeds (`run_seeds_only`),
+    beside a run that goes on with the others."""
     import papermill as pm
     from .data import dataset_info
     from .params import check_overrides
@@ -223,6 +232,12 @@ def run_pipeline(dataset: str = "synthetic", profile: str = "full", overrides: l
               "SEED": int(params["seed"] if seed is None else seed), "DEVICE": device,
               "OVERRIDES": list(overrides or []), "FORCE": bool(force)}
     identity = {k: shared[k] for k in ("DATASET", "PROFILE", "SEED", "DEVICE")}
+    if seeds_only:
+        if force or only or start is not None or fork is not None:
+            raise PipelineError("--seeds-only runs further seeds of a finished first seed's run; it takes "
+                                "no --force, --only, --from or --fork")
+        return run_seeds_only(seeds_only, dataset, profile, overrides, name, run_dir, report_dir, shared,
+                              identity, params, every, timeout, verbose, pm)
     console = Console(verbose)
     try:
         with runstate.RunLock(lock_path(dataset, name), run_dir):
@@ -235,16 +250,22 @@ def run_pipeline(dataset: str = "synthetic", profile: str = "full", overrides: l
             seeds = seed_list(params)
             first = every if len(seeds) < 2 or chosen is not None else [nb for nb in every if nb.stem != REPORT]
             todo = _resume(first, chosen, start_at, run_dir, shared, identity, params, kernel, timeout, console, pm)
+            left: list[int] = []
             if chosen is None and len(seeds) > 1:
                 pins = seed_pins(run_dir, params)
                 for other in seeds[1:]:
-                    _run_seed(other, seeds, pins, dataset, profile, overrides, run_dir, shared, kernel,
-                              timeout, console, pm)
-                todo += _resume(every, None, None, run_dir, shared, identity, params, kernel, timeout,
-                                console, pm)
+                    if not _run_seed(other, seeds, pins, dataset, profile, overrides, run_dir, shared, kernel,
+                                     timeout, console, pm, name):
+                        left.append(other)
+                if left:                        # the report waits for every seed: not run, not rendered
+                    console.line(f"the report waits for seed(s) {', '.join(map(str, left))}, which another "
+                                 f"process runs; rerun this command when it ends")
+                else:
+                    todo += _resume(every, None, None, run_dir, shared, identity, params, kernel, timeout,
+                                    console, pm)
             stale = runstate.stale_notebooks(every, run_dir, identity, params)
             summary = runstate.run_summary(every, run_dir)
-            complete = not stale
+            complete = not stale and not left
             if render and complete:
                 render_report(dataset, run_dir, report_dir, run=summary, params=params)
             elif render:
@@ -362,9 +383,23 @@ def seed_dir(run_dir: Path, seed: int) -> Path:
 
 def _run_seed(seed: int, seeds: list[int], pins: list[str], dataset: str, profile: str,
               overrides: list[str] | None, run_dir: Path, shared: dict, kernel: str, timeout: int,
-              console: "Console", pm) -> None:
+              console: "Console", pm, name: str) -> bool:
     """One further seed's run, resumed like any run: the notebooks but the report and the audit,
-    with the first seed's choices pinned (`seed_pins`)."""
+    with the first seed's choices pinned (`seed_pins`), under the seed's own lock. False, having
+    run nothing, when another process holds that lock (``--seeds-only`` beside this run)."""
+    try:
+        with runstate.RunLock(seed_lock_path(dataset, name, seed), seed_dir(run_dir, seed)):
+            _run_seed_locked(seed, seeds, pins, dataset, profile, overrides, run_dir, shared, kernel, timeout,
+                             console, pm)
+    except runstate.RunLocked as exc:
+        console.line(f"seed {seed}: left to the process that holds it ({exc})")
+        return False
+    return True
+
+
+def _run_seed_locked(seed: int, seeds: list[int], pins: list[str], dataset: str, profile: str,
+                     overrides: list[str] | None, run_dir: Path, shared: dict, kernel: str, timeout: int,
+                     console: "Console", pm) -> None:
     sub = seed_dir(run_dir, seed)
     sub.mkdir(parents=True, exist_ok=True)
     over = [*(overrides or []), *pins]
@@ -376,6 +411,37 @@ def _run_seed(seed: int, seeds: list[int], pins: list[str], dataset: str, profil
     console.line(f"seed {seed} ({seeds.index(seed) + 1} of {len(seeds)}): {sub}; hyper-parameters pinned "
                  f"at seed {seeds[0]}'s choices ({len(pins)} values)")
     _resume(every, None, None, sub, sub_shared, identity, params, kernel, timeout, console, pm)
+
+
+def run_seeds_only(chosen: list[int], dataset: str, profile: str, overrides: list[str] | None, name: str,
+                   run_dir: Path, report_dir: Path, shared: dict, identity: dict, params: dict,
+                   every: list[Path], timeout: int, verbose: bool, pm) -> Path:
+    """Run just the further seeds ``chosen`` of a run whose first seed has finished, each under its
+    own lock and not the run's, so that a second process can take seeds off a run that goes on with
+    the others: the run skips a seed this process holds and finds it done later. The report is left
+    to the run's own command (it waits for every seed)."""
+    seeds = seed_list(params)
+    unknown = [s for s in chosen if int(s) not in seeds[1:]]
+    if unknown:
+        raise PipelineError(f"--seeds-only {unknown}: not further seeds of this run (its seeds: {seeds}; the first, "
+                            f"{seeds[0]}, runs with the run itself)")
+    first = [nb for nb in every if nb.stem != REPORT]
+    stale = runstate.stale_notebooks(first, run_dir, identity, params)
+    if stale:
+        raise PipelineError(f"--seeds-only needs the first seed's run finished; {first[min(stale)].stem} is not "
+                            f"({stale[min(stale)]}): run the command without --seeds-only first")
+    console = Console(verbose)
+    try:
+        kernel = ensure_kernel()
+        pins = seed_pins(run_dir, params)
+        for seed in dict.fromkeys(int(s) for s in chosen):
+            _run_seed(seed, seeds, pins, dataset, profile, overrides, run_dir, shared, kernel, timeout, console,
+                      pm, name)
+        console.line(f"seed(s) {', '.join(map(str, chosen))} done; the report is the run's own command's "
+                     f"(without --seeds-only), once every seed is")
+    finally:
+        console.close()
+    return report_dir / "index.html"
 
 
 def plan(every: list[Path], stale: dict[int, str], run_dir: Path, console: "Console") -> list[Path]:
@@ -558,13 +624,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fork", default=None, metavar="RUN",
                         help="start the --run NAME folder as a copy of run RUN (e.g. full), then resume: "
                              "only what the changes touch runs, and RUN is left untouched")
+    parser.add_argument("--seeds-only", nargs="+", type=int, default=None, metavar="SEED",
+                        help="run just these further seeds of a run whose first seed has finished, beside the "
+                             "run's own command (each seed has its own lock; that command skips a seed held here)")
     args = parser.parse_args(argv)
     if args.fork and not args.run_name:
         parser.error("--fork needs --run NAME, the new run's name")
     try:
         index = run_pipeline(args.dataset, args.profile, args.set, args.force, args.only, args.timeout,
                              device=args.device, start=args.start, verbose=args.verbose,
-                             run_name=args.run_name, fork=args.fork)
+                             run_name=args.run_name, fork=args.fork, seeds_only=args.seeds_only)
     except (Interrupted, KeyboardInterrupt) as exc:
         # nbclient's cell task dies with the kernel; asyncio would log it at exit ("Task exception
         # was never retrieved"): the one line below is all the user needs

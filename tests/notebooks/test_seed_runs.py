@@ -51,3 +51,30 @@ def test_a_second_seed_refits_with_the_first_seeds_choices_and_the_report_tests_
     again = subprocess.run(CMD + ["--run", "seeds", "--set", "seeds=[42,7]"], env=env_for(root),
                            capture_output=True, text=True, timeout=600, cwd=root)
     assert again.returncode == 0 and ran(again.stdout) == [], again.stdout                # both seeds hold
+
+    # a second process can take a seed off the run (--seeds-only): while it holds seed 7, the run's own
+    # command leaves seed 7 to it and renders no report; --seeds-only runs only what seed 7 lacks
+    from recsys_lib import pipeline
+    lock = root / "data" / "runs" / "synthetic-tiny" / ".seeds.seed7.lock"     # pipeline.seed_lock_path, in root
+    assert pipeline.seed_lock_path("synthetic-tiny", "seeds", 7).name == lock.name
+    with runstate.RunLock(lock):
+        held = subprocess.run(CMD + ["--run", "seeds", "--set", "seeds=[42,7]"], env=env_for(root),
+                              capture_output=True, text=True, timeout=600, cwd=root)
+    assert held.returncode == 0 and ran(held.stdout) == [], held.stdout + held.stderr
+    assert "seed 7: left to the process that holds it" in held.stdout, held.stdout
+    assert "the report waits for seed(s) 7" in held.stdout and "report not rendered" in held.stdout, held.stdout
+    (sub / "state" / "35_ablations.json").unlink()
+    only = subprocess.run(CMD + ["--run", "seeds", "--set", "seeds=[42,7]", "--seeds-only", "7"], env=env_for(root),
+                          capture_output=True, text=True, timeout=600, cwd=root)
+    assert only.returncode == 0, only.stdout + only.stderr
+    # 35 and what its removal touches in seed 7's folder (its forgotten files are read by 30's listing), nothing else
+    assert "35_ablations" in ran(only.stdout) and set(ran(only.stdout)) <= {"30_reranker", "35_ablations",
+                                                                            "40_evaluation"}, only.stdout
+    assert runstate.read_record(sub, "35_ablations") is not None
+    bad = subprocess.run(CMD + ["--run", "seeds", "--set", "seeds=[42,7]", "--seeds-only", "42"], env=env_for(root),
+                         capture_output=True, text=True, timeout=300, cwd=root)
+    assert bad.returncode == 2 and "not further seeds of this run" in bad.stderr, bad.stderr
+    last = subprocess.run(CMD + ["--run", "seeds", "--set", "seeds=[42,7]"], env=env_for(root),
+                          capture_output=True, text=True, timeout=600, cwd=root)
+    assert last.returncode == 0 and "35_ablations" not in ran(last.stdout), last.stdout    # seed 7 holds again
+    assert (root / "reports" / "synthetic-tiny--seeds" / "index.html").exists()
