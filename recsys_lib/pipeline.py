@@ -187,6 +187,17 @@ def recorded_metrics(run_dir: Path, outputs: dict) -> str:
 
 
 # ---------------------------------------------------------------- the run
+IDENTITY_KEYS = ("DATASET", "PROFILE", "SEED", "DEVICE")
+
+
+def run_identity(shared: dict) -> dict:
+    """The part of a notebook's shared parameters that a completion record must match to hold
+    (`run.state.stale_notebooks`): the data set, the profile, the seed and the device. The run
+    folder, the overrides and ``FORCE`` are not in it: the parameters a notebook read are checked
+    one by one instead."""
+    return {k: shared[k] for k in IDENTITY_KEYS}
+
+
 def run_pipeline(dataset: str = "synthetic", profile: str = "full", overrides: list[str] | None = None,
                  force: bool = False, only: list[str] | None = None, timeout: int = 14400,
                  seed: int | None = None, device: str = "", render: bool = True,
@@ -231,7 +242,7 @@ def run_pipeline(dataset: str = "synthetic", profile: str = "full", overrides: l
     shared = {"DATASET": dataset, "PROFILE": profile, "RUN_DIR": str(run_dir),
               "SEED": int(params["seed"] if seed is None else seed), "DEVICE": device,
               "OVERRIDES": list(overrides or []), "FORCE": bool(force)}
-    identity = {k: shared[k] for k in ("DATASET", "PROFILE", "SEED", "DEVICE")}
+    identity = run_identity(shared)
     if seeds_only:
         if force or only or start is not None or fork is not None:
             raise PipelineError("--seeds-only runs further seeds of a finished first seed's run; it takes "
@@ -407,7 +418,7 @@ def _run_seed_locked(seed: int, seeds: list[int], pins: list[str], dataset: str,
     params["seed"] = int(seed)
     every = [nb for nb in notebooks() if nb.stem not in NOT_PER_SEED]
     sub_shared = {**shared, "RUN_DIR": str(sub), "SEED": int(seed), "OVERRIDES": over}
-    identity = {k: sub_shared[k] for k in ("DATASET", "PROFILE", "SEED", "DEVICE")}
+    identity = run_identity(sub_shared)
     console.line(f"seed {seed} ({seeds.index(seed) + 1} of {len(seeds)}): {sub}; hyper-parameters pinned "
                  f"at seed {seeds[0]}'s choices ({len(pins)} values)")
     _resume(every, None, None, sub, sub_shared, identity, params, kernel, timeout, console, pm)

@@ -437,8 +437,9 @@ def is_stale(nb: Path, run_dir: Path, dataset: str, profile: str, overrides: lis
     from recsys_lib.run import state as runstate
     params = config.load_params(profile, dataset, overrides)
     every = layout.notebooks()
-    shared = {"DATASET": dataset, "PROFILE": profile, "SEED": int(params["seed"]), "DEVICE": ""}
-    stale = runstate.stale_notebooks(every, run_dir, shared, params)
+    identity = pipeline.run_identity({"DATASET": dataset, "PROFILE": profile, "SEED": int(params["seed"]),
+                                      "DEVICE": ""})
+    stale = runstate.stale_notebooks(every, run_dir, identity, params)
     return any(every[i].stem == nb.stem for i in stale)
 
 
