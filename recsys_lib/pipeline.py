@@ -51,6 +51,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 from . import config
 from .run import state as runstate
@@ -264,10 +265,9 @@ def run_pipeline(dataset: str = "synthetic", profile: str = "full", overrides: l
             left: list[int] = []
             if chosen is None and len(seeds) > 1:
                 pins = seed_pins(run_dir, params)
-                for other in seeds[1:]:
-                    if not _run_seed(other, seeds, pins, dataset, profile, overrides, run_dir, shared, kernel,
-                                     timeout, console, pm, name):
-                        left.append(other)
+                left = run_further_seeds(seeds[1:], lambda other: _run_seed(
+                    other, seeds, pins, dataset, profile, overrides, run_dir, shared, kernel, timeout, console, pm,
+                    name))
                 if left:                        # the report waits for every seed: not run, not rendered
                     console.line(f"the report waits for seed(s) {', '.join(map(str, left))}, which another "
                                  f"process runs; rerun this command when it ends")
@@ -345,6 +345,15 @@ def run_notebooks(todo: list[Path], run_dir: Path, shared: dict, identity: dict,
     finally:
         for handle in list(Prestart.live):      # a failure, Ctrl-C: the kernels nobody will use
             handle.close(now=True)
+
+
+def run_further_seeds(seeds: list[int], run_one: Callable[[int], bool]) -> list[int]:
+    """Run each of ``seeds`` in turn (``run_one`` returns False, having run nothing, when another
+    process holds that seed), then try each held seed once more: the process that held it (``--seeds-only``)
+    may have finished meanwhile, and its seed then resumes with nothing left to run, so the report need
+    not wait for a second command. Returns the seeds still held by another process."""
+    held = [s for s in seeds if not run_one(s)]
+    return [s for s in held if not run_one(s)]
 
 
 def seed_list(params: dict) -> list[int]:

@@ -10,7 +10,7 @@ import pytest
 
 from recsys_lib import config
 from recsys_lib.errors import PipelineError
-from recsys_lib.pipeline import seed_list, seed_pins
+from recsys_lib.pipeline import run_further_seeds, seed_list, seed_pins
 from recsys_lib.protocol import metrics
 from recsys_lib.report import seeds
 
@@ -101,3 +101,20 @@ def test_summary_reads_every_seed_and_tests_the_named_comparisons(tmp_path):
     assert [c["role"] for c in out["comparisons"]] == ["primary", "secondary", "ablation"]
     assert "ablation" not in seeds.abstract_sentences(out)
     assert len(seeds.comparison_frame(out)) == 3 and list(seeds.spread_frame(out, "test", ["two_stage"])["model"])[0] == "two_stage"
+
+
+def test_a_seed_held_by_another_process_is_tried_again_once_the_others_have_run():
+    """The run's own command leaves a held seed to the process holding it (``--seeds-only``), and tries it
+    again after its other seeds: a seed that process has finished meanwhile no longer keeps the report waiting."""
+    calls: list[int] = []
+    free_after_first_try = {45}
+
+    def run_one(seed: int) -> bool:
+        calls.append(seed)
+        if seed in free_after_first_try and calls.count(seed) == 1:
+            return False                       # held now; the other process ends before the retry
+        return seed not in (46,)                # 46 stays held
+
+    assert run_further_seeds([43, 45, 46], run_one) == [46]
+    assert calls == [43, 45, 46, 45, 46]       # every seed once in order, then each held seed once more
+    assert run_further_seeds([43, 44], lambda s: True) == []
