@@ -22,7 +22,8 @@ Each notebook runs in a fresh kernel (the named `recsys` kernel) with the shared
 - **One run per folder.** A lock (``<runs>/<dataset>/.<name>.lock``) makes a second run on the
   same folder fail at once, naming the first run. Each further seed has a lock of its own, so
   ``--seeds-only 45 46`` in a second process runs those seeds beside the run's own command, which
-  leaves a held seed to it and renders the report only once every seed is done.
+  leaves a held seed to it, tries that seed again after its own, and renders the report only once
+  every seed is done.
 - **What each notebook cost.** Its console line and record give wall and CPU seconds and peak RSS;
   each run records the machine's speed index (``recsys_lib.run.usage``).
 - **The next kernel starts early.** While a notebook runs, the next one's kernel starts on a
@@ -454,11 +455,15 @@ def run_seeds_only(chosen: list[int], dataset: str, profile: str, overrides: lis
     try:
         kernel = ensure_kernel()
         pins = seed_pins(run_dir, params)
-        for seed in dict.fromkeys(int(s) for s in chosen):
-            _run_seed(seed, seeds, pins, dataset, profile, overrides, run_dir, shared, kernel, timeout, console,
-                      pm, name)
-        console.line(f"seed(s) {', '.join(map(str, chosen))} done; the report is the run's own command's "
-                     f"(without --seeds-only), once every seed is")
+        ran = [seed for seed in dict.fromkeys(int(s) for s in chosen)
+               if _run_seed(seed, seeds, pins, dataset, profile, overrides, run_dir, shared, kernel, timeout,
+                            console, pm, name)]
+        skipped = [int(s) for s in dict.fromkeys(chosen) if int(s) not in ran]
+        if ran:
+            console.line(f"seed(s) {', '.join(map(str, ran))} done; the report is the run's own command's "
+                         f"(without --seeds-only), once every seed is")
+        if skipped:
+            console.line(f"seed(s) {', '.join(map(str, skipped))} not run here: another process holds them")
     finally:
         console.close()
     return report_dir / "index.html"
