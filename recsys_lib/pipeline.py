@@ -23,7 +23,7 @@ Each notebook runs in a fresh kernel (the named `recsys` kernel) with the shared
   same folder fail at once, naming the first run. Each further seed has a lock of its own, so
   ``--seeds-only 45 46`` in a second process runs those seeds beside the run's own command, which
   leaves a held seed to it, tries that seed again after its own, and renders the report only once
-  every seed is done.
+  every seed is done. Started while that command still runs the first seed, it waits for it.
 - **What each notebook cost.** Its console line and record give wall and CPU seconds and peak RSS;
   each run records the machine's speed index (``recsys_lib.run.usage``).
 - **The next kernel starts early.** While a notebook runs, the next one's kernel starts on a
@@ -434,6 +434,41 @@ def _run_seed_locked(seed: int, seeds: list[int], pins: list[str], dataset: str,
     _resume(every, None, None, sub, sub_shared, identity, params, kernel, timeout, console, pm)
 
 
+#: seconds between two looks of ``--seeds-only`` at a first seed that another process is still running
+FIRST_SEED_POLL_SECONDS = 30.0
+
+
+def run_is_running(dataset: str, name: str, run_dir: Path) -> bool:
+    """Whether another process holds the run's own lock (its command runs the first seed, or the
+    further seeds after it). Found by taking the lock for an instant and giving it back."""
+    try:
+        with runstate.RunLock(lock_path(dataset, name), run_dir):
+            return False
+    except runstate.RunLocked:
+        return True
+
+
+def wait_for_first_seed(unfinished: Callable[[], tuple[str, str] | None], running: Callable[[], bool],
+                        console: "Console", poll: float = FIRST_SEED_POLL_SECONDS,
+                        sleep: Callable[[float], None] = time.sleep) -> None:
+    """Return once the first seed's run has finished (``unfinished()``: None, else the first notebook
+    not done and why). While it has not and ``running()`` says the run's own command is at it, wait,
+    with one console line per notebook waited on; when nothing runs it, fail naming that notebook.
+    Why wait: the second process of a seeds-in-two-lanes run can then be started beside the first
+    (docs/running.md, "Seeds side by side") instead of by hand when the first seed ends, hours later."""
+    waited_on = None
+    while (pending := unfinished()) is not None:
+        stem, why = pending
+        if not running():
+            raise PipelineError(f"--seeds-only needs the first seed's run finished; {stem} is not ({why}) and no "
+                                f"process runs it: run the command without --seeds-only first")
+        if stem != waited_on:
+            console.line(f"waiting for the first seed's run, which another process runs ({stem} is not done); "
+                         f"looking again every {poll:.0f} s")
+            waited_on = stem
+        sleep(poll)
+
+
 def run_seeds_only(chosen: list[int], dataset: str, profile: str, overrides: list[str] | None, name: str,
                    run_dir: Path, report_dir: Path, shared: dict, identity: dict, params: dict,
                    every: list[Path], timeout: int, verbose: bool, pm) -> Path:
@@ -447,12 +482,14 @@ def run_seeds_only(chosen: list[int], dataset: str, profile: str, overrides: lis
         raise PipelineError(f"--seeds-only {unknown}: not further seeds of this run (its seeds: {seeds}; the first, "
                             f"{seeds[0]}, runs with the run itself)")
     first = [nb for nb in every if nb.stem != REPORT]
-    stale = runstate.stale_notebooks(first, run_dir, identity, params)
-    if stale:
-        raise PipelineError(f"--seeds-only needs the first seed's run finished; {first[min(stale)].stem} is not "
-                            f"({stale[min(stale)]}): run the command without --seeds-only first")
+
+    def unfinished() -> tuple[str, str] | None:
+        stale = runstate.stale_notebooks(first, run_dir, identity, params)
+        return (first[min(stale)].stem, stale[min(stale)]) if stale else None
+
     console = Console(verbose)
     try:
+        wait_for_first_seed(unfinished, lambda: run_is_running(dataset, name, run_dir), console)
         kernel = ensure_kernel()
         pins = seed_pins(run_dir, params)
         ran = [seed for seed in dict.fromkeys(int(s) for s in chosen)
@@ -650,8 +687,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="start the --run NAME folder as a copy of run RUN (e.g. full), then resume: "
                              "only what the changes touch runs, and RUN is left untouched")
     parser.add_argument("--seeds-only", nargs="+", type=int, default=None, metavar="SEED",
-                        help="run just these further seeds of a run whose first seed has finished, beside the "
-                             "run's own command (each seed has its own lock; that command skips a seed held here)")
+                        help="run just these further seeds beside the run's own command (each seed has its own "
+                             "lock; that command skips a seed held here); waits while that command runs the first seed")
     args = parser.parse_args(argv)
     if args.fork and not args.run_name:
         parser.error("--fork needs --run NAME, the new run's name")

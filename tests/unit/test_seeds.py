@@ -10,7 +10,8 @@ import pytest
 
 from recsys_lib import config
 from recsys_lib.errors import PipelineError
-from recsys_lib.pipeline import run_further_seeds, seed_list, seed_pins
+from recsys_lib.pipeline import run_further_seeds, run_is_running, seed_list, seed_pins, wait_for_first_seed
+from recsys_lib.run import state as runstate
 from recsys_lib.protocol import metrics
 from recsys_lib.report import seeds
 
@@ -118,3 +119,36 @@ def test_a_seed_held_by_another_process_is_tried_again_once_the_others_have_run(
     assert run_further_seeds([43, 45, 46], run_one) == [46]
     assert calls == [43, 45, 46, 45, 46]       # every seed once in order, then each held seed once more
     assert run_further_seeds([43, 44], lambda s: True) == []
+
+
+class Lines:
+    def __init__(self):
+        self.lines: list[str] = []
+
+    def line(self, text: str) -> None:
+        self.lines.append(text)
+
+
+def test_seeds_only_waits_while_the_runs_own_command_runs_the_first_seed_and_fails_when_nothing_does():
+    """``--seeds-only`` started beside the run's own command waits for its first seed (one line per notebook waited
+    on) instead of failing, so both lanes of a seeds-in-two-lanes run can be started together."""
+    looks = iter([("12_neumf", "not finished in an earlier run")] * 3 + [("20_two_tower", "not finished")] + [None])
+    slept: list[float] = []
+    console = Lines()
+    wait_for_first_seed(lambda: next(looks), lambda: True, console, poll=7.0, sleep=slept.append)
+    assert slept == [7.0] * 4
+    assert len(console.lines) == 2 and "12_neumf" in console.lines[0] and "20_two_tower" in console.lines[1]
+    wait_for_first_seed(lambda: None, lambda: False, console, sleep=slept.append)       # finished: no wait
+    assert slept == [7.0] * 4
+    with pytest.raises(PipelineError, match="13_ease is not .*no process runs it"):
+        wait_for_first_seed(lambda: ("13_ease", "not finished"), lambda: False, console, sleep=slept.append)
+
+
+def test_a_run_is_running_while_another_holder_has_its_lock(tmp_path, monkeypatch):
+    monkeypatch.setenv("RECSYS_DATA_DIR", str(tmp_path / "data"))
+    run_dir = tmp_path / "data" / "runs" / "synthetic-tiny" / "quick"
+    from recsys_lib.pipeline import lock_path
+    assert not run_is_running("synthetic-tiny", "quick", run_dir)
+    with runstate.RunLock(lock_path("synthetic-tiny", "quick"), run_dir):          # another open file: flock conflicts
+        assert run_is_running("synthetic-tiny", "quick", run_dir)
+    assert not run_is_running("synthetic-tiny", "quick", run_dir)
