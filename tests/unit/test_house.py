@@ -128,3 +128,38 @@ def test_readme_answer_is_generated_from_every_report_and_follows_the_cis(tmp_pa
     assert "without the re-ranker (the candidates ordered by the blend), the full system minus it: +0.0110 " \
            "[+0.0040, +0.0190] on ml-100k" in answer
     assert "`1234567`" in answer and mod.update(new, tmp_path)[0] == new
+
+
+def test_the_answer_keeps_a_data_set_whose_report_is_absent_from_its_kept_record(tmp_path):
+    """reports/ is never committed and a five-seed run takes hours, so a machine usually holds one data set's
+    report: the answer's inputs of each report are kept in docs/results/ and stand in for an absent report,
+    giving the same words as the report itself; a block whose report is absent stays as it was."""
+    import importlib.util
+    import json
+    spec = importlib.util.spec_from_file_location("readme_results", ROOT / "scripts" / "readme_results.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    comps = [{"role": "primary", "against": "blend", "diff": 0.017, "lo": 0.0086, "hi": 0.0262, "n_users": 561},
+             {"role": "secondary", "against": "transition", "diff": 0.04, "lo": 0.03, "hi": 0.05, "n_users": 561},
+             {"role": "ablation", "against": "two_stage_no_two_tower", "diff": -0.001, "lo": -0.005, "hi": 0.004}]
+    report = {"dataset": "ml-latest-small", "profile": "full", "git_commit": "0ddf9a8abc", "models": {"x": {}},
+              "params": {"seeds": [42, 43, 44, 45, 46], "mf": {"dim": 64}},
+              "seeds": {"seeds": [42, 43, 44, 45, 46], "first_seed": 42, "comparisons": comps, "test": {"big": 1}}}
+    reports, records = tmp_path / "reports", tmp_path / "records"
+    for name, metrics in (("ml-latest-small", report), ("ml-latest-small--probe", report)):
+        (reports / name).mkdir(parents=True)
+        (reports / name / "metrics.json").write_text(json.dumps(metrics))
+    readme = ("<!-- answer -->\nold\n<!-- /answer -->\n<!-- results: ml-latest-small -->\nthe block\n<!-- /results -->\n"
+              "<!-- results: ml-100k -->\nnot yet\n<!-- /results -->\n")
+    from_report, _ = mod.update(readme, reports)
+    assert mod.write_records(reports, records) == ["ml-latest-small"]           # a named run is not the study's
+    kept = json.loads((records / "ml-latest-small.json").read_text())
+    assert "models" not in kept and "test" not in kept["seeds"] and kept["params"] == {"seeds": [42, 43, 44, 45, 46]}
+    (reports / "ml-latest-small" / "metrics.json").unlink()
+    from_record, done = mod.update(readme, reports, records)
+    assert done == [] and "the block" in from_record and "not yet" in from_record
+    assert from_record == from_report.replace(from_report.split("<!-- results: ml-latest-small -->\n")[1].split(
+        "<!-- /results -->")[0], "the block\n")                                 # the same answer, the block untouched
+    assert "on ml-latest-small it beats the blend, +0.0170 [+0.0086, +0.0262] (5 seeds, 561 test users)" in from_record
+    assert "old" not in from_record.split("<!-- /answer -->")[0]
+    assert "ml-latest-small" not in mod.update(readme, reports)[0].split("<!-- /answer -->")[0]   # no record: no place
