@@ -200,8 +200,9 @@ def write_records(reports: Path, records: Path) -> list[str]:
     written = []
     for path in sorted(reports.glob("*/metrics.json")):
         metrics = json.loads(path.read_text())
-        if not metrics.get("seeds") or path.parent.name != metrics.get("dataset"):
-            continue                                # a named run (reports/<dataset>--<run>/) is not the study's
+        if (not metrics.get("seeds") or path.parent.name != metrics.get("dataset")
+                or metrics.get("profile", "full") != "full"):
+            continue                                # a named run (reports/<dataset>--<run>/) or a quick one is not the study's
         records.mkdir(parents=True, exist_ok=True)
         (records / f"{path.parent.name}.json").write_text(json.dumps(answer_record(metrics), indent=1) + "\n")
         written.append(path.parent.name)

@@ -146,13 +146,14 @@ def test_the_answer_keeps_a_data_set_whose_report_is_absent_from_its_kept_record
               "params": {"seeds": [42, 43, 44, 45, 46], "mf": {"dim": 64}},
               "seeds": {"seeds": [42, 43, 44, 45, 46], "first_seed": 42, "comparisons": comps, "test": {"big": 1}}}
     reports, records = tmp_path / "reports", tmp_path / "records"
-    for name, metrics in (("ml-latest-small", report), ("ml-latest-small--probe", report)):
+    for name, metrics in (("ml-latest-small", report), ("ml-latest-small--probe", report),
+                          ("ml-32m", {**report, "dataset": "ml-32m", "profile": "quick"})):
         (reports / name).mkdir(parents=True)
         (reports / name / "metrics.json").write_text(json.dumps(metrics))
     readme = ("<!-- answer -->\nold\n<!-- /answer -->\n<!-- results: ml-latest-small -->\nthe block\n<!-- /results -->\n"
               "<!-- results: ml-100k -->\nnot yet\n<!-- /results -->\n")
     from_report, _ = mod.update(readme, reports)
-    assert mod.write_records(reports, records) == ["ml-latest-small"]           # a named run is not the study's
+    assert mod.write_records(reports, records) == ["ml-latest-small"]           # a named or quick run is not the study's
     kept = json.loads((records / "ml-latest-small.json").read_text())
     assert "models" not in kept and "test" not in kept["seeds"] and kept["params"] == {"seeds": [42, 43, 44, 45, 46]}
     (reports / "ml-latest-small" / "metrics.json").unlink()
