@@ -61,8 +61,10 @@ from recsys_lib.run.experiment import collect_metrics, default_run_dir  # noqa: 
 GB = 1024 ** 3
 BASELINE_DIR = Path(__file__).resolve().parents[1] / "docs" / "bench"
 SMOKE_ONLY = ["00", "01", "10", "90"]
-# Goals of the scale study (issues 20 and 27): on 2 cores, CPU only.
-GOAL_STUDY_SECONDS = 60 * 60
+# Goals of the scale study (issues 20, 27 and 41): on 2 cores, CPU only. Issue 27's 60 minutes proved out of
+# reach with every search uncapped (docs/experiments.md, 2026-12-04); issue 41 asks for at most 2 h, near the
+# floor a review estimated for this configuration (1.5-2 h).
+GOAL_STUDY_SECONDS = 2 * 60 * 60
 GOAL_PEAK_RSS_GB = 12.0
 GOAL_TRIPLETS_PER_S = 25_000
 GOAL_EVAL_VALID_SECONDS = 120.0
