@@ -440,7 +440,8 @@ FIRST_SEED_POLL_SECONDS = 30.0
 
 def run_is_running(dataset: str, name: str, run_dir: Path) -> bool:
     """Whether another process holds the run's own lock (its command runs the first seed, or the
-    further seeds after it). Found by taking the lock for an instant and giving it back."""
+    further seeds after it). Found by taking the lock for an instant and giving it back: a run command
+    started in that same instant would be refused, so start the run's own command first (docs/running.md)."""
     try:
         with runstate.RunLock(lock_path(dataset, name), run_dir):
             return False

@@ -184,10 +184,8 @@ def read_answer_inputs(readme: str, reports: Path, records: Path | None = None) 
     ``metrics.json`` where it exists, else the record that an earlier run of this script kept in
     ``records`` (`answer_record`), else nothing."""
     found = {}
-    for name in [m["dataset"] for m in BLOCK.finditer(readme)] + [DEMO]:
+    for name in dict.fromkeys([m["dataset"] for m in BLOCK.finditer(readme)] + [DEMO]):
         path = reports / name / "metrics.json"
-        if name in found:
-            continue
         if path.exists():
             found[name] = json.loads(path.read_text())
         elif records is not None and (records / f"{name}.json").exists():
