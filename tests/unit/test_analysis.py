@@ -162,3 +162,38 @@ def test_tuning_table_flags_edges(tmp_path):
     assert t.loc["two_tower", "not searched"] == "dim=128, user_hidden=[256,128]"
     assert t.loc["neumf", "not searched"] == "lr=0.003"          # a record written before `held`
     assert t.loc["ease", "not searched"] == "–"                 # not recorded
+
+
+def test_named_variant_caps_are_flagged(tmp_path):
+    """The retriever and the re-ranker are tuned as named variants; a chosen variant that kept its
+    last allowed epoch (or, in some fold, its last boosting round) is flagged, the cap read from
+    the run's parameters with the variant's own override."""
+    from recsys_lib.report.variant_caps import NAMED_VARIANTS, flag_variant_caps
+    (tmp_path / "metrics").mkdir()
+    params = {"two_tower": {"epochs": 15, "variants": [{"name": "bpr", "variant": "bpr"},
+                                                       {"name": "softmax", "variant": "softmax", "epochs": 10}]},
+              "reranker": {"variants": ["mlp_features", "lgbm", {"name": "lgbm_lr02", "variant": "lgbm",
+                                                                 "n_estimators": 600}],
+                           "mlp_features": {"epochs": 20}, "lgbm": {"n_estimators": 300}}}
+    (tmp_path / "run.json").write_text(json.dumps({"params": params}))
+
+    def write(tt_best, rr_chosen, rr_best):
+        recs = {"two_tower": [{"name": "bpr", "epochs": 15, "best_epoch": 15, "best": False},
+                              {"name": "softmax", "epochs": 10, "best_epoch": tt_best, "best": True}],
+                "two_stage": [{"variant": "retriever_order", "chosen": False}] + [
+                              {"variant": v, "chosen": v == rr_chosen, "best_epoch_or_round": rr_best}
+                              for v in ("mlp_features", "lgbm", "lgbm_lr02")]}
+        for i, (name, search) in enumerate(recs.items()):
+            (tmp_path / "metrics" / f"{name}.json").write_text(json.dumps(
+                {"model": name, "valid": {"ndcg@10": 0.1}, "written": str(i), "search": search}))
+        return flag_variant_caps(report.tuning_table(tmp_path), tmp_path).set_index("model")["at edge"]
+
+    edge = write(10, "lgbm", [300, 120, 300, 80, 90])
+    assert edge["two_tower"] == "epochs (best = cap 10)"          # the variant's own cap, not 15
+    assert edge["two_stage"] == "rounds (best = cap 300 in 2 of 5 folds)"
+    edge = write(7, "lgbm_lr02", [300, 120, 300, 80, 90])           # 300 of 600 rounds: inside
+    assert edge["two_tower"] == "no" and edge["two_stage"] == "no"
+    edge = write(9, "mlp_features", [20, 5, 6, 7, 8])
+    assert edge["two_stage"] == "epochs (best = cap 20 in 1 of 5 folds)"
+    (tmp_path / "run.json").unlink()                                 # no parameters: left as it was
+    assert set(write(10, "lgbm", [300] * 5)) == {NAMED_VARIANTS}
