@@ -4,8 +4,10 @@ those rows, which `tables.tuning_table` leaves at "n/a (named variants)".
 
 A grid-searched model's record carries ``tuning.epoch_cap``; a variant's does not, so a binding cap
 on the retriever or the re-ranker went unflagged (the demo's retriever kept epoch 10 of 10 with its
-validation Recall@500 still rising). The cap is read from the run's own parameters (``run.json``),
-with each variant's overrides, and compared with the best epoch or round its search rows record.
+validation Recall@500 still rising). The cap is read from the run's parameters (``Run.params``, with
+each variant's overrides; not ``run.json``, which keeps the parameters of the split's notebook, so a
+later change to ``two_tower`` that reran only 20 is not in it) and compared with the best epoch or
+round its search rows record.
 
 Only the report (90) loads this module, so the stage-aware resume reruns only the report when it
 changes: `tables` is loaded by every notebook's kernel.
@@ -15,7 +17,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from ..run.experiment import collect_metrics, read_json
+from ..run.experiment import collect_metrics
 
 NAMED_VARIANTS = "n/a (named variants)"
 MLP_CAP, LGBM_CAP = "epochs", "n_estimators"
@@ -71,10 +73,10 @@ def cap_flag(search: list[dict], section: dict) -> str | None:
     return f"{unit} (best = cap {cap}{folds})"
 
 
-def flag_variant_caps(table: "pd.DataFrame", run_dir: str | os.PathLike) -> "pd.DataFrame":
+def flag_variant_caps(table: "pd.DataFrame", run_dir: str | os.PathLike, params: dict) -> "pd.DataFrame":
     """``table`` (`report.tuning_table`) with each named-variant row's "at edge" set by `cap_flag`
-    from the run's parameters: the retriever's from ``two_tower``, the re-ranker's from ``reranker``."""
-    params = (read_json(run_dir, "run.json") or {}).get("params") or {}
+    from the run's parameters ``params``: the retriever's from ``two_tower``, the re-ranker's from
+    ``reranker``."""
     sections = {"two_tower": params.get("two_tower") or {}, "two_stage": params.get("reranker") or {}}
     flags = {}
     for m in collect_metrics(run_dir):

@@ -175,9 +175,8 @@ def test_named_variant_caps_are_flagged(tmp_path):
               "reranker": {"variants": ["mlp_features", "lgbm", {"name": "lgbm_lr02", "variant": "lgbm",
                                                                  "n_estimators": 600}],
                            "mlp_features": {"epochs": 20}, "lgbm": {"n_estimators": 300}}}
-    (tmp_path / "run.json").write_text(json.dumps({"params": params}))
 
-    def write(tt_best, rr_chosen, rr_best):
+    def write(tt_best, rr_chosen, rr_best, params=params):
         recs = {"two_tower": [{"name": "bpr", "epochs": 15, "best_epoch": 15, "best": False},
                               {"name": "softmax", "epochs": 10, "best_epoch": tt_best, "best": True}],
                 "two_stage": [{"variant": "retriever_order", "chosen": False}] + [
@@ -186,7 +185,7 @@ def test_named_variant_caps_are_flagged(tmp_path):
         for i, (name, search) in enumerate(recs.items()):
             (tmp_path / "metrics" / f"{name}.json").write_text(json.dumps(
                 {"model": name, "valid": {"ndcg@10": 0.1}, "written": str(i), "search": search}))
-        return flag_variant_caps(report.tuning_table(tmp_path), tmp_path).set_index("model")["at edge"]
+        return flag_variant_caps(report.tuning_table(tmp_path), tmp_path, params).set_index("model")["at edge"]
 
     edge = write(10, "lgbm", [300, 120, 300, 80, 90])
     assert edge["two_tower"] == "epochs (best = cap 10)"          # the variant's own cap, not 15
@@ -195,5 +194,4 @@ def test_named_variant_caps_are_flagged(tmp_path):
     assert edge["two_tower"] == "no" and edge["two_stage"] == "no"
     edge = write(9, "mlp_features", [20, 5, 6, 7, 8])
     assert edge["two_stage"] == "epochs (best = cap 20 in 1 of 5 folds)"
-    (tmp_path / "run.json").unlink()                                 # no parameters: left as it was
-    assert set(write(10, "lgbm", [300] * 5)) == {NAMED_VARIANTS}
+    assert set(write(10, "lgbm", [300] * 5, params={})) == {NAMED_VARIANTS}   # no parameters: as it was
