@@ -193,14 +193,19 @@ def read_answer_inputs(readme: str, reports: Path, records: Path | None = None) 
     return found
 
 
-def write_records(reports: Path, records: Path) -> list[str]:
-    """Keep each report's `answer_record` in ``records`` (``<dataset>.json``); returns the data sets written."""
+def write_records(reports: Path, records: Path, names: set[str] | None = None) -> list[str]:
+    """Keep each report's `answer_record` in ``records`` (``<dataset>.json``), for the data sets in
+    ``names`` (those the answer reads: a block's or the demo's; None: every one); returns the data
+    sets written. A report of a data set the answer does not read (the bench's synthetic-32m, a probe
+    with ``--set`` overrides) is not kept."""
     written = []
     for path in sorted(reports.glob("*/metrics.json")):
         metrics = json.loads(path.read_text())
         if (not metrics.get("seeds") or path.parent.name != metrics.get("dataset")
                 or metrics.get("profile", "full") != "full"):
             continue                                # a named run (reports/<dataset>--<run>/) or a quick one is not the study's
+        if names is not None and path.parent.name not in names:
+            continue
         records.mkdir(parents=True, exist_ok=True)
         (records / f"{path.parent.name}.json").write_text(json.dumps(answer_record(metrics), indent=1) + "\n")
         written.append(path.parent.name)
@@ -237,7 +242,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     stale = 0
     if not args.check:
-        kept = write_records(args.reports, args.records)
+        names = {m["dataset"] for path in args.readme for m in BLOCK.finditer(path.read_text())} | {DEMO}
+        kept = write_records(args.reports, args.records, names)
         if kept:
             print(f"kept the answer's inputs of {', '.join(kept)} in {args.records}")
     for path in args.readme:

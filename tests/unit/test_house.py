@@ -154,6 +154,10 @@ def test_the_answer_keeps_a_data_set_whose_report_is_absent_from_its_kept_record
               "<!-- results: ml-100k -->\nnot yet\n<!-- /results -->\n")
     from_report, _ = mod.update(readme, reports)
     assert mod.write_records(reports, records) == ["ml-latest-small"]           # a named or quick run is not the study's
+    (reports / "synthetic-32m").mkdir()                                          # a full run the answer does not read
+    (reports / "synthetic-32m" / "metrics.json").write_text(json.dumps({**report, "dataset": "synthetic-32m"}))
+    assert mod.write_records(reports, records, {"ml-latest-small", "ml-100k", "synthetic"}) == ["ml-latest-small"]
+    assert not (records / "synthetic-32m.json").exists()
     kept = json.loads((records / "ml-latest-small.json").read_text())
     assert "models" not in kept and "test" not in kept["seeds"] and kept["params"] == {"seeds": [42, 43, 44, 45, 46]}
     (reports / "ml-latest-small" / "metrics.json").unlink()
