@@ -119,8 +119,7 @@ def main() -> None:
         raise SystemExit(f"the run's candidates come from {saved}, but two_tower.candidate_sources is "
                          f"{tt.get('candidate_sources', [])}: rerun the pipeline from 20_two_tower first")
     if not a.reuse_lists:                        # else the run's own lists, checked against its checkpoints
-        sources = two_stage.load_baselines(run, tt.get("candidate_sources", []))
-        for kind, summary in refit.build_refit_lists(run, retriever, sources, scorers).items():
+        for kind, summary in refit.build_refit_lists(run).items():
             print(f"{kind}: {summary}" if kind == "refit" else f"{kind}: {summary['users']:,} users, "
                   f"{summary['rows']:,} rows, {summary['seconds']:.0f}s", flush=True)
     t = two_stage.training_inputs(run)           # as 30_reranker builds them

@@ -10,14 +10,17 @@ stale as the test lists are, for a re-ranker to learn the test-time condition fr
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import random
 import shutil
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
+import torch
 
 from . import candidates as cand
 from .. import config
@@ -30,6 +33,7 @@ from .features import build_features, retriever_user_table
 from .inputs import StageInputs, WindowLists
 from .ranking import candidate_labels
 from .section import RerankerSection
+from .sources import load_baselines, load_retriever
 
 
 @dataclass
@@ -93,6 +97,43 @@ def refit_stage1(run: Run, models: Stage1, share: float) -> tuple[SplitData, Sta
     epochs = {n: best_epoch_of(run, n) for n in models.names}
     epochs["two_tower"] = models.retriever.curve.get("best_epoch")
     return w, models.refit(w, epochs), time.perf_counter() - t0
+
+
+def refit_from_checkpoints(run: Run, sources: list[str], scorers: list[str],
+                           share: float) -> tuple[SplitData, Stage1, float]:
+    """`refit_stage1` for the models of the run folder's checkpoints, loaded one at a time: each
+    model fit on train is read only for its configuration and epoch count, and dropped before the
+    next one loads, so the train-fit models are never held beside the refits (at ML-32M size EASE
+    alone is 1.6 GB, and the sources and scorers both loaded it: issue 41, 25_label_window at
+    11.7 GB). The refits are those `refit_stage1` makes of the same models loaded together: they
+    run in its order, and a load leaves the random generators as it found them (loading MF
+    reseeds torch, building SASRec draws from it), so every refit starts from the same state."""
+    t0 = time.perf_counter()
+    w = run.data.label_window(share)
+    with _generators_kept():
+        fitted = load_retriever(run)
+    retriever = refit(fitted, w, fitted.curve.get("best_epoch"))
+    del fitted
+    fits = {}
+    for name in dict.fromkeys([*sources, *scorers]):            # the order of `Stage1.refit`
+        with _generators_kept():
+            fitted = load_baselines(run, [name])[name]
+        fits[name] = refit(fitted, w, best_epoch_of(run, name))
+        del fitted
+    refits = Stage1(retriever, {n: fits[n] for n in sources}, {n: fits[n] for n in scorers})
+    return w, refits, time.perf_counter() - t0
+
+
+@contextlib.contextmanager
+def _generators_kept():
+    """Python's, numpy's and torch's (CPU) global random states restored on exit."""
+    state = random.getstate(), np.random.get_state(), torch.random.get_rng_state()
+    try:
+        yield
+    finally:
+        random.setstate(state[0])
+        np.random.set_state(state[1])
+        torch.random.set_rng_state(state[2])
 
 
 def refit(model, data, best_epoch: int | None = None):
@@ -215,10 +256,13 @@ def load_stale_lists(run: Run, valid: StageInputs) -> StageInputs:
     return StageInputs(valid.labels, cands, z["X"], list(valid.names), z["user_emb"], 0.0)
 
 
-def build_refit_lists(run: Run, retriever, sources: dict, scorers: dict) -> dict:
+def build_refit_lists(run: Run) -> dict:
     """25_label_window: refit stage 1 before the last share of train once, then build (and save)
     what the params ask for: the label window's lists (``window/``) and the stale validation
-    lists (``stale/``). A folder whose option is off is removed. Returns each built one's summary."""
+    lists (``stale/``). A folder whose option is off is removed. Returns each built one's summary.
+    The stage-1 models are the run folder's checkpoints (20_two_tower's retriever, the candidate
+    sources ``two_tower.candidate_sources``, the scorers ``reranker.extra_scorers``), read one at a
+    time by `refit_from_checkpoints`."""
     raw = run.params["reranker"]
     # only the options the refits read (stale lists check the variants: LightGBM only)
     section = RerankerSection.options(raw, "label_window", "stale_lists", "extra_scorers", "recent_items",
@@ -226,7 +270,8 @@ def build_refit_lists(run: Run, retriever, sources: dict, scorers: dict) -> dict
     share, k = refit_share(section), int(run.params["two_tower"]["candidate_k"])
     out = {}
     if share:
-        w, refits, seconds = refit_stage1(run, Stage1(retriever, sources, scorers), share)
+        sources = list(run.params["two_tower"].get("candidate_sources", []))
+        w, refits, seconds = refit_from_checkpoints(run, sources, list(section.extra_scorers), share)
         print(f"stage 1 refit on the {len(w.train):,} train rows before the last {share:g} of train: {seconds:.0f}s")
         out["refit"] = {"share": share, "seconds": seconds, "models": ["two_tower", *refits.names]}
     for folder, key in (("window", "label_window"), ("stale", "stale_lists")):

@@ -43,3 +43,32 @@ def test_stale_lists_train_the_reranker_and_validation_scores_the_fresh_lists(bu
     with pytest.raises(Exception, match="LightGBM variants only"):
         pipeline.run_pipeline("synthetic-tiny", "quick", only=["25"], render=False, timeout=600,
                               overrides=["reranker.stale_lists=0.1"])
+
+
+def test_refits_from_checkpoints_equal_the_refits_of_the_loaded_models(built_report, monkeypatch):
+    """25_label_window loads each train-fit model only for its refit (`refit_from_checkpoints`, to
+    keep the peak memory down); the refits it gets are exactly those of the models loaded together."""
+    import torch
+
+    from recsys_lib.protocol.evaluate import Labels
+    from recsys_lib.run.experiment import Run
+    from recsys_lib.stage2 import refit, system as two_stage
+
+    monkeypatch.setenv("RECSYS_DATA_DIR", str(built_report.parent.parent.parent / "data"))
+    run = Run.open("synthetic-tiny", "quick", "", [], None, "cpu")
+    sources = list(run.params["two_tower"].get("candidate_sources", []))
+    scorers = two_stage.scorer_names(run.params["reranker"])
+    assert sources and len(scorers) > 1
+    loaded = refit.Stage1(two_stage.load_retriever(run), two_stage.load_baselines(run, sources),
+                          two_stage.load_baselines(run, scorers))
+    w, before, _ = refit.refit_stage1(run, loaded, 0.1)
+    w2, after, _ = refit.refit_from_checkpoints(run, sources, scorers, 0.1)
+    assert len(w2.train) == len(w.train) and after.names == before.names
+    assert after.sources[sources[0]] is after.scorers[sources[0]] or sources[0] not in scorers
+    labels = Labels.build(w, "valid", history_len=before.retriever.cfg.history_len)
+    users = torch.from_numpy(labels.users[:50])
+    pairs = [(before.retriever, after.retriever)] + [(before.scorers[n], after.scorers[n]) for n in scorers]
+    for old, new in pairs:
+        assert new is not loaded.retriever and not any(new is m for m in loaded.scorers.values())
+        torch.testing.assert_close(new.score_all(users, labels.ctx), old.score_all(users, labels.ctx),
+                                   rtol=0, atol=0)
